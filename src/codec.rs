@@ -1,0 +1,242 @@
+//! The on-disk record envelope: `magic, format version, CRC-32, bincode payload`.
+//!
+//! ```text
+//! offset  size  field
+//! 0       1     magic 0xD1
+//! 1       1     envelope format version (1)
+//! 2       4     CRC-32 (IEEE, crc32fast) of the payload, little endian
+//! 6       n     payload: bincode 2 (standard config) of `Record`
+//! ```
+//!
+//! Decoding checks every field and the exact payload length, and returns a typed corruption
+//! error for any byte string that is not a valid envelope; it never panics.
+
+use crate::limits::Limits;
+use crate::record::Record;
+
+/// First byte of every record envelope.
+pub(crate) const ENVELOPE_MAGIC: u8 = 0xD1;
+/// The envelope format written by this build.
+pub(crate) const ENVELOPE_VERSION: u8 = 1;
+const HEADER_LEN: usize = 6;
+
+fn config() -> impl bincode::config::Config {
+    bincode::config::standard()
+}
+
+/// Encodes a record into its envelope.
+pub(crate) fn encode(record: &Record) -> Vec<u8> {
+    let mut out = Vec::with_capacity(HEADER_LEN + 64 + payload_hint(record));
+    out.extend_from_slice(&[ENVELOPE_MAGIC, ENVELOPE_VERSION, 0, 0, 0, 0]);
+    // Writing into a Vec cannot fail, and every field of Record is encodable.
+    bincode::serde::encode_into_std_write(record, &mut out, config())
+        .expect("encoding a Record into a Vec is infallible");
+    let crc = crc32fast::hash(out.get(HEADER_LEN..).unwrap_or_default());
+    out.splice(2..HEADER_LEN, crc.to_le_bytes());
+    out
+}
+
+fn payload_hint(record: &Record) -> usize {
+    use crate::record::RecordState;
+    record.fingerprint.len()
+        + match &record.state {
+            RecordState::Completed { outcome } => outcome.len(),
+            RecordState::InFlight { checkpoint, .. } | RecordState::Failed { checkpoint } => {
+                checkpoint.as_ref().map_or(0, Vec::len)
+            }
+        }
+}
+
+/// Why an envelope was rejected.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum DecodeError {
+    Truncated(usize),
+    BadMagic(u8),
+    UnknownVersion(u8),
+    Oversized(usize),
+    Checksum { stored: u32, computed: u32 },
+    Payload(String),
+    TrailingBytes(usize),
+}
+
+impl std::fmt::Display for DecodeError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            DecodeError::Truncated(n) => write!(f, "envelope of {n} bytes is shorter than its header"),
+            DecodeError::BadMagic(m) => write!(f, "bad envelope magic {m:#04x}"),
+            DecodeError::UnknownVersion(v) => write!(f, "unknown envelope version {v}"),
+            DecodeError::Oversized(n) => write!(f, "payload of {n} bytes exceeds every record limit"),
+            DecodeError::Checksum { stored, computed } => write!(
+                f,
+                "CRC-32 mismatch: stored {stored:#010x}, computed {computed:#010x}"
+            ),
+            DecodeError::Payload(e) => write!(f, "undecodable payload: {e}"),
+            DecodeError::TrailingBytes(n) => write!(f, "{n} bytes after the payload"),
+        }
+    }
+}
+
+/// Decodes an envelope, checking magic, version, size bound, CRC and exact length.
+pub(crate) fn decode(bytes: &[u8]) -> Result<Record, DecodeError> {
+    let (header, payload) = match bytes.split_at_checked(HEADER_LEN) {
+        Some(parts) => parts,
+        None => return Err(DecodeError::Truncated(bytes.len())),
+    };
+    let [magic, version, c0, c1, c2, c3] = header else {
+        return Err(DecodeError::Truncated(bytes.len()));
+    };
+    if *magic != ENVELOPE_MAGIC {
+        return Err(DecodeError::BadMagic(*magic));
+    }
+    if *version != ENVELOPE_VERSION {
+        return Err(DecodeError::UnknownVersion(*version));
+    }
+    if payload.len() > Limits::record_len_bound() {
+        return Err(DecodeError::Oversized(payload.len()));
+    }
+    let stored = u32::from_le_bytes([*c0, *c1, *c2, *c3]);
+    let computed = crc32fast::hash(payload);
+    if stored != computed {
+        return Err(DecodeError::Checksum { stored, computed });
+    }
+    let (record, used): (Record, usize) = bincode::serde::decode_from_slice(payload, config())
+        .map_err(|e| DecodeError::Payload(e.to_string()))?;
+    if used != payload.len() {
+        return Err(DecodeError::TrailingBytes(payload.len() - used));
+    }
+    Ok(record)
+}
+
+/// Serde helpers that write byte vectors as one length-prefixed run instead of a sequence of
+/// single-byte elements.
+pub(crate) mod bytes {
+    use serde::de::{Deserializer, Error, SeqAccess, Visitor};
+    use serde::ser::Serializer;
+    use std::fmt;
+
+    pub(crate) fn serialize<S: Serializer>(v: &[u8], s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_bytes(v)
+    }
+
+    pub(crate) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
+        d.deserialize_byte_buf(BytesVisitor)
+    }
+
+    struct BytesVisitor;
+
+    impl<'de> Visitor<'de> for BytesVisitor {
+        type Value = Vec<u8>;
+
+        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str("a byte string")
+        }
+
+        fn visit_bytes<E: Error>(self, v: &[u8]) -> Result<Vec<u8>, E> {
+            Ok(v.to_vec())
+        }
+
+        fn visit_byte_buf<E: Error>(self, v: Vec<u8>) -> Result<Vec<u8>, E> {
+            Ok(v)
+        }
+
+        fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Vec<u8>, A::Error> {
+            // Bounded by the decoder's size check: the hint is capped to what was received.
+            let mut out = Vec::with_capacity(seq.size_hint().unwrap_or(0).min(4096));
+            while let Some(b) = seq.next_element()? {
+                out.push(b);
+            }
+            Ok(out)
+        }
+    }
+
+    pub(crate) mod option {
+        use serde::de::Deserializer;
+        use serde::ser::Serializer;
+        use serde::{Deserialize, Serialize};
+
+        struct Borrowed<'a>(&'a [u8]);
+
+        impl Serialize for Borrowed<'_> {
+            fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+                s.serialize_bytes(self.0)
+            }
+        }
+
+        #[derive(Deserialize)]
+        struct Owned(#[serde(with = "super")] Vec<u8>);
+
+        #[allow(clippy::ref_option)] // serde's `with` passes `&Option<T>`
+        pub(crate) fn serialize<S: Serializer>(
+            v: &Option<Vec<u8>>,
+            s: S,
+        ) -> Result<S::Ok, S::Error> {
+            match v {
+                Some(bytes) => s.serialize_some(&Borrowed(bytes)),
+                None => s.serialize_none(),
+            }
+        }
+
+        pub(crate) fn deserialize<'de, D: Deserializer<'de>>(
+            d: D,
+        ) -> Result<Option<Vec<u8>>, D::Error> {
+            Ok(Option::<Owned>::deserialize(d)?.map(|w| w.0))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::record::RecordState;
+
+    fn sample() -> Record {
+        Record {
+            fingerprint: vec![7; 32],
+            created_at_ms: 1,
+            updated_at_ms: 2,
+            expires_at_ms: 3,
+            attempt: 1,
+            state: RecordState::InFlight {
+                token: 9,
+                epoch: 2,
+                lease_until_ms: 5,
+                checkpoint: Some(b"step-1".to_vec()),
+            },
+        }
+    }
+
+    #[test]
+    fn round_trips() {
+        let r = sample();
+        assert_eq!(decode(&encode(&r)), Ok(r));
+    }
+
+    #[test]
+    fn every_truncation_is_rejected() {
+        let bytes = encode(&sample());
+        for len in 0..bytes.len() {
+            assert!(decode(bytes.get(..len).unwrap_or_default()).is_err(), "len {len}");
+        }
+    }
+
+    #[test]
+    fn every_single_bit_flip_is_rejected() {
+        let bytes = encode(&sample());
+        for i in 0..bytes.len() * 8 {
+            let mut b = bytes.clone();
+            if let Some(byte) = b.get_mut(i / 8) {
+                *byte ^= 1 << (i % 8);
+            }
+            assert!(decode(&b).is_err(), "bit {i}");
+        }
+    }
+
+    #[test]
+    fn trailing_bytes_are_rejected_even_with_a_valid_crc() {
+        let mut bytes = encode(&sample());
+        bytes.push(0);
+        let crc = crc32fast::hash(bytes.get(HEADER_LEN..).unwrap_or_default());
+        bytes.splice(2..HEADER_LEN, crc.to_le_bytes());
+        assert!(matches!(decode(&bytes), Err(DecodeError::TrailingBytes(1))));
+    }
+}

@@ -1,0 +1,615 @@
+//! The group-commit writer: one thread owns redb's write transaction, drains everything
+//! queued while the last commit was syncing, applies it in order in one transaction (each
+//! operation sees the effects of the earlier ones), commits once and answers every caller.
+//! No caller hears back before its batch's commit has returned.
+
+use std::collections::VecDeque;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::task::{Context, Poll, Waker};
+use std::time::{Duration, Instant};
+
+use parking_lot::{Condvar, Mutex};
+use redb::{Database, ReadableTable};
+
+use crate::clock::Clock;
+use crate::codec;
+use crate::error::{Error, Result};
+use crate::record::Record;
+use crate::schema::{self, EXPIRY, META, META_NEXT_TOKEN, RECORDS};
+use crate::transition::{self, Ctx, Op, Reply, Write};
+use crate::wait::Waiters;
+
+/// When an acknowledged write is on disk.
+///
+/// The level is fixed per store, so a reader never mistakes a relaxed write for a durable one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub enum Durability {
+    /// Acknowledged means fsynced: a completion survives `kill -9` and power loss. Concurrent
+    /// callers share each fsync (group commit). The default.
+    #[default]
+    Immediate,
+    /// Acknowledged before the fsync: a power loss or kernel crash may lose what was
+    /// acknowledged in the last `max_unsynced` before it (a process crash loses it too, since
+    /// unsynced commits live in the store's memory). Reads see acknowledged writes at once,
+    /// including ones that a crash may take away. The writer makes a durable commit at least
+    /// every `max_unsynced` while writes arrive, and [`Store::flush`](crate::Store::flush)
+    /// forces one.
+    Relaxed {
+        /// The longest time an acknowledged write may stay unsynced.
+        max_unsynced: Duration,
+    },
+}
+
+/// What a caller asks the writer for.
+#[derive(Debug)]
+pub(crate) enum Command {
+    Record { key: Vec<u8>, op: Op },
+    Sweep { limit: usize },
+    Flush,
+}
+
+/// The writer's answer to one command.
+#[derive(Debug)]
+pub(crate) enum Answer {
+    Reply(Reply),
+    Swept { visited: usize, removed: usize },
+    Flushed,
+}
+
+/// A one-shot reply slot, awaited by a blocking caller or a future.
+#[derive(Debug, Default)]
+pub(crate) struct Slot {
+    state: Mutex<SlotState>,
+    cv: Condvar,
+}
+
+#[derive(Debug, Default)]
+struct SlotState {
+    result: Option<Result<Answer>>,
+    waker: Option<Waker>,
+}
+
+impl Slot {
+    fn set(&self, result: Result<Answer>) {
+        let waker = {
+            let mut s = self.state.lock();
+            s.result = Some(result);
+            s.waker.take()
+        };
+        self.cv.notify_one();
+        if let Some(w) = waker {
+            w.wake();
+        }
+    }
+
+    pub(crate) fn wait(&self) -> Result<Answer> {
+        let mut s = self.state.lock();
+        loop {
+            if let Some(r) = s.result.take() {
+                return r;
+            }
+            self.cv.wait(&mut s);
+        }
+    }
+
+    fn poll_answer(&self, cx: &mut Context<'_>) -> Poll<Result<Answer>> {
+        let mut s = self.state.lock();
+        match s.result.take() {
+            Some(r) => Poll::Ready(r),
+            None => {
+                s.waker = Some(cx.waker().clone());
+                Poll::Pending
+            }
+        }
+    }
+}
+
+struct Job {
+    command: Command,
+    slot: Arc<Slot>,
+}
+
+/// The bounded commit queue: a full queue blocks blocking callers and parks async ones.
+pub(crate) struct Queue {
+    state: Mutex<QueueState>,
+    not_empty: Condvar,
+    not_full: Condvar,
+    capacity: usize,
+}
+
+struct QueueState {
+    jobs: VecDeque<Job>,
+    closed: bool,
+    space_wakers: Vec<Waker>,
+}
+
+enum Drained {
+    Jobs(Vec<Job>),
+    TimedOut,
+    Closed,
+}
+
+impl Queue {
+    pub(crate) fn new(capacity: usize) -> Queue {
+        Queue {
+            state: Mutex::new(QueueState {
+                jobs: VecDeque::with_capacity(capacity.min(4096)),
+                closed: false,
+                space_wakers: Vec::new(),
+            }),
+            not_empty: Condvar::new(),
+            not_full: Condvar::new(),
+            capacity,
+        }
+    }
+
+    /// Queues `command`, blocking while the queue is full.
+    pub(crate) fn submit(&self, command: Command) -> Result<Arc<Slot>> {
+        let slot = Arc::new(Slot::default());
+        let mut s = self.state.lock();
+        loop {
+            if s.closed {
+                return Err(Error::Closed);
+            }
+            if s.jobs.len() < self.capacity {
+                s.jobs.push_back(Job {
+                    command,
+                    slot: Arc::clone(&slot),
+                });
+                drop(s);
+                self.not_empty.notify_one();
+                return Ok(slot);
+            }
+            self.not_full.wait(&mut s);
+        }
+    }
+
+    /// Queues `command` without blocking the thread: waits for space as a future.
+    pub(crate) fn submit_async(&self, command: Command) -> SubmitFuture<'_> {
+        SubmitFuture {
+            queue: self,
+            command: Some(command),
+            slot: None,
+        }
+    }
+
+    fn try_push(&self, command: &mut Option<Command>, cx: &mut Context<'_>) -> Poll<Result<Arc<Slot>>> {
+        let mut s = self.state.lock();
+        if s.closed {
+            return Poll::Ready(Err(Error::Closed));
+        }
+        if s.jobs.len() < self.capacity {
+            let slot = Arc::new(Slot::default());
+            if let Some(command) = command.take() {
+                s.jobs.push_back(Job {
+                    command,
+                    slot: Arc::clone(&slot),
+                });
+            }
+            drop(s);
+            self.not_empty.notify_one();
+            return Poll::Ready(Ok(slot));
+        }
+        s.space_wakers.push(cx.waker().clone());
+        Poll::Pending
+    }
+
+    fn drain(&self, max: usize, deadline: Option<Instant>) -> Drained {
+        let mut s = self.state.lock();
+        while s.jobs.is_empty() {
+            if s.closed {
+                return Drained::Closed;
+            }
+            match deadline {
+                Some(d) => {
+                    if self.not_empty.wait_until(&mut s, d).timed_out() && s.jobs.is_empty() {
+                        return Drained::TimedOut;
+                    }
+                }
+                None => self.not_empty.wait(&mut s),
+            }
+        }
+        let n = s.jobs.len().min(max);
+        let jobs: Vec<Job> = s.jobs.drain(..n).collect();
+        let wakers = std::mem::take(&mut s.space_wakers);
+        drop(s);
+        self.not_full.notify_all();
+        for w in wakers {
+            w.wake();
+        }
+        Drained::Jobs(jobs)
+    }
+
+    pub(crate) fn close(&self) {
+        let wakers = {
+            let mut s = self.state.lock();
+            s.closed = true;
+            std::mem::take(&mut s.space_wakers)
+        };
+        self.not_empty.notify_all();
+        self.not_full.notify_all();
+        for w in wakers {
+            w.wake();
+        }
+    }
+
+    pub(crate) fn len(&self) -> usize {
+        self.state.lock().jobs.len()
+    }
+}
+
+/// Waits for queue space, then for the writer's answer.
+pub(crate) struct SubmitFuture<'a> {
+    queue: &'a Queue,
+    command: Option<Command>,
+    slot: Option<Arc<Slot>>,
+}
+
+impl Future for SubmitFuture<'_> {
+    type Output = Result<Answer>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<Answer>> {
+        let this = self.get_mut();
+        if this.slot.is_none() {
+            match this.queue.try_push(&mut this.command, cx) {
+                Poll::Ready(Ok(slot)) => this.slot = Some(slot),
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                Poll::Pending => return Poll::Pending,
+            }
+        }
+        match &this.slot {
+            Some(slot) => slot.poll_answer(cx),
+            None => Poll::Ready(Err(Error::Closed)),
+        }
+    }
+}
+
+/// Counters kept by the writer, read by `stats`.
+#[derive(Debug, Default)]
+pub(crate) struct Counters {
+    pub commits: AtomicU64,
+    pub operations: AtomicU64,
+    pub largest_batch: AtomicU64,
+    pub swept: AtomicU64,
+    pub next_token: AtomicU64,
+}
+
+/// State shared by the store handle, the writer and the sweeper.
+pub(crate) struct Shared {
+    pub db: Database,
+    pub clock: Arc<dyn Clock>,
+    pub epoch: u64,
+    pub durability: Durability,
+    pub two_phase_commit: bool,
+    pub queue: Queue,
+    pub waiters: Waiters,
+    pub counters: Counters,
+    poisoned: AtomicBool,
+    poison_cause: Mutex<Option<String>>,
+}
+
+impl Shared {
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn new(
+        db: Database,
+        clock: Arc<dyn Clock>,
+        epoch: u64,
+        next_token: u64,
+        durability: Durability,
+        two_phase_commit: bool,
+        queue_capacity: usize,
+    ) -> Shared {
+        let counters = Counters::default();
+        counters.next_token.store(next_token, Ordering::SeqCst);
+        Shared {
+            db,
+            clock,
+            epoch,
+            durability,
+            two_phase_commit,
+            queue: Queue::new(queue_capacity),
+            waiters: Waiters::default(),
+            counters,
+            poisoned: AtomicBool::new(false),
+            poison_cause: Mutex::new(None),
+        }
+    }
+
+    /// `Err(Poisoned)` once a fatal error has stopped the writer.
+    pub(crate) fn check_writable(&self) -> Result<()> {
+        if self.poisoned.load(Ordering::SeqCst) {
+            return Err(self.poisoned_error());
+        }
+        Ok(())
+    }
+
+    pub(crate) fn is_poisoned(&self) -> bool {
+        self.poisoned.load(Ordering::SeqCst)
+    }
+
+    fn poisoned_error(&self) -> Error {
+        Error::Poisoned {
+            cause: self
+                .poison_cause
+                .lock()
+                .clone()
+                .unwrap_or_else(|| "unknown".into()),
+        }
+    }
+
+    fn poison(&self, cause: &Error) {
+        let mut c = self.poison_cause.lock();
+        if c.is_none() {
+            *c = Some(cause.to_string());
+        }
+        self.poisoned.store(true, Ordering::SeqCst);
+    }
+}
+
+/// The writer thread's loop; returns when the queue is closed and drained.
+pub(crate) fn run_writer(shared: &Shared, max_batch: usize) {
+    let mut writer = Writer {
+        shared,
+        next_token: shared.counters.next_token.load(Ordering::SeqCst),
+        last_now_ms: 0,
+        unsynced_since: None,
+    };
+    loop {
+        let deadline = match (shared.durability, writer.unsynced_since) {
+            (Durability::Relaxed { max_unsynced }, Some(since)) => Some(since + max_unsynced),
+            _ => None,
+        };
+        match shared.queue.drain(max_batch, deadline) {
+            Drained::Jobs(jobs) => writer.process(jobs),
+            Drained::TimedOut => writer.process(Vec::new()),
+            Drained::Closed => {
+                if writer.unsynced_since.is_some() {
+                    writer.process(Vec::new());
+                }
+                return;
+            }
+        }
+    }
+}
+
+struct Writer<'a> {
+    shared: &'a Shared,
+    next_token: u64,
+    last_now_ms: u64,
+    unsynced_since: Option<Instant>,
+}
+
+impl Writer<'_> {
+    /// Applies one batch in one transaction; an empty batch is a durable flush.
+    fn process(&mut self, jobs: Vec<Job>) {
+        if self.shared.is_poisoned() {
+            for job in jobs {
+                job.slot.set(Err(self.shared.poisoned_error()));
+            }
+            return;
+        }
+        let durable = match self.shared.durability {
+            Durability::Immediate => true,
+            Durability::Relaxed { max_unsynced } => {
+                jobs.is_empty()
+                    || jobs.iter().any(|j| matches!(j.command, Command::Flush))
+                    || self
+                        .unsynced_since
+                        .is_some_and(|since| since.elapsed() >= max_unsynced)
+            }
+        };
+        let token_before = self.next_token;
+        let mut changed: Vec<usize> = Vec::new();
+        match self.commit(&jobs, durable, &mut changed) {
+            Ok(answers) => {
+                self.unsynced_since = if durable {
+                    None
+                } else {
+                    self.unsynced_since.or_else(|| Some(Instant::now()))
+                };
+                let c = &self.shared.counters;
+                c.commits.fetch_add(1, Ordering::Relaxed);
+                c.operations.fetch_add(jobs.len() as u64, Ordering::Relaxed);
+                c.largest_batch.fetch_max(jobs.len() as u64, Ordering::Relaxed);
+                c.next_token.store(self.next_token, Ordering::SeqCst);
+                for (job, answer) in jobs.iter().zip(answers) {
+                    if let Ok(Answer::Swept { removed, .. }) = &answer {
+                        c.swept.fetch_add(*removed as u64, Ordering::Relaxed);
+                    }
+                    job.slot.set(answer);
+                }
+                // Checked after the commit: a waiter that read the old state registered before
+                // this commit became visible, so it is seen here.
+                if !self.shared.waiters.is_empty() {
+                    for i in changed {
+                        if let Some(Job {
+                            command: Command::Record { key, .. },
+                            ..
+                        }) = jobs.get(i)
+                        {
+                            self.shared.waiters.notify(key);
+                        }
+                    }
+                }
+            }
+            Err(e) => {
+                self.next_token = token_before;
+                self.shared.poison(&e);
+                for job in &jobs {
+                    job.slot.set(Err(e.duplicate()));
+                }
+            }
+        }
+    }
+
+    fn now_ms(&mut self) -> u64 {
+        // Never let time run backwards inside one process, whatever the wall clock does.
+        self.last_now_ms = self.last_now_ms.max(self.shared.clock.now_ms());
+        self.last_now_ms
+    }
+
+    fn commit(
+        &mut self,
+        jobs: &[Job],
+        durable: bool,
+        changed: &mut Vec<usize>,
+    ) -> Result<Vec<Result<Answer>>> {
+        let mut txn = self.shared.db.begin_write().map_err(Error::storage)?;
+        txn.set_durability(if durable {
+            redb::Durability::Immediate
+        } else {
+            redb::Durability::None
+        })
+        .map_err(|e| Error::Storage(e.to_string()))?;
+        txn.set_two_phase_commit(self.shared.two_phase_commit);
+        let mut answers = Vec::with_capacity(jobs.len());
+        {
+            let mut records = txn.open_table(RECORDS).map_err(Error::storage)?;
+            let mut expiry = txn.open_table(EXPIRY).map_err(Error::storage)?;
+            let token_before = self.next_token;
+            for (i, job) in jobs.iter().enumerate() {
+                let answer = match &job.command {
+                    Command::Record { key, op } => {
+                        let now_ms = self.now_ms();
+                        let (answer, wrote) =
+                            self.apply(&mut records, &mut expiry, key, op.clone(), now_ms)?;
+                        if wrote {
+                            changed.push(i);
+                        }
+                        answer
+                    }
+                    Command::Sweep { limit } => {
+                        let now_ms = self.now_ms();
+                        let (visited, removed) = sweep(&mut records, &mut expiry, now_ms, *limit)?;
+                        Ok(Answer::Swept { visited, removed })
+                    }
+                    Command::Flush => Ok(Answer::Flushed),
+                };
+                answers.push(answer);
+            }
+            if self.next_token != token_before {
+                let mut meta = txn.open_table(META).map_err(Error::storage)?;
+                schema::put_u64(&mut meta, META_NEXT_TOKEN, self.next_token)?;
+            }
+        }
+        txn.commit().map_err(|e| Error::CommitOutcomeUnknown {
+            source: Box::new(Error::storage(e)),
+        })?;
+        Ok(answers)
+    }
+
+    /// Applies one record operation. The outer `Result` is a storage failure (fatal to the
+    /// batch); the inner one is the caller's answer. Also says whether the record changed.
+    fn apply(
+        &mut self,
+        records: &mut redb::Table<&'static [u8], &'static [u8]>,
+        expiry: &mut redb::Table<(u64, &'static [u8]), ()>,
+        key: &[u8],
+        op: Op,
+        now_ms: u64,
+    ) -> Result<(Result<Answer>, bool)> {
+        let stored: Option<std::result::Result<Record, codec::DecodeError>> = records
+            .get(key)
+            .map_err(Error::storage)?
+            .map(|g| codec::decode(g.value()));
+        let stored = match stored {
+            None => None,
+            Some(Ok(r)) => Some(r),
+            Some(Err(e)) => {
+                // `forget` is the way out of a corrupt record; everything else reports it.
+                if matches!(op, Op::Forget) {
+                    records.remove(key).map_err(Error::storage)?;
+                    return Ok((Ok(Answer::Reply(Reply::Forgotten(true))), true));
+                }
+                return Ok((Err(corrupt_record(key, &e)), false));
+            }
+        };
+        let ctx = Ctx {
+            now_ms,
+            epoch: self.shared.epoch,
+            next_token: self.next_token,
+        };
+        let step = transition::apply(stored.as_ref(), op, &ctx);
+        if step.token_used {
+            self.next_token = self
+                .next_token
+                .checked_add(1)
+                .ok_or_else(|| Error::corrupt("meta/next_token", "fencing tokens exhausted"))?;
+        }
+        let wrote = step.write != Write::Keep;
+        match step.write {
+            Write::Keep => {}
+            Write::Put(next) => {
+                let old_expiry = stored.as_ref().map(|r| r.expires_at_ms);
+                if old_expiry != Some(next.expires_at_ms) {
+                    if let Some(old) = old_expiry {
+                        expiry.remove((old, key)).map_err(Error::storage)?;
+                    }
+                    expiry
+                        .insert((next.expires_at_ms, key), ())
+                        .map_err(Error::storage)?;
+                }
+                records
+                    .insert(key, codec::encode(&next).as_slice())
+                    .map_err(Error::storage)?;
+            }
+            Write::Delete => {
+                if let Some(old) = &stored {
+                    expiry
+                        .remove((old.expires_at_ms, key))
+                        .map_err(Error::storage)?;
+                }
+                records.remove(key).map_err(Error::storage)?;
+            }
+        }
+        Ok((step.reply.map(Answer::Reply), wrote))
+    }
+}
+
+pub(crate) fn corrupt_record(key: &[u8], e: &codec::DecodeError) -> Error {
+    Error::corrupt(format!("records/{}", crate::record::display_key(key)), e.to_string())
+}
+
+/// Removes up to `limit` entries of the expiry index that are due at `now_ms`, oldest first,
+/// with the records they name. Returns `(index entries visited, records removed)`.
+fn sweep(
+    records: &mut redb::Table<&'static [u8], &'static [u8]>,
+    expiry: &mut redb::Table<(u64, &'static [u8]), ()>,
+    now_ms: u64,
+    limit: usize,
+) -> Result<(usize, usize)> {
+    let empty: &[u8] = &[];
+    let due: Vec<(u64, Vec<u8>)> = expiry
+        .range((0u64, empty)..(now_ms.saturating_add(1), empty))
+        .map_err(Error::storage)?
+        .take(limit)
+        .map(|entry| {
+            let (k, _) = entry.map_err(Error::storage)?;
+            let (at, key) = k.value();
+            Ok((at, key.to_vec()))
+        })
+        .collect::<Result<_>>()?;
+    let mut removed = 0;
+    for (at, key) in &due {
+        expiry
+            .remove((*at, key.as_slice()))
+            .map_err(Error::storage)?;
+        let record = records
+            .get(key.as_slice())
+            .map_err(Error::storage)?
+            .map(|g| codec::decode(g.value()));
+        // Only a record that is itself due goes; a stale index entry or a corrupt record
+        // (reported by reads, removed by `forget`) leaves it in place.
+        if let Some(Ok(r)) = record {
+            if r.expires_at_ms == *at && r.is_expired(now_ms) {
+                records.remove(key.as_slice()).map_err(Error::storage)?;
+                removed += 1;
+            }
+        }
+    }
+    Ok((due.len(), removed))
+}

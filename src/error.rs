@@ -1,0 +1,306 @@
+//! The one error type of idemstore.
+
+use std::fmt;
+use std::io;
+use std::path::PathBuf;
+
+/// A specialised `Result` whose error is [`Error`].
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Names the input a size or range check was applied to.
+///
+/// Carried by [`Error::TooLarge`] and [`Error::TooSmall`], so that a caller can tell which
+/// argument to fix without parsing a message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum Input {
+    /// The scope: who owns a key (tenant, account, route namespace).
+    Scope,
+    /// The client's idempotency key.
+    Key,
+    /// The request fingerprint.
+    Fingerprint,
+    /// The outcome bytes stored by `complete`.
+    Outcome,
+    /// The progress bytes stored by `checkpoint`.
+    Checkpoint,
+    /// The lease duration of a claim, or the extension of `extend` (milliseconds).
+    Lease,
+    /// The retention of a record (milliseconds).
+    Retention,
+    /// The bounded wait of a duplicate claim for its original (milliseconds).
+    Wait,
+    /// A configuration value given to the store builder.
+    Config(&'static str),
+}
+
+impl fmt::Display for Input {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Input::Scope => f.write_str("scope"),
+            Input::Key => f.write_str("key"),
+            Input::Fingerprint => f.write_str("fingerprint"),
+            Input::Outcome => f.write_str("outcome"),
+            Input::Checkpoint => f.write_str("checkpoint"),
+            Input::Lease => f.write_str("lease (ms)"),
+            Input::Retention => f.write_str("retention (ms)"),
+            Input::Wait => f.write_str("wait (ms)"),
+            Input::Config(name) => write!(f, "configuration value `{name}`"),
+        }
+    }
+}
+
+/// Everything that can go wrong in idemstore.
+///
+/// Each variant says what state survives it:
+///
+/// - Input errors ([`TooLarge`](Error::TooLarge), [`TooSmall`](Error::TooSmall),
+///   [`LeaseExceedsRetention`](Error::LeaseExceedsRetention)) are raised before anything is
+///   queued or written: the store is unchanged.
+/// - [`LeaseLost`](Error::LeaseLost) is a fencing rejection: the operation changed nothing.
+/// - [`CommitOutcomeUnknown`](Error::CommitOutcomeUnknown) means the batch holding the
+///   operation failed to commit: it is either fully durable or fully absent, and the store
+///   refuses further writes ([`Poisoned`](Error::Poisoned)) until it is reopened, at which point
+///   a `get` tells which.
+/// - [`Corrupt`](Error::Corrupt) reports bytes on disk that failed their checks; nothing is
+///   overwritten because of it.
+#[derive(Debug)]
+#[non_exhaustive]
+pub enum Error {
+    /// An input is longer (bytes) or larger (milliseconds) than its limit.
+    TooLarge {
+        /// Which input.
+        what: Input,
+        /// Its size: bytes, or milliseconds for durations.
+        actual: u64,
+        /// The largest accepted size.
+        limit: u64,
+    },
+    /// An input is shorter (bytes) or smaller (milliseconds) than its minimum.
+    TooSmall {
+        /// Which input.
+        what: Input,
+        /// Its size: bytes, or milliseconds for durations.
+        actual: u64,
+        /// The smallest accepted size.
+        limit: u64,
+    },
+    /// A claim asked for a lease that outlives the record's retention.
+    LeaseExceedsRetention {
+        /// The requested lease.
+        lease_ms: u64,
+        /// The requested retention.
+        retention_ms: u64,
+    },
+    /// The lease no longer owns its record: another claim took it over, the record was
+    /// completed, failed, forgotten or has expired. The operation changed nothing.
+    LeaseLost {
+        /// The fencing token of the rejected lease.
+        token: u64,
+    },
+    /// Bytes read from disk failed a check (CRC, version, encoding, length).
+    Corrupt {
+        /// Where: the table and, when known, the scoped key.
+        location: String,
+        /// What failed.
+        reason: String,
+    },
+    /// The file exists but is not an idemstore database. Nothing was written to it.
+    NotAnIdemstoreFile {
+        /// The path given to `open`.
+        path: PathBuf,
+        /// Why it was refused.
+        reason: String,
+    },
+    /// The file is an idemstore database of a format version this build cannot read.
+    UnsupportedFormat {
+        /// The version found in the file.
+        found: u64,
+        /// The version this build reads and writes.
+        supported: u64,
+    },
+    /// Another `Store` (in this or another process) holds the file.
+    AlreadyOpen,
+    /// The disk is full. The failed batch was not acknowledged; reads keep working.
+    StorageFull(io::Error),
+    /// An I/O error from the operating system.
+    Io(io::Error),
+    /// An error reported by the storage engine that is neither I/O nor corruption.
+    Storage(String),
+    /// The commit of the batch holding this operation failed: it is durable in full or absent in
+    /// full, and which one is unknown until the store is reopened. The store refuses writes from
+    /// now on.
+    CommitOutcomeUnknown {
+        /// The error the commit reported.
+        source: Box<Error>,
+    },
+    /// An earlier fatal storage error stopped the writer; every write is refused until the store
+    /// is reopened. Reads of committed state keep working.
+    Poisoned {
+        /// The error that poisoned the store.
+        cause: String,
+    },
+    /// The store has been closed.
+    Closed,
+}
+
+impl fmt::Display for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Error::TooLarge {
+                what,
+                actual,
+                limit,
+            } => write!(f, "{what} is {actual}, above the limit of {limit}"),
+            Error::TooSmall {
+                what,
+                actual,
+                limit,
+            } => write!(f, "{what} is {actual}, below the minimum of {limit}"),
+            Error::LeaseExceedsRetention {
+                lease_ms,
+                retention_ms,
+            } => write!(
+                f,
+                "lease of {lease_ms} ms outlives the retention of {retention_ms} ms"
+            ),
+            Error::LeaseLost { token } => write!(
+                f,
+                "lease with fencing token {token} no longer owns its record; nothing was changed"
+            ),
+            Error::Corrupt { location, reason } => {
+                write!(f, "corrupt data at {location}: {reason}")
+            }
+            Error::NotAnIdemstoreFile { path, reason } => write!(
+                f,
+                "{} is not an idemstore database ({reason}); it was left untouched",
+                path.display()
+            ),
+            Error::UnsupportedFormat { found, supported } => write!(
+                f,
+                "database format version {found} is not supported (this build reads version {supported})"
+            ),
+            Error::AlreadyOpen => f.write_str("the database file is already open in another store"),
+            Error::StorageFull(e) => write!(f, "storage full: {e}"),
+            Error::Io(e) => write!(f, "I/O error: {e}"),
+            Error::Storage(msg) => write!(f, "storage error: {msg}"),
+            Error::CommitOutcomeUnknown { source } => write!(
+                f,
+                "commit failed, outcome unknown until reopen ({source}); the store refuses writes"
+            ),
+            Error::Poisoned { cause } => write!(
+                f,
+                "store refuses writes after a fatal error ({cause}); reopen it"
+            ),
+            Error::Closed => f.write_str("the store is closed"),
+        }
+    }
+}
+
+impl std::error::Error for Error {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            Error::StorageFull(e) | Error::Io(e) => Some(e),
+            Error::CommitOutcomeUnknown { source } => Some(source.as_ref()),
+            _ => None,
+        }
+    }
+}
+
+impl Error {
+    /// Whether the error left the store refusing writes until it is reopened.
+    #[must_use]
+    pub fn is_fatal(&self) -> bool {
+        matches!(
+            self,
+            Error::CommitOutcomeUnknown { .. } | Error::Poisoned { .. }
+        )
+    }
+
+    pub(crate) fn corrupt(location: impl Into<String>, reason: impl Into<String>) -> Error {
+        Error::Corrupt {
+            location: location.into(),
+            reason: reason.into(),
+        }
+    }
+
+    /// Converts any redb error into the matching variant.
+    pub(crate) fn storage(e: impl Into<redb::Error>) -> Error {
+        match e.into() {
+            redb::Error::Io(io) => Error::from_io(io),
+            redb::Error::Corrupted(reason) => Error::corrupt("database file", reason),
+            redb::Error::DatabaseAlreadyOpen => Error::AlreadyOpen,
+            other => Error::Storage(other.to_string()),
+        }
+    }
+
+    pub(crate) fn from_io(e: io::Error) -> Error {
+        if e.kind() == io::ErrorKind::StorageFull {
+            Error::StorageFull(e)
+        } else {
+            Error::Io(e)
+        }
+    }
+
+    /// A copy of the error for fan-out to every caller of a failed batch. I/O errors are
+    /// not `Clone`, so the copy keeps their kind and message.
+    pub(crate) fn duplicate(&self) -> Error {
+        match self {
+            Error::TooLarge {
+                what,
+                actual,
+                limit,
+            } => Error::TooLarge {
+                what: *what,
+                actual: *actual,
+                limit: *limit,
+            },
+            Error::TooSmall {
+                what,
+                actual,
+                limit,
+            } => Error::TooSmall {
+                what: *what,
+                actual: *actual,
+                limit: *limit,
+            },
+            Error::LeaseExceedsRetention {
+                lease_ms,
+                retention_ms,
+            } => Error::LeaseExceedsRetention {
+                lease_ms: *lease_ms,
+                retention_ms: *retention_ms,
+            },
+            Error::LeaseLost { token } => Error::LeaseLost { token: *token },
+            Error::Corrupt { location, reason } => Error::Corrupt {
+                location: location.clone(),
+                reason: reason.clone(),
+            },
+            Error::NotAnIdemstoreFile { path, reason } => Error::NotAnIdemstoreFile {
+                path: path.clone(),
+                reason: reason.clone(),
+            },
+            Error::UnsupportedFormat { found, supported } => Error::UnsupportedFormat {
+                found: *found,
+                supported: *supported,
+            },
+            Error::AlreadyOpen => Error::AlreadyOpen,
+            Error::StorageFull(e) => Error::StorageFull(io::Error::new(e.kind(), e.to_string())),
+            Error::Io(e) => Error::Io(io::Error::new(e.kind(), e.to_string())),
+            Error::Storage(msg) => Error::Storage(msg.clone()),
+            Error::CommitOutcomeUnknown { source } => Error::CommitOutcomeUnknown {
+                source: Box::new(source.duplicate()),
+            },
+            Error::Poisoned { cause } => Error::Poisoned {
+                cause: cause.clone(),
+            },
+            Error::Closed => Error::Closed,
+        }
+    }
+}
+
+impl From<io::Error> for Error {
+    fn from(e: io::Error) -> Self {
+        Error::from_io(e)
+    }
+}

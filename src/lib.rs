@@ -1,0 +1,77 @@
+//! # idemstore
+//!
+//! An embedded, crash-safe idempotency store: it turns at-least-once retries into exactly-once
+//! side effects. A client sends a request with an idempotency key; the store lets exactly one
+//! execution [`claim`](Store::claim) it, and every retry gets the first answer back, byte for
+//! byte.
+//!
+//! ```
+//! use idemstore::{Claim, ClaimOptions, Store};
+//! use std::time::Duration;
+//!
+//! let store = Store::in_memory()?;
+//! let options = ClaimOptions::default().lease(Duration::from_secs(10));
+//!
+//! match store.claim("acct_42", "9b2c…-uuid", b"sha256-of-request", &options)? {
+//!     Claim::Acquired(lease) => {
+//!         // Run the side effect exactly here, then record its answer.
+//!         store.complete(&lease, b"201 Created: ch_1", Duration::from_secs(86_400))?;
+//!     }
+//!     Claim::Replay(replay) => println!("already done: {:?}", replay.outcome),
+//!     Claim::InProgress { retry_after } => println!("retry in {retry_after:?}"),
+//!     Claim::Mismatch => println!("key reused for another request"),
+//!     _ => unreachable!("Claim has no other variants in this version"),
+//! }
+//! # Ok::<(), idemstore::Error>(())
+//! ```
+//!
+//! ## Guarantees
+//! - **Exactly one owner.** At any time at most one lease owns a record; every lease write
+//!   (`complete`, `fail`, `extend`, `checkpoint`) is fenced by its token, so a slow or
+//!   resurrected owner never overwrites its successor ([`Error::LeaseLost`]).
+//! - **Durable acknowledgements.** At [`Durability::Immediate`] (the default) a transition is
+//!   fsynced before it returns, and reads only see committed state. Concurrent callers share
+//!   fsyncs through one group-committing writer thread.
+//! - **Crash recovery.** Each open starts a new process epoch; in-flight records of a dead
+//!   process are [`orphans`](Store::orphans) that can be taken over at once, with their last
+//!   [`checkpoint`](Store::checkpoint).
+//! - **Logical expiry.** A record past its expiry is absent to every operation; the sweeper
+//!   only reclaims space, walking the expiry index in O(expired).
+//! - **Untrusted bytes.** Each record carries a format version and a CRC-32; anything that
+//!   fails its checks is a typed [`Error::Corrupt`], never a panic and never a wrong replay.
+//!
+//! The honest limit: if the process dies after the side effect but before `complete`, the
+//! record is an orphan and the application must reconcile it (checkpoint + external check).
+//! The engine makes that window visible and small; it cannot make it vanish.
+//!
+//! ## Layout
+//! [`transition`](crate) is the pure state machine; `commit` the group-commit writer; `codec`
+//! the record envelope; `schema` the redb tables; `sweep` the background sweeper.
+
+#![forbid(unsafe_code)]
+#![deny(missing_docs, clippy::unwrap_used, clippy::indexing_slicing)]
+
+mod claim;
+mod clock;
+mod codec;
+mod commit;
+mod error;
+mod limits;
+mod record;
+mod schema;
+mod store;
+mod sweep;
+mod transition;
+mod wait;
+
+pub use claim::{Claim, ClaimOptions, Lease, Replay};
+pub use clock::{Clock, ManualClock, SystemClock};
+pub use commit::Durability;
+pub use error::{Error, Input, Result};
+pub use limits::{
+    CHECKPOINT_LEN_MAX, FINGERPRINT_LEN_MAX, KEY_LEN_MAX, Limits, OUTCOME_LEN_MAX,
+    RETENTION_MS_MAX, SCOPE_LEN_MAX, WAIT_MS_MAX,
+};
+pub use record::{Record, RecordState};
+pub use schema::FORMAT_VERSION;
+pub use store::{BATCH_OPS_MAX, Orphan, QUEUE_CAPACITY_MAX, Stats, Store, StoreBuilder, Swept};
