@@ -62,10 +62,14 @@ pub(crate) enum DecodeError {
 impl std::fmt::Display for DecodeError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            DecodeError::Truncated(n) => write!(f, "envelope of {n} bytes is shorter than its header"),
+            DecodeError::Truncated(n) => {
+                write!(f, "envelope of {n} bytes is shorter than its header")
+            }
             DecodeError::BadMagic(m) => write!(f, "bad envelope magic {m:#04x}"),
             DecodeError::UnknownVersion(v) => write!(f, "unknown envelope version {v}"),
-            DecodeError::Oversized(n) => write!(f, "payload of {n} bytes exceeds every record limit"),
+            DecodeError::Oversized(n) => {
+                write!(f, "payload of {n} bytes exceeds every record limit")
+            }
             DecodeError::Checksum { stored, computed } => write!(
                 f,
                 "CRC-32 mismatch: stored {stored:#010x}, computed {computed:#010x}"
@@ -215,7 +219,10 @@ mod tests {
     fn every_truncation_is_rejected() {
         let bytes = encode(&sample());
         for len in 0..bytes.len() {
-            assert!(decode(bytes.get(..len).unwrap_or_default()).is_err(), "len {len}");
+            assert!(
+                decode(bytes.get(..len).unwrap_or_default()).is_err(),
+                "len {len}"
+            );
         }
     }
 

@@ -177,7 +177,11 @@ impl Queue {
         }
     }
 
-    fn try_push(&self, command: &mut Option<Command>, cx: &mut Context<'_>) -> Poll<Result<Arc<Slot>>> {
+    fn try_push(
+        &self,
+        command: &mut Option<Command>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Result<Arc<Slot>>> {
         let mut s = self.state.lock();
         if s.closed {
             return Poll::Ready(Err(Error::Closed));
@@ -414,7 +418,8 @@ impl Writer<'_> {
                 let c = &self.shared.counters;
                 c.commits.fetch_add(1, Ordering::Relaxed);
                 c.operations.fetch_add(jobs.len() as u64, Ordering::Relaxed);
-                c.largest_batch.fetch_max(jobs.len() as u64, Ordering::Relaxed);
+                c.largest_batch
+                    .fetch_max(jobs.len() as u64, Ordering::Relaxed);
                 c.next_token.store(self.next_token, Ordering::SeqCst);
                 for (job, answer) in jobs.iter().zip(answers) {
                     if let Ok(Answer::Swept { removed, .. }) = &answer {
@@ -571,7 +576,10 @@ impl Writer<'_> {
 }
 
 pub(crate) fn corrupt_record(key: &[u8], e: &codec::DecodeError) -> Error {
-    Error::corrupt(format!("records/{}", crate::record::display_key(key)), e.to_string())
+    Error::corrupt(
+        format!("records/{}", crate::record::display_key(key)),
+        e.to_string(),
+    )
 }
 
 /// Removes up to `limit` entries of the expiry index that are due at `now_ms`, oldest first,
@@ -604,11 +612,12 @@ fn sweep(
             .map(|g| codec::decode(g.value()));
         // Only a record that is itself due goes; a stale index entry or a corrupt record
         // (reported by reads, removed by `forget`) leaves it in place.
-        if let Some(Ok(r)) = record {
-            if r.expires_at_ms == *at && r.is_expired(now_ms) {
-                records.remove(key.as_slice()).map_err(Error::storage)?;
-                removed += 1;
-            }
+        if let Some(Ok(r)) = record
+            && r.expires_at_ms == *at
+            && r.is_expired(now_ms)
+        {
+            records.remove(key.as_slice()).map_err(Error::storage)?;
+            removed += 1;
         }
     }
     Ok((due.len(), removed))

@@ -75,3 +75,8 @@ pub use limits::{
 pub use record::{Record, RecordState};
 pub use schema::FORMAT_VERSION;
 pub use store::{BATCH_OPS_MAX, Orphan, QUEUE_CAPACITY_MAX, Stats, Store, StoreBuilder, Swept};
+
+/// The README's examples, compiled and run as doctests.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+pub struct ReadmeDoctests;

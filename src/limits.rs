@@ -134,8 +134,18 @@ impl Limits {
     /// Checks the configured limits against the hard caps.
     pub(crate) fn validate(&self) -> Result<()> {
         let caps: [(&'static str, u64, u64, u64); 8] = [
-            ("max_key_len", self.max_key_len as u64, 1, KEY_LEN_MAX as u64),
-            ("max_scope_len", self.max_scope_len as u64, 0, SCOPE_LEN_MAX as u64),
+            (
+                "max_key_len",
+                self.max_key_len as u64,
+                1,
+                KEY_LEN_MAX as u64,
+            ),
+            (
+                "max_scope_len",
+                self.max_scope_len as u64,
+                0,
+                SCOPE_LEN_MAX as u64,
+            ),
             (
                 "max_fingerprint_len",
                 self.max_fingerprint_len as u64,
@@ -170,7 +180,12 @@ impl Limits {
     }
 
     pub(crate) fn check_fingerprint(&self, fingerprint: &[u8]) -> Result<()> {
-        check_len(Input::Fingerprint, fingerprint.len(), 0, self.max_fingerprint_len)
+        check_len(
+            Input::Fingerprint,
+            fingerprint.len(),
+            0,
+            self.max_fingerprint_len,
+        )
     }
 
     pub(crate) fn check_outcome(&self, outcome: &[u8]) -> Result<()> {
@@ -178,7 +193,12 @@ impl Limits {
     }
 
     pub(crate) fn check_checkpoint(&self, checkpoint: &[u8]) -> Result<()> {
-        check_len(Input::Checkpoint, checkpoint.len(), 0, self.max_checkpoint_len)
+        check_len(
+            Input::Checkpoint,
+            checkpoint.len(),
+            0,
+            self.max_checkpoint_len,
+        )
     }
 
     pub(crate) fn check_lease(&self, lease_ms: u64) -> Result<()> {

@@ -88,6 +88,14 @@ pub(crate) fn split_scoped_key(stored: &[u8]) -> Option<(&[u8], &[u8])> {
     Some(rest.split_at(len))
 }
 
+/// A printable form of a scoped key for error messages: `scope/key`, escaped.
+pub(crate) fn display_key(stored: &[u8]) -> String {
+    match split_scoped_key(stored) {
+        Some((scope, key)) => format!("{}/{}", scope.escape_ascii(), key.escape_ascii()),
+        None => stored.escape_ascii().to_string(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -101,13 +109,5 @@ mod tests {
         );
         assert_eq!(split_scoped_key(&[5, 1]), None);
         assert_eq!(split_scoped_key(&[]), None);
-    }
-}
-
-/// A printable form of a scoped key for error messages: `scope/key`, escaped.
-pub(crate) fn display_key(stored: &[u8]) -> String {
-    match split_scoped_key(stored) {
-        Some((scope, key)) => format!("{}/{}", scope.escape_ascii(), key.escape_ascii()),
-        None => stored.escape_ascii().to_string(),
     }
 }

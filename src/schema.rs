@@ -3,7 +3,8 @@
 use std::path::Path;
 
 use redb::{
-    Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition, TableHandle,
+    Database, ReadTransaction, ReadableDatabase, ReadableTable, ReadableTableMetadata,
+    TableDefinition, TableHandle,
 };
 
 use crate::error::{Error, Result};
@@ -63,52 +64,56 @@ fn not_ours(path: &Path, reason: impl Into<String>) -> Error {
     }
 }
 
+/// Reads the meta table through `read`: `Some` for an idemstore database, `None` for an empty
+/// one, an error for anything else (foreign tables, a meta table of another shape, an unknown
+/// format version).
+pub(crate) fn inspect(read: &ReadTransaction, path: &Path) -> Result<Option<Adopted>> {
+    let names: Vec<String> = read
+        .list_tables()
+        .map_err(Error::storage)?
+        .map(|t| t.name().to_string())
+        .collect();
+    let foreign: Vec<&String> = names
+        .iter()
+        .filter(|n| ![RECORDS.name(), EXPIRY.name(), META.name()].contains(&n.as_str()))
+        .collect();
+    if !foreign.is_empty() {
+        return Err(not_ours(
+            path,
+            format!("it holds foreign tables {foreign:?}"),
+        ));
+    }
+    if !names.iter().any(|n| n == META.name()) {
+        if names.is_empty() {
+            return Ok(None);
+        }
+        return Err(not_ours(path, "it has idemstore tables but no meta table"));
+    }
+    let meta = read
+        .open_table(META)
+        .map_err(|e| not_ours(path, format!("its meta table is not ours: {e}")))?;
+    match meta.get(META_MAGIC).map_err(Error::storage)? {
+        Some(m) if m.value() == MAGIC => {}
+        _ => return Err(not_ours(path, "its meta table lacks the idemstore magic")),
+    }
+    let format = meta_u64(&meta, META_FORMAT)?;
+    if format != FORMAT_VERSION {
+        return Err(Error::UnsupportedFormat {
+            found: format,
+            supported: FORMAT_VERSION,
+        });
+    }
+    Ok(Some(Adopted {
+        epoch: meta_u64(&meta, META_EPOCH)?,
+        next_token: meta_u64(&meta, META_NEXT_TOKEN)?,
+    }))
+}
+
 /// Checks (or, on an empty database, initialises) the meta table, bumps the process epoch and
 /// commits that durably. A database holding foreign tables, or a meta table of another shape,
 /// is refused before anything is written.
 pub(crate) fn adopt(db: &Database, path: &Path) -> Result<Adopted> {
-    // Inspect with a read transaction first, so a foreign file is never written to.
-    let existing = {
-        let read = db.begin_read().map_err(Error::storage)?;
-        let names: Vec<String> = read
-            .list_tables()
-            .map_err(Error::storage)?
-            .map(|t| t.name().to_string())
-            .collect();
-        let foreign: Vec<&String> = names
-            .iter()
-            .filter(|n| ![RECORDS.name(), EXPIRY.name(), META.name()].contains(&n.as_str()))
-            .collect();
-        if !foreign.is_empty() {
-            return Err(not_ours(path, format!("it holds foreign tables {foreign:?}")));
-        }
-        if names.iter().any(|n| n == META.name()) {
-            let meta = read
-                .open_table(META)
-                .map_err(|e| not_ours(path, format!("its meta table is not ours: {e}")))?;
-            let magic = meta.get(META_MAGIC).map_err(Error::storage)?;
-            match magic {
-                Some(m) if m.value() == MAGIC => {}
-                _ => return Err(not_ours(path, "its meta table lacks the idemstore magic")),
-            }
-            let format = meta_u64(&meta, META_FORMAT)?;
-            if format != FORMAT_VERSION {
-                return Err(Error::UnsupportedFormat {
-                    found: format,
-                    supported: FORMAT_VERSION,
-                });
-            }
-            Some(Adopted {
-                epoch: meta_u64(&meta, META_EPOCH)?,
-                next_token: meta_u64(&meta, META_NEXT_TOKEN)?,
-            })
-        } else if !names.is_empty() {
-            return Err(not_ours(path, "it has idemstore tables but no meta table"));
-        } else {
-            None
-        }
-    };
-
+    let existing = inspect(&db.begin_read().map_err(Error::storage)?, path)?;
     let adopted = match existing {
         Some(a) => Adopted {
             epoch: a

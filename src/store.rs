@@ -175,6 +175,25 @@ impl StoreBuilder {
         self.start(db, Path::new(":memory:"))
     }
 
+    /// Opens a store on any redb [`StorageBackend`](redb::StorageBackend): a custom file
+    /// layer, or a fault-injecting wrapper in tests. The backend must be empty or hold an
+    /// idemstore database.
+    ///
+    /// # Errors
+    /// As [`StoreBuilder::open`].
+    pub fn open_with_backend(self, backend: impl redb::StorageBackend) -> Result<Store> {
+        self.validate()?;
+        let mut builder = redb::Builder::new();
+        if let Some(bytes) = self.cache_size_bytes {
+            builder.set_cache_size(bytes);
+        }
+        builder.set_check_integrity_on_open(self.verify_on_open);
+        let db = builder
+            .create_with_backend(backend)
+            .map_err(Error::storage)?;
+        self.start(db, Path::new("<backend>"))
+    }
+
     fn validate(&self) -> Result<()> {
         self.limits.validate()?;
         let checks = [
@@ -224,12 +243,21 @@ impl StoreBuilder {
             builder.set_cache_size(bytes);
         }
         builder.set_check_integrity_on_open(self.verify_on_open);
-        let opened = if existing_len > 0 {
-            builder.open(path)
-        } else {
-            builder.create(path)
-        };
-        opened.map_err(Error::storage)
+        if existing_len == 0 {
+            return builder.create(path).map_err(Error::storage);
+        }
+        // A writable open marks the file's header, so a foreign database is inspected through a
+        // read-only open first and refused untouched. A file that needs crash recovery cannot be
+        // opened read-only; the writable open repairs it and `adopt` checks it before writing.
+        match builder.open_read_only(path) {
+            Ok(ro) => {
+                let read = ro.begin_read().map_err(Error::storage)?;
+                schema::inspect(&read, path)?;
+            }
+            Err(redb::DatabaseError::RepairAborted) => {}
+            Err(e) => return Err(Error::storage(e)),
+        }
+        builder.open(path).map_err(Error::storage)
     }
 
     fn start(self, db: Database, path: &Path) -> Result<Store> {
@@ -318,6 +346,8 @@ pub struct Stats {
     pub swept: u64,
     /// Operations waiting in the commit queue.
     pub queue_depth: usize,
+    /// Duplicate claims currently waiting for their original ([`ClaimOptions::wait`]).
+    pub waiting: usize,
     /// Whether a fatal error has stopped writes until reopen.
     pub poisoned: bool,
 }
@@ -439,7 +469,6 @@ impl Store {
         if let Some(wait) = options.wait_duration() {
             self.limits.check_wait(duration_ms(wait))?;
         }
-        self.shared.check_writable()?;
         let op = Op::Claim {
             fingerprint: fingerprint.to_vec(),
             lease_ms,
@@ -488,7 +517,9 @@ impl Store {
             if now >= deadline {
                 return Ok(result);
             }
-            registration.signal.wait_until(deadline.min(now + retry_after));
+            registration
+                .signal
+                .wait_until(deadline.min(now + retry_after));
         }
     }
 
@@ -570,7 +601,9 @@ impl Store {
 
     fn claim_answer(&self, sk: &[u8], reply: Reply) -> Result<Claim> {
         let Reply::Claim(decision) = reply else {
-            return Err(Error::Storage(format!("unexpected reply to a claim: {reply:?}")));
+            return Err(Error::Storage(format!(
+                "unexpected reply to a claim: {reply:?}"
+            )));
         };
         Ok(match decision {
             ClaimDecision::Acquired {
@@ -895,6 +928,7 @@ impl Store {
             largest_batch: c.largest_batch.load(Relaxed),
             swept: c.swept.load(Relaxed),
             queue_depth: self.shared.queue.len(),
+            waiting: self.shared.waiters.len(),
             poisoned: self.shared.is_poisoned(),
         })
     }

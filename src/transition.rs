@@ -321,7 +321,13 @@ mod tests {
         assert!(step.token_used);
         assert!(matches!(
             step.reply,
-            Ok(Reply::Claim(ClaimDecision::Acquired { token: 50, attempt: 1, takeover: false, lease_until_ms: 1_100, .. }))
+            Ok(Reply::Claim(ClaimDecision::Acquired {
+                token: 50,
+                attempt: 1,
+                takeover: false,
+                lease_until_ms: 1_100,
+                ..
+            }))
         ));
         let r = put(step);
         assert_eq!(r.expires_at_ms, 11_000);

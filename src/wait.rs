@@ -89,7 +89,9 @@ impl Waiters {
     pub(crate) fn register(&self, key: &[u8]) -> Arc<Signal> {
         let signal = Arc::new(Signal::default());
         let mut map = self.map.lock();
-        map.entry(key.to_vec()).or_default().push(Arc::clone(&signal));
+        map.entry(key.to_vec())
+            .or_default()
+            .push(Arc::clone(&signal));
         self.count.fetch_add(1, Ordering::SeqCst);
         signal
     }
@@ -99,8 +101,7 @@ impl Waiters {
         if let Some(list) = map.get_mut(key) {
             let before = list.len();
             list.retain(|s| !Arc::ptr_eq(s, signal));
-            self.count
-                .fetch_sub(before - list.len(), Ordering::SeqCst);
+            self.count.fetch_sub(before - list.len(), Ordering::SeqCst);
             if list.is_empty() {
                 map.remove(key);
             }
@@ -108,7 +109,12 @@ impl Waiters {
     }
 
     pub(crate) fn is_empty(&self) -> bool {
-        self.count.load(Ordering::SeqCst) == 0
+        self.len() == 0
+    }
+
+    /// How many signals are registered.
+    pub(crate) fn len(&self) -> usize {
+        self.count.load(Ordering::SeqCst)
     }
 
     /// Fires and drops every signal registered under `key`.

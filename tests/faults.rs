@@ -1,0 +1,83 @@
+//! A failed commit is never acknowledged: every caller of the batch hears that the outcome is
+//! unknown, and the store refuses writes until it is reopened, while reads keep working.
+
+mod common;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use common::*;
+use idemstore::{Error, Store};
+use redb::StorageBackend;
+use redb::backends::InMemoryBackend;
+
+/// An in-memory backend whose syncs can be made to fail, like a disk that reports EIO.
+#[derive(Debug)]
+struct FailingSync {
+    inner: InMemoryBackend,
+    fail: Arc<AtomicBool>,
+}
+
+impl StorageBackend for FailingSync {
+    fn len(&self) -> Result<u64, std::io::Error> {
+        self.inner.len()
+    }
+    fn read(&self, offset: u64, out: &mut [u8]) -> Result<(), std::io::Error> {
+        self.inner.read(offset, out)
+    }
+    fn set_len(&self, len: u64) -> Result<(), std::io::Error> {
+        self.inner.set_len(len)
+    }
+    fn sync_data(&self) -> Result<(), std::io::Error> {
+        if self.fail.load(Ordering::SeqCst) {
+            return Err(std::io::Error::other("injected fsync failure"));
+        }
+        self.inner.sync_data()
+    }
+    fn write(&self, offset: u64, data: &[u8]) -> Result<(), std::io::Error> {
+        self.inner.write(offset, data)
+    }
+}
+
+#[test]
+fn failed_commit_reports_outcome_unknown_and_poisons_writes_but_not_reads() -> TestResult {
+    let fail = Arc::new(AtomicBool::new(false));
+    let store = Store::builder()
+        .clock(clock())
+        .sweep_interval(None)
+        .open_with_backend(FailingSync {
+            inner: InMemoryBackend::new(),
+            fail: Arc::clone(&fail),
+        })?;
+    let done = acquired(store.claim("s", "done", "fp", &opts(1_000))?);
+    store.complete(&done, b"kept", DAY)?;
+    let lease = acquired(store.claim("s", "k", "fp", &opts(1_000))?);
+
+    fail.store(true, Ordering::SeqCst);
+    let result = store.complete(&lease, b"maybe", DAY);
+    assert!(
+        matches!(result, Err(Error::CommitOutcomeUnknown { .. })),
+        "{result:?}"
+    );
+    assert!(result.as_ref().err().is_some_and(Error::is_fatal));
+
+    // From now on writes are refused, even once the disk recovers, until reopen.
+    fail.store(false, Ordering::SeqCst);
+    let refused = store.claim("s", "other", "fp", &opts(1_000));
+    assert!(
+        matches!(refused, Err(Error::Poisoned { .. })),
+        "{refused:?}"
+    );
+    assert!(matches!(store.fail(&lease), Err(Error::Poisoned { .. })));
+    assert!(matches!(store.sweep(10), Err(Error::Poisoned { .. })));
+    assert!(store.stats()?.poisoned);
+
+    // Reads of committed state keep working, including the replay path of claim.
+    assert_eq!(
+        replay(store.claim("s", "done", "fp", &opts(1_000))?).outcome,
+        b"kept"
+    );
+    assert!(store.get("s", "done")?.is_some());
+    assert!(matches!(store.close(), Err(Error::Poisoned { .. })));
+    Ok(())
+}

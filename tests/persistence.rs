@@ -1,0 +1,359 @@
+//! A file store keeps what it acknowledged across reopen; each open is a new process epoch;
+//! files that are not idemstore databases are refused untouched; corrupt bytes are reported.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use idemstore::{Claim, Error, RecordState, Store};
+use redb::{ReadableDatabase, ReadableTable};
+
+#[test]
+fn completed_records_survive_reopen() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let path = dir.path().join("idem.redb");
+    let clock = clock();
+    {
+        let store = file_store(&path, &clock);
+        for i in 0..100u32 {
+            let lease = acquired(store.claim("s", format!("k{i}"), "fp", &opts(1_000))?);
+            store.complete(&lease, &i.to_le_bytes(), DAY)?;
+        }
+        store.close()?;
+    }
+    let store = file_store(&path, &clock);
+    for i in 0..100u32 {
+        let r = replay(store.claim("s", format!("k{i}"), "fp", &opts(1_000))?);
+        assert_eq!(r.outcome, i.to_le_bytes());
+    }
+    assert_eq!(store.stats()?.records, 100);
+    Ok(())
+}
+
+#[test]
+fn each_open_starts_a_new_epoch_and_tokens_keep_increasing() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let path = dir.path().join("idem.redb");
+    let clock = clock();
+    let mut last_token = 0;
+    for expected_epoch in 1..=4u64 {
+        let store = file_store(&path, &clock);
+        assert_eq!(store.epoch(), expected_epoch);
+        for i in 0..3 {
+            let lease =
+                acquired(store.claim("s", format!("{expected_epoch}-{i}"), "fp", &opts(1_000))?);
+            assert!(
+                lease.token() > last_token,
+                "token {} after {last_token}",
+                lease.token()
+            );
+            last_token = lease.token();
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn a_second_store_on_the_same_file_is_refused() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let path = dir.path().join("idem.redb");
+    let clock = clock();
+    let _first = file_store(&path, &clock);
+    let second = Store::builder().clock(clock.clone()).open(&path);
+    assert!(matches!(second, Err(Error::AlreadyOpen)), "{second:?}");
+    Ok(())
+}
+
+#[test]
+fn opening_a_file_that_is_not_a_database_is_refused_and_leaves_it_untouched() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    for contents in [&b"hello, world\n"[..], &[0u8; 5000][..], b"redb"] {
+        let path = dir.path().join("notes.txt");
+        std::fs::write(&path, contents)?;
+        let result = Store::open(&path);
+        assert!(
+            matches!(result, Err(Error::NotAnIdemstoreFile { .. })),
+            "{result:?}"
+        );
+        assert!(std::fs::read(&path)? == contents, "the file was modified");
+    }
+    let result = Store::open(dir.path());
+    assert!(
+        matches!(result, Err(Error::NotAnIdemstoreFile { .. })),
+        "{result:?}"
+    );
+    Ok(())
+}
+
+#[test]
+fn opening_a_foreign_redb_database_is_refused_and_leaves_it_untouched() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let path = dir.path().join("other.redb");
+    const THEIRS: redb::TableDefinition<u64, u64> = redb::TableDefinition::new("theirs");
+    {
+        let db = redb::Database::create(&path)?;
+        let txn = db.begin_write()?;
+        txn.open_table(THEIRS)?.insert(1, 2)?;
+        txn.commit()?;
+    }
+    let before = std::fs::read(&path)?;
+    let result = Store::open(&path);
+    assert!(
+        matches!(result, Err(Error::NotAnIdemstoreFile { .. })),
+        "{result:?}"
+    );
+    assert!(std::fs::read(&path)? == before, "the file was modified");
+    Ok(())
+}
+
+#[test]
+fn opening_a_database_of_an_unknown_format_version_is_refused() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let path = dir.path().join("idem.redb");
+    drop(file_store(&path, &clock()));
+    const META: redb::TableDefinition<&str, &[u8]> = redb::TableDefinition::new("idemstore.meta");
+    {
+        let db = redb::Database::open(&path)?;
+        let txn = db.begin_write()?;
+        txn.open_table(META)?
+            .insert("format_version", 99u64.to_le_bytes().as_slice())?;
+        txn.commit()?;
+    }
+    let result = Store::open(&path);
+    assert!(
+        matches!(
+            result,
+            Err(Error::UnsupportedFormat {
+                found: 99,
+                supported: 1
+            })
+        ),
+        "{result:?}"
+    );
+    Ok(())
+}
+
+const RECORDS: redb::TableDefinition<&[u8], &[u8]> =
+    redb::TableDefinition::new("idemstore.records");
+
+/// Overwrites the stored envelope of `(scope, key)` through redb, as a disk fault would.
+fn overwrite_envelope(
+    path: &std::path::Path,
+    scope: &[u8],
+    key: &[u8],
+    f: impl Fn(&mut Vec<u8>),
+) -> TestResult {
+    let db = redb::Database::open(path)?;
+    let txn = db.begin_write()?;
+    {
+        let mut table = txn.open_table(RECORDS)?;
+        let mut sk = vec![u8::try_from(scope.len())?];
+        sk.extend_from_slice(scope);
+        sk.extend_from_slice(key);
+        let mut bytes = table
+            .get(sk.as_slice())?
+            .expect("record exists")
+            .value()
+            .to_vec();
+        f(&mut bytes);
+        table.insert(sk.as_slice(), bytes.as_slice())?;
+    }
+    txn.commit()?;
+    Ok(())
+}
+
+#[test]
+fn corrupt_envelope_is_reported_never_replayed_and_forget_clears_it() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let path = dir.path().join("idem.redb");
+    let clock = clock();
+    {
+        let store = file_store(&path, &clock);
+        for key in ["bad", "good"] {
+            let lease = acquired(store.claim("s", key, "fp", &opts(1_000))?);
+            store.complete(&lease, b"the real outcome", DAY)?;
+        }
+    }
+    // Flip one bit in the outcome bytes: the CRC catches it.
+    overwrite_envelope(&path, b"s", b"bad", |b| {
+        let last = b.len() - 1;
+        b[last] ^= 0x04;
+    })?;
+    let store = file_store(&path, &clock);
+    assert!(matches!(store.get("s", "bad"), Err(Error::Corrupt { .. })));
+    let claim = store.claim("s", "bad", "fp", &opts(1_000));
+    assert!(matches!(claim, Err(Error::Corrupt { .. })), "{claim:?}");
+    // The neighbour is unaffected.
+    assert_eq!(
+        replay(store.claim("s", "good", "fp", &opts(1_000))?).outcome,
+        b"the real outcome"
+    );
+    // The corrupt record is not silently overwritten by a new claim, only by forget.
+    assert!(store.forget("s", "bad")?);
+    assert_eq!(
+        acquired(store.claim("s", "bad", "fp", &opts(1_000))?).attempt(),
+        1
+    );
+    Ok(())
+}
+
+#[test]
+fn every_truncation_of_a_stored_envelope_is_a_typed_corruption_error() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let path = dir.path().join("idem.redb");
+    let clock = clock();
+    let full_len = {
+        let store = file_store(&path, &clock);
+        let lease = acquired(store.claim("s", "k", "fp", &opts(1_000))?);
+        store.complete(&lease, b"outcome", DAY)?;
+        drop(store);
+        let db = redb::Database::open(&path)?;
+        let txn = db.begin_read()?;
+        let table = txn.open_table(RECORDS)?;
+        let len = table.get(&b"\x01sk"[..])?.expect("record").value().len();
+        len
+    };
+    for len in 0..full_len {
+        overwrite_envelope(&path, b"s", b"k", |b| {
+            if b.len() > len {
+                b.truncate(len);
+            }
+        })?;
+        let store = file_store(&path, &clock);
+        assert!(
+            matches!(store.get("s", "k"), Err(Error::Corrupt { .. })),
+            "len {len}"
+        );
+    }
+    Ok(())
+}
+
+#[test]
+fn committed_fixture_of_format_version_1_still_opens_and_replays() -> TestResult {
+    // tests/fixtures/v1.redb was written by format version 1 (see `write_fixture` below) and
+    // is never regenerated: every later version must open it.
+    let dir = tempfile::tempdir()?;
+    let path = dir.path().join("v1.redb");
+    std::fs::copy(
+        concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/v1.redb"),
+        &path,
+    )?;
+    let clock = clock();
+    let store = file_store(&path, &clock);
+    assert_eq!(
+        replay(store.claim("tenant", "completed", "fp-1", &opts(1_000))?).outcome,
+        b"fixture outcome"
+    );
+    assert_eq!(
+        store.claim("tenant", "completed", "other", &opts(1_000))?,
+        Claim::Mismatch
+    );
+    let failed = acquired(store.claim("tenant", "failed", "fp-2", &opts(1_000))?);
+    assert_eq!(
+        (failed.attempt(), failed.checkpoint()),
+        (2, Some(&b"fixture checkpoint"[..]))
+    );
+    let orphan = acquired(store.claim("tenant", "in-flight", "fp-3", &opts(1_000))?);
+    assert!(
+        orphan.is_takeover(),
+        "an in-flight record of an earlier epoch is an orphan"
+    );
+    let record = store.get("tenant", "completed")?.expect("fixture record");
+    assert_eq!(record.created_at_ms, T0_MS);
+    assert!(matches!(record.state, RecordState::Completed { .. }));
+    Ok(())
+}
+
+/// Writes `tests/fixtures/v1.redb`. Run once per format version, by hand:
+/// `cargo test --test persistence -- --ignored write_fixture`.
+#[test]
+#[ignore = "writes the committed fixture; run by hand for a new format version only"]
+fn write_fixture() -> TestResult {
+    let path = std::path::Path::new(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/fixtures/v1.redb"
+    ));
+    std::fs::create_dir_all(path.parent().expect("fixture dir"))?;
+    let _ = std::fs::remove_file(path);
+    let store = Store::builder()
+        .clock(clock())
+        .sweep_interval(None)
+        .limits(idemstore::Limits::default().max_retention(Duration::from_secs(10 * 366 * 86_400)))
+        .open(path)?;
+    let ten_years = Duration::from_secs(10 * 365 * 86_400);
+    let long = idemstore::ClaimOptions::default()
+        .lease(Duration::from_secs(3_600))
+        .retention(ten_years);
+    let lease = acquired(store.claim("tenant", "completed", "fp-1", &long)?);
+    store.complete(&lease, b"fixture outcome", ten_years)?;
+    let lease = acquired(store.claim("tenant", "failed", "fp-2", &long)?);
+    store.checkpoint(&lease, b"fixture checkpoint")?;
+    store.fail(&lease)?;
+    let _lease = acquired(store.claim("tenant", "in-flight", "fp-3", &long)?);
+    store.close()?;
+    Ok(())
+}
+
+#[test]
+fn relaxed_durability_acknowledges_and_flush_makes_it_durable() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let path = dir.path().join("idem.redb");
+    let clock = clock();
+    {
+        let store = Store::builder()
+            .clock(clock.clone())
+            .sweep_interval(None)
+            .durability(idemstore::Durability::Relaxed {
+                max_unsynced: Duration::from_secs(3_600),
+            })
+            .open(&path)?;
+        let lease = acquired(store.claim("s", "k", "fp", &opts(1_000))?);
+        store.complete(&lease, b"relaxed", DAY)?;
+        // Readers see the acknowledged write at once.
+        assert!(store.get("s", "k")?.is_some());
+        store.flush()?;
+        let commits = store.stats()?.commits;
+        assert!(commits >= 3, "claim, complete, flush: {commits} commits");
+    }
+    let store = file_store(&path, &clock);
+    assert_eq!(
+        replay(store.claim("s", "k", "fp", &opts(1_000))?).outcome,
+        b"relaxed"
+    );
+    Ok(())
+}
+
+#[test]
+fn two_phase_commit_stores_the_same_data() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let path = dir.path().join("idem.redb");
+    let clock = clock();
+    {
+        let store = Store::builder()
+            .clock(clock.clone())
+            .two_phase_commit(true)
+            .open(&path)?;
+        let lease = acquired(store.claim("s", "k", "fp", &opts(1_000))?);
+        store.complete(&lease, b"2pc", DAY)?;
+    }
+    let store = Store::builder()
+        .clock(clock.clone())
+        .verify_on_open(true)
+        .open(&path)?;
+    assert_eq!(
+        replay(store.claim("s", "k", "fp", &opts(1_000))?).outcome,
+        b"2pc"
+    );
+    Ok(())
+}
+
+#[test]
+fn closed_store_releases_the_file_for_the_next_open() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let path = dir.path().join("idem.redb");
+    let clock = clock();
+    file_store(&path, &clock).close()?;
+    file_store(&path, &clock).close()?;
+    Ok(())
+}
