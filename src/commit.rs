@@ -18,7 +18,8 @@ use crate::clock::Clock;
 use crate::codec;
 use crate::error::{Error, Result};
 use crate::record::Record;
-use crate::schema::{self, EXPIRY, META, META_NEXT_TOKEN, RECORDS};
+use crate::record::split_scoped_key;
+use crate::schema::{self, EXPIRY, META, META_NEXT_TOKEN, RECORDS, SCOPES};
 use crate::transition::{self, Ctx, Op, Reply, Write};
 use crate::wait::Waiters;
 
@@ -289,6 +290,8 @@ pub(crate) struct Shared {
     pub epoch: u64,
     pub durability: Durability,
     pub two_phase_commit: bool,
+    /// The per-scope record quota, if any.
+    pub quota: Option<u64>,
     pub queue: Queue,
     pub waiters: Waiters,
     pub counters: Counters,
@@ -306,6 +309,7 @@ impl Shared {
         durability: Durability,
         two_phase_commit: bool,
         queue_capacity: usize,
+        quota: Option<u64>,
     ) -> Shared {
         let counters = Counters::default();
         counters.next_token.store(next_token, Ordering::SeqCst);
@@ -315,6 +319,7 @@ impl Shared {
             epoch,
             durability,
             two_phase_commit,
+            quota,
             queue: Queue::new(queue_capacity),
             waiters: Waiters::default(),
             counters,
@@ -475,13 +480,18 @@ impl Writer<'_> {
         {
             let mut records = txn.open_table(RECORDS).map_err(Error::storage)?;
             let mut expiry = txn.open_table(EXPIRY).map_err(Error::storage)?;
+            let mut scopes = txn.open_table(SCOPES).map_err(Error::storage)?;
+            let mut tables = Tables {
+                records: &mut records,
+                expiry: &mut expiry,
+                scopes: &mut scopes,
+            };
             let token_before = self.next_token;
             for (i, job) in jobs.iter().enumerate() {
                 let answer = match &job.command {
                     Command::Record { key, op } => {
                         let now_ms = self.now_ms();
-                        let (answer, wrote) =
-                            self.apply(&mut records, &mut expiry, key, op.clone(), now_ms)?;
+                        let (answer, wrote) = self.apply(&mut tables, key, op.clone(), now_ms)?;
                         if wrote {
                             changed.push(i);
                         }
@@ -489,7 +499,7 @@ impl Writer<'_> {
                     }
                     Command::Sweep { limit } => {
                         let now_ms = self.now_ms();
-                        let (visited, removed) = sweep(&mut records, &mut expiry, now_ms, *limit)?;
+                        let (visited, removed) = sweep(&mut tables, now_ms, *limit)?;
                         Ok(Answer::Swept { visited, removed })
                     }
                     Command::Flush => Ok(Answer::Flushed),
@@ -511,12 +521,16 @@ impl Writer<'_> {
     /// batch); the inner one is the caller's answer. Also says whether the record changed.
     fn apply(
         &mut self,
-        records: &mut redb::Table<&'static [u8], &'static [u8]>,
-        expiry: &mut redb::Table<(u64, &'static [u8]), ()>,
+        tables: &mut Tables<'_, '_>,
         key: &[u8],
         op: Op,
         now_ms: u64,
     ) -> Result<(Result<Answer>, bool)> {
+        let Tables {
+            records,
+            expiry,
+            scopes,
+        } = tables;
         let stored: Option<std::result::Result<Record, codec::DecodeError>> = records
             .get(key)
             .map_err(Error::storage)?
@@ -528,15 +542,25 @@ impl Writer<'_> {
                 // `forget` is the way out of a corrupt record; everything else reports it.
                 if matches!(op, Op::Forget) {
                     records.remove(key).map_err(Error::storage)?;
+                    adjust_scope_count(scopes, key, -1)?;
                     return Ok((Ok(Answer::Reply(Reply::Forgotten(true))), true));
                 }
                 return Ok((Err(corrupt_record(key, &e)), false));
             }
         };
+        // Only a claim that would create a new stored record can exceed the quota; one that
+        // reuses an expired record's slot does not add to the count.
+        let scope_full = match (self.shared.quota, &stored, &op) {
+            (Some(limit), None, Op::Claim { .. }) => {
+                (scope_count(scopes, key)? >= limit).then_some(limit)
+            }
+            _ => None,
+        };
         let ctx = Ctx {
             now_ms,
             epoch: self.shared.epoch,
             next_token: self.next_token,
+            scope_full,
         };
         let step = transition::apply(stored.as_ref(), op, &ctx);
         if step.token_used {
@@ -561,6 +585,9 @@ impl Writer<'_> {
                 records
                     .insert(key, codec::encode(&next).as_slice())
                     .map_err(Error::storage)?;
+                if stored.is_none() {
+                    adjust_scope_count(scopes, key, 1)?;
+                }
             }
             Write::Delete => {
                 if let Some(old) = &stored {
@@ -569,10 +596,45 @@ impl Writer<'_> {
                         .map_err(Error::storage)?;
                 }
                 records.remove(key).map_err(Error::storage)?;
+                adjust_scope_count(scopes, key, -1)?;
             }
         }
         Ok((step.reply.map(Answer::Reply), wrote))
     }
+}
+
+/// The tables a batch writes, opened once per transaction.
+struct Tables<'a, 't> {
+    records: &'a mut redb::Table<'t, &'static [u8], &'static [u8]>,
+    expiry: &'a mut redb::Table<'t, (u64, &'static [u8]), ()>,
+    scopes: &'a mut redb::Table<'t, &'static [u8], u64>,
+}
+
+fn scope_of(key: &[u8]) -> &[u8] {
+    split_scoped_key(key).map_or(&[], |(scope, _)| scope)
+}
+
+fn scope_count(scopes: &redb::Table<&'static [u8], u64>, key: &[u8]) -> Result<u64> {
+    Ok(scopes
+        .get(scope_of(key))
+        .map_err(Error::storage)?
+        .map_or(0, |g| g.value()))
+}
+
+/// Adds `delta` (±1) to the stored-record count of `key`'s scope; a count of 0 is removed.
+fn adjust_scope_count(
+    scopes: &mut redb::Table<&'static [u8], u64>,
+    key: &[u8],
+    delta: i64,
+) -> Result<()> {
+    let scope = scope_of(key);
+    let count = scope_count(scopes, key)?.saturating_add_signed(delta);
+    if count == 0 {
+        scopes.remove(scope).map_err(Error::storage)?;
+    } else {
+        scopes.insert(scope, count).map_err(Error::storage)?;
+    }
+    Ok(())
 }
 
 pub(crate) fn corrupt_record(key: &[u8], e: &codec::DecodeError) -> Error {
@@ -584,12 +646,12 @@ pub(crate) fn corrupt_record(key: &[u8], e: &codec::DecodeError) -> Error {
 
 /// Removes up to `limit` entries of the expiry index that are due at `now_ms`, oldest first,
 /// with the records they name. Returns `(index entries visited, records removed)`.
-fn sweep(
-    records: &mut redb::Table<&'static [u8], &'static [u8]>,
-    expiry: &mut redb::Table<(u64, &'static [u8]), ()>,
-    now_ms: u64,
-    limit: usize,
-) -> Result<(usize, usize)> {
+fn sweep(tables: &mut Tables<'_, '_>, now_ms: u64, limit: usize) -> Result<(usize, usize)> {
+    let Tables {
+        records,
+        expiry,
+        scopes,
+    } = tables;
     let empty: &[u8] = &[];
     let due: Vec<(u64, Vec<u8>)> = expiry
         .range((0u64, empty)..(now_ms.saturating_add(1), empty))
@@ -617,6 +679,7 @@ fn sweep(
             && r.is_expired(now_ms)
         {
             records.remove(key.as_slice()).map_err(Error::storage)?;
+            adjust_scope_count(scopes, key, -1)?;
             removed += 1;
         }
     }

@@ -98,6 +98,13 @@ pub enum Error {
         /// The fencing token of the rejected lease.
         token: u64,
     },
+    /// The scope already holds its configured maximum of records
+    /// ([`Limits::max_records_per_scope`](crate::Limits::max_records_per_scope)); the claim of a
+    /// new key wrote nothing. Expired records count until the sweeper removes them.
+    QuotaExceeded {
+        /// The configured maximum.
+        limit: u64,
+    },
     /// Bytes read from disk failed a check (CRC, version, encoding, length).
     Corrupt {
         /// Where: the table and, when known, the scoped key.
@@ -167,6 +174,10 @@ impl fmt::Display for Error {
             Error::LeaseLost { token } => write!(
                 f,
                 "lease with fencing token {token} no longer owns its record; nothing was changed"
+            ),
+            Error::QuotaExceeded { limit } => write!(
+                f,
+                "the scope already holds its maximum of {limit} records; nothing was written"
             ),
             Error::Corrupt { location, reason } => {
                 write!(f, "corrupt data at {location}: {reason}")
@@ -272,6 +283,7 @@ impl Error {
                 retention_ms: *retention_ms,
             },
             Error::LeaseLost { token } => Error::LeaseLost { token: *token },
+            Error::QuotaExceeded { limit } => Error::QuotaExceeded { limit: *limit },
             Error::Corrupt { location, reason } => Error::Corrupt {
                 location: location.clone(),
                 reason: reason.clone(),

@@ -27,7 +27,7 @@ pub const WAIT_MS_MAX: u64 = 3600 * 1000;
 /// naming the input, its size and the limit. Defaults: key 1–255 bytes, scope ≤ 255 bytes,
 /// fingerprint ≤ 64 bytes, outcome ≤ 1 MiB, checkpoint ≤ 64 KiB, lease 1 ms – 1 hour,
 /// retention ≤ 30 days, wait ≤ 60 s. Each can be lowered or raised up to its hard cap
-/// (`*_MAX` constants in this module).
+/// (`*_MAX` constants in this module). A per-scope record quota is off unless set.
 ///
 /// ```
 /// use idemstore::Limits;
@@ -45,6 +45,7 @@ pub struct Limits {
     max_lease_ms: u64,
     max_retention_ms: u64,
     max_wait_ms: u64,
+    max_records_per_scope: Option<u64>,
 }
 
 impl Default for Limits {
@@ -58,6 +59,7 @@ impl Default for Limits {
             max_lease_ms: 3600 * 1000,
             max_retention_ms: 30 * 24 * 3600 * 1000,
             max_wait_ms: 60 * 1000,
+            max_records_per_scope: None,
         }
     }
 }
@@ -117,6 +119,20 @@ impl Limits {
     pub fn max_wait(mut self, wait: Duration) -> Self {
         self.max_wait_ms = duration_ms(wait);
         self
+    }
+
+    /// The most records one scope may hold; a claim of a new key beyond it fails with
+    /// [`Error::QuotaExceeded`]. Keeps one tenant from filling the store. Default: unlimited.
+    #[must_use]
+    pub fn max_records_per_scope(mut self, records: u64) -> Self {
+        self.max_records_per_scope = Some(records);
+        self
+    }
+
+    /// The configured per-scope record quota, if any.
+    #[must_use]
+    pub fn records_per_scope(&self) -> Option<u64> {
+        self.max_records_per_scope
     }
 
     /// The configured key limit in bytes.

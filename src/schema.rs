@@ -14,6 +14,8 @@ pub(crate) const RECORDS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("
 /// `(expires_at_ms, scoped key) -> ()`: the TTL index, walked from the oldest by the sweeper.
 pub(crate) const EXPIRY: TableDefinition<(u64, &[u8]), ()> =
     TableDefinition::new("idemstore.expiry");
+/// `scope -> number of stored records`: enforces the per-scope quota without a scan.
+pub(crate) const SCOPES: TableDefinition<&[u8], u64> = TableDefinition::new("idemstore.scopes");
 /// `name -> value`: magic, format version, process epoch, next fencing token.
 pub(crate) const META: TableDefinition<&str, &[u8]> = TableDefinition::new("idemstore.meta");
 
@@ -75,7 +77,9 @@ pub(crate) fn inspect(read: &ReadTransaction, path: &Path) -> Result<Option<Adop
         .collect();
     let foreign: Vec<&String> = names
         .iter()
-        .filter(|n| ![RECORDS.name(), EXPIRY.name(), META.name()].contains(&n.as_str()))
+        .filter(|n| {
+            ![RECORDS.name(), EXPIRY.name(), SCOPES.name(), META.name()].contains(&n.as_str())
+        })
         .collect();
     if !foreign.is_empty() {
         return Err(not_ours(
@@ -139,6 +143,7 @@ pub(crate) fn adopt(db: &Database, path: &Path) -> Result<Adopted> {
         put_u64(&mut meta, META_EPOCH, adopted.epoch)?;
         txn.open_table(RECORDS).map_err(Error::storage)?;
         txn.open_table(EXPIRY).map_err(Error::storage)?;
+        txn.open_table(SCOPES).map_err(Error::storage)?;
     }
     txn.commit().map_err(Error::storage)?;
     Ok(adopted)

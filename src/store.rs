@@ -270,6 +270,7 @@ impl StoreBuilder {
             self.durability,
             self.two_phase_commit,
             self.queue_capacity,
+            self.limits.records_per_scope(),
         ));
         let writer_shared = Arc::clone(&shared);
         let max_batch = self.max_batch_ops;
@@ -591,6 +592,7 @@ impl Store {
             now_ms: self.shared.clock.now_ms(),
             epoch: self.shared.epoch,
             next_token: 0,
+            scope_full: None,
         };
         let step = transition::apply(Some(&stored), op.clone(), &ctx);
         if step.write != Write::Keep {
@@ -886,6 +888,7 @@ impl Store {
             now_ms: self.shared.clock.now_ms(),
             epoch: self.shared.epoch,
             next_token: 0,
+            scope_full: None,
         };
         let mut out = Vec::new();
         for entry in table.iter().map_err(Error::storage)? {
@@ -908,6 +911,22 @@ impl Store {
             }
         }
         Ok(out)
+    }
+
+    /// How many records `scope` holds, counting expired ones not yet swept: the figure the
+    /// per-scope quota ([`Limits::max_records_per_scope`]) is checked against.
+    ///
+    /// # Errors
+    /// A scope over its size limit; [`Error::Io`] and other storage errors.
+    pub fn scope_records(&self, scope: impl AsRef<[u8]>) -> Result<u64> {
+        let scope = scope.as_ref();
+        self.limits.check_identity(scope, b"-")?;
+        let read = self.shared.db.begin_read().map_err(Error::storage)?;
+        let table = read.open_table(schema::SCOPES).map_err(Error::storage)?;
+        Ok(table
+            .get(scope)
+            .map_err(Error::storage)?
+            .map_or(0, |g| g.value()))
     }
 
     /// Counters and sizes.

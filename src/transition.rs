@@ -14,6 +14,9 @@ pub(crate) struct Ctx {
     pub epoch: u64,
     /// The fencing token the next acquisition receives.
     pub next_token: u64,
+    /// `Some(limit)` when the record's scope is at its quota: a claim that would create a new
+    /// record is refused.
+    pub scope_full: Option<u64>,
 }
 
 /// One state-changing operation on one record.
@@ -199,6 +202,9 @@ fn claim(
     let lease_until_ms = ctx.now_ms.saturating_add(lease_ms);
     let expires_at_ms = ctx.now_ms.saturating_add(retention_ms);
     let Some(r) = live else {
+        if let Some(limit) = ctx.scope_full {
+            return Step::keep(Err(Error::QuotaExceeded { limit }));
+        }
         let record = Record {
             fingerprint,
             created_at_ms: ctx.now_ms,
@@ -298,6 +304,7 @@ mod tests {
         now_ms: 1_000,
         epoch: 3,
         next_token: 50,
+        scope_full: None,
     };
 
     fn claim_op(fp: &[u8]) -> Op {

@@ -259,6 +259,7 @@ fn committed_fixture_of_format_version_1_still_opens_and_replays() -> TestResult
         orphan.is_takeover(),
         "an in-flight record of an earlier epoch is an orphan"
     );
+    assert_eq!(store.scope_records("tenant")?, 3);
     let record = store.get("tenant", "completed")?.expect("fixture record");
     assert_eq!(record.created_at_ms, T0_MS);
     assert!(matches!(record.state, RecordState::Completed { .. }));
