@@ -11,7 +11,6 @@
 //! Decoding checks every field and the exact payload length, and returns a typed corruption
 //! error for any byte string that is not a valid envelope; it never panics.
 
-use crate::limits::Limits;
 use crate::record::Record;
 
 /// First byte of every record envelope.
@@ -20,8 +19,16 @@ pub(crate) const ENVELOPE_MAGIC: u8 = 0xD1;
 pub(crate) const ENVELOPE_VERSION: u8 = 1;
 const HEADER_LEN: usize = 6;
 
+/// Decoding never allocates more than this for the lengths a payload declares: the largest
+/// payload any record can have. Without it, a payload that passes its CRC but declares a
+/// length near 2^63 would make the decoder try to allocate it.
+const PAYLOAD_LIMIT: usize = crate::limits::OUTCOME_LEN_MAX
+    + crate::limits::CHECKPOINT_LEN_MAX
+    + crate::limits::FINGERPRINT_LEN_MAX
+    + 256;
+
 fn config() -> impl bincode::config::Config {
-    bincode::config::standard()
+    bincode::config::standard().with_limit::<PAYLOAD_LIMIT>()
 }
 
 /// Encodes a record into its envelope.
@@ -95,7 +102,7 @@ pub(crate) fn decode(bytes: &[u8]) -> Result<Record, DecodeError> {
     if *version != ENVELOPE_VERSION {
         return Err(DecodeError::UnknownVersion(*version));
     }
-    if payload.len() > Limits::record_len_bound() {
+    if payload.len() > PAYLOAD_LIMIT {
         return Err(DecodeError::Oversized(payload.len()));
     }
     let stored = u32::from_le_bytes([*c0, *c1, *c2, *c3]);
@@ -236,6 +243,17 @@ mod tests {
             }
             assert!(decode(&b).is_err(), "bit {i}");
         }
+    }
+
+    #[test]
+    fn a_huge_declared_length_is_rejected_without_allocating() {
+        // Found by the decode fuzz target: a valid CRC over a payload whose fingerprint
+        // declares a length of about 2^63 bytes.
+        let payload = [0xFD, 0x04, 0, 0, 0, 0, 0x64, 0x80, 0xC2, 0x00];
+        let mut bytes = vec![ENVELOPE_MAGIC, ENVELOPE_VERSION];
+        bytes.extend_from_slice(&crc32fast::hash(&payload).to_le_bytes());
+        bytes.extend_from_slice(&payload);
+        assert!(matches!(decode(&bytes), Err(DecodeError::Payload(_))));
     }
 
     #[test]

@@ -228,12 +228,6 @@ impl Limits {
     pub(crate) fn check_wait(&self, wait_ms: u64) -> Result<()> {
         check_range(Input::Wait, wait_ms, 0, self.max_wait_ms)
     }
-
-    /// The size bound of any record this store writes: decoding rejects larger payloads.
-    pub(crate) fn record_len_bound() -> usize {
-        // Outcome or checkpoint, whichever the state holds, plus fingerprint and fixed fields.
-        OUTCOME_LEN_MAX + CHECKPOINT_LEN_MAX + FINGERPRINT_LEN_MAX + 256
-    }
 }
 
 fn check_len(what: Input, len: usize, min: usize, max: usize) -> Result<()> {

@@ -221,17 +221,12 @@ impl StoreBuilder {
     }
 
     fn open_file(&self, path: &Path) -> Result<Database> {
-        let existing_len = match fs::metadata(path) {
-            Ok(m) if m.is_dir() => {
-                return Err(Error::NotAnIdemstoreFile {
-                    path: path.to_path_buf(),
-                    reason: "it is a directory".into(),
-                });
-            }
-            Ok(m) => m.len(),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => 0,
-            Err(e) => return Err(Error::from_io(e)),
-        };
+        let mut existing = file_len(path)?;
+        if existing.is_none() {
+            create_file(path)?;
+            existing = file_len(path)?;
+        }
+        let existing_len = existing.unwrap_or(0);
         if existing_len > 0 && !has_redb_magic(path)? {
             return Err(Error::NotAnIdemstoreFile {
                 path: path.to_path_buf(),
@@ -291,6 +286,60 @@ impl StoreBuilder {
     }
 }
 
+/// The length of the file at `path`, `None` if there is none; a directory is refused.
+fn file_len(path: &Path) -> Result<Option<u64>> {
+    match fs::metadata(path) {
+        Ok(m) if m.is_dir() => Err(Error::NotAnIdemstoreFile {
+            path: path.to_path_buf(),
+            reason: "it is a directory".into(),
+        }),
+        Ok(m) => Ok(Some(m.len())),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(Error::from_io(e)),
+    }
+}
+
+/// Creates a new database file at `path` so that a crash at any moment leaves either no file
+/// there or a complete redb database. redb initialises a file in place and writes its magic
+/// number last, so a process killed during that (two fsyncs) left a file without it, which
+/// every later open refused as not a database. Here redb initialises a temporary file in the
+/// same directory, which is then hard-linked into place (atomically, never replacing a file
+/// another process created meanwhile) and the directory synced. A kill before the link leaves
+/// only the temporary file (`.<name>.creating-<pid>-<nanos>`, never opened again). Where hard
+/// links are unsupported, nothing is created here and the caller creates the file in place.
+fn create_file(path: &Path) -> Result<()> {
+    let (Some(dir), Some(name)) = (path.parent(), path.file_name()) else {
+        return Ok(());
+    };
+    let dir = if dir.as_os_str().is_empty() {
+        Path::new(".")
+    } else {
+        dir
+    };
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.subsec_nanos());
+    let tmp = dir.join(format!(
+        ".{}.creating-{}-{nanos}",
+        name.to_string_lossy(),
+        std::process::id()
+    ));
+    let created = redb::Builder::new().create(&tmp).map_err(Error::storage);
+    let linked = created.map(|db| {
+        drop(db);
+        // Fails if another process created the file first (then that one is opened) or if the
+        // file system has no hard links (then the caller creates the file in place).
+        fs::hard_link(&tmp, path).is_ok()
+    });
+    let _ = fs::remove_file(&tmp);
+    if linked? {
+        // Make the new directory entry durable before anything is acknowledged in the file.
+        #[cfg(unix)]
+        fs::File::open(dir).and_then(|d| d.sync_all())?;
+    }
+    Ok(())
+}
+
 fn has_redb_magic(path: &Path) -> Result<bool> {
     use std::io::Read;
     const REDB_MAGIC: [u8; 9] = [b'r', b'e', b'd', b'b', 0x1A, 0x0A, 0xA9, 0x0D, 0x0A];
@@ -326,6 +375,9 @@ pub struct Swept {
 }
 
 /// Counters and sizes of a store, from [`Store::stats`].
+///
+/// Table sizes are read from committed state; the writer's counters are bumped just after each
+/// commit returns, so for a moment they may trail what the tables already show.
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct Stats {
