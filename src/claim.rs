@@ -125,6 +125,61 @@ pub struct Lease {
 }
 
 impl Lease {
+    /// Builds a lease from its parts: for implementors of
+    /// [`IdempotencyBackend`](crate::IdempotencyBackend) other than this engine (a PostgreSQL
+    /// or Redis backend), which grant leases from their own records and must hand them to the
+    /// middleware in this type.
+    ///
+    /// - `token`: the backend's fencing token for this grant; it must strictly increase across
+    ///   every grant of the backend, so that writes with an older lease can be refused.
+    /// - `lease_until_ms`: when the lease ends unless extended (ms since the Unix epoch).
+    /// - `attempt`: 1 for the first run, + 1 per retry after a failure or a takeover.
+    /// - `checkpoint`: the recovery point left by the previous attempt, if any.
+    /// - `takeover`: whether the grant took over a record whose owner was gone.
+    ///
+    /// An implementation's `extend` updates the caller's lease by building it anew with the new
+    /// `lease_until_ms` and the other parts read back from the lease's getters.
+    ///
+    /// A lease built here and given to [`Store`](crate::Store) is fenced like any other: its
+    /// writes succeed only if the record carries `token`.
+    ///
+    /// ```
+    /// use idemstore::Lease;
+    ///
+    /// let lease = Lease::from_parts(b"acct_42", b"order-1001", 7, 1_700_000_030_000, 1, None, false)?;
+    /// assert_eq!((lease.scope(), lease.key(), lease.token()), (&b"acct_42"[..], &b"order-1001"[..], 7));
+    /// # Ok::<(), idemstore::Error>(())
+    /// ```
+    ///
+    /// # Errors
+    /// [`Error::TooLarge`](crate::Error::TooLarge) with [`Input::Scope`](crate::Input::Scope) for
+    /// a scope longer than [`SCOPE_LEN_MAX`](crate::SCOPE_LEN_MAX) bytes, which no store accepts.
+    pub fn from_parts(
+        scope: &[u8],
+        key: &[u8],
+        token: u64,
+        lease_until_ms: u64,
+        attempt: u32,
+        checkpoint: Option<Vec<u8>>,
+        takeover: bool,
+    ) -> crate::Result<Lease> {
+        if scope.len() > crate::limits::SCOPE_LEN_MAX {
+            return Err(crate::Error::TooLarge {
+                what: crate::Input::Scope,
+                actual: scope.len() as u64,
+                limit: crate::limits::SCOPE_LEN_MAX as u64,
+            });
+        }
+        Ok(Lease {
+            scoped_key: crate::record::scoped_key(scope, key),
+            token,
+            lease_until_ms,
+            attempt,
+            checkpoint,
+            takeover,
+        })
+    }
+
     /// The scope of the claimed record.
     #[must_use]
     pub fn scope(&self) -> &[u8] {

@@ -51,6 +51,7 @@
 #![forbid(unsafe_code)]
 #![deny(missing_docs, clippy::unwrap_used, clippy::indexing_slicing)]
 
+mod backend;
 mod claim;
 mod clock;
 mod codec;
@@ -64,6 +65,10 @@ mod sweep;
 mod transition;
 mod wait;
 
+#[cfg(feature = "http")]
+pub mod http;
+
+pub use backend::IdempotencyBackend;
 pub use claim::{Claim, ClaimOptions, Lease, Replay};
 pub use clock::{Clock, ManualClock, SystemClock};
 pub use commit::Durability;

@@ -1,0 +1,263 @@
+//! [`IdempotencyLayer`]: the configuration, and the tower `Layer` that applies it.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::header::{DATE, SET_COOKIE};
+use http::{HeaderName, Method};
+use tower::Layer;
+
+use super::metrics::Metrics;
+use super::policy::{DefaultStorePolicy, StorePolicy};
+use super::scope::{GlobalScope, ScopeExtractor};
+use super::service::Idempotency;
+use crate::backend::IdempotencyBackend;
+use crate::claim::ClaimOptions;
+
+/// The request header that carries the idempotency key, unless configured otherwise.
+pub const IDEMPOTENCY_KEY: HeaderName = HeaderName::from_static("idempotency-key");
+/// The response header that marks a replay: `Idempotent-Replayed: true`.
+pub const IDEMPOTENT_REPLAYED: HeaderName = HeaderName::from_static("idempotent-replayed");
+/// Default lease of a running request (extended every third of it while the handler runs).
+pub const DEFAULT_LEASE: Duration = Duration::from_secs(30);
+/// Default retention of a completed request's response: 24 hours, as Stripe keeps keys.
+pub const DEFAULT_RETENTION: Duration = Duration::from_secs(24 * 3600);
+/// Default limit of a covered request's body: 1 MiB.
+pub const DEFAULT_REQUEST_BODY_LIMIT_BYTES: usize = 1024 * 1024;
+/// Default limit of a stored response (status, headers and body as encoded): 1 MiB, the
+/// engine's default outcome limit.
+pub const DEFAULT_STORED_RESPONSE_LIMIT_BYTES: usize = 1024 * 1024;
+/// Default cap of the `Retry-After` of a 409: 1 second.
+pub const DEFAULT_RETRY_AFTER_MAX: Duration = Duration::from_secs(1);
+
+/// The settings of a layer that are plain values.
+#[derive(Debug, Clone)]
+pub(crate) struct Config {
+    pub(crate) methods: Vec<Method>,
+    pub(crate) require_key: bool,
+    pub(crate) key_header: HeaderName,
+    pub(crate) fingerprint_headers: Vec<HeaderName>,
+    pub(crate) claim: ClaimOptions,
+    pub(crate) retention: Duration,
+    pub(crate) retry_after_max: Duration,
+    pub(crate) request_body_limit_bytes: usize,
+    pub(crate) stored_response_limit_bytes: usize,
+    pub(crate) deny_headers: Vec<HeaderName>,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            methods: vec![Method::POST, Method::PATCH],
+            require_key: false,
+            key_header: IDEMPOTENCY_KEY,
+            fingerprint_headers: Vec::new(),
+            claim: ClaimOptions::default()
+                .lease(DEFAULT_LEASE)
+                .retention(DEFAULT_RETENTION),
+            retention: DEFAULT_RETENTION,
+            retry_after_max: DEFAULT_RETRY_AFTER_MAX,
+            request_body_limit_bytes: DEFAULT_REQUEST_BODY_LIMIT_BYTES,
+            stored_response_limit_bytes: DEFAULT_STORED_RESPONSE_LIMIT_BYTES,
+            deny_headers: vec![DATE, SET_COOKIE],
+        }
+    }
+}
+
+/// Makes the requests of a service idempotent: wraps it in [`Idempotency`].
+///
+/// Generic over the store (`B`, any [`IdempotencyBackend`]), the scope extractor (`X`,
+/// [`GlobalScope`] by default) and the store policy (`P`, [`DefaultStorePolicy`] by default).
+/// Builder methods consume the layer and return it. Defaults:
+///
+/// | setting | default |
+/// | --- | --- |
+/// | [`methods`](Self::methods) covered | `POST`, `PATCH` |
+/// | [`require_key`](Self::require_key) | `false`: a covered request without a key passes through |
+/// | [`key_header`](Self::key_header) | `Idempotency-Key` |
+/// | [`scope`](Self::scope) | [`GlobalScope`]: one scope for all requests |
+/// | [`fingerprint_header`](Self::fingerprint_header) | none: method, path, query and body only |
+/// | [`lease`](Self::lease) | 30 s, extended every 10 s while the handler runs |
+/// | [`retention`](Self::retention) | 24 h |
+/// | [`wait_for_original`](Self::wait_for_original) | off: a duplicate of a running request gets 409 |
+/// | [`retry_after_max`](Self::retry_after_max) | 1 s |
+/// | [`request_body_limit`](Self::request_body_limit) | 1 MiB (413 above) |
+/// | [`stored_response_limit`](Self::stored_response_limit) | 1 MiB |
+/// | [`deny_headers`](Self::deny_headers) (not replayed) | `Date`, `Set-Cookie` |
+/// | [`store_policy`](Self::store_policy) | [`DefaultStorePolicy`]: all but 5xx, 408, 429 |
+///
+/// Cloning is cheap and shares the [`metrics`](Self::metrics).
+#[must_use]
+pub struct IdempotencyLayer<B, X = GlobalScope, P = DefaultStorePolicy> {
+    pub(crate) backend: Arc<B>,
+    pub(crate) scope: Arc<X>,
+    pub(crate) policy: Arc<P>,
+    pub(crate) config: Arc<Config>,
+    pub(crate) metrics: Metrics,
+}
+
+impl<B, X, P> Clone for IdempotencyLayer<B, X, P> {
+    fn clone(&self) -> Self {
+        IdempotencyLayer {
+            backend: Arc::clone(&self.backend),
+            scope: Arc::clone(&self.scope),
+            policy: Arc::clone(&self.policy),
+            config: Arc::clone(&self.config),
+            metrics: self.metrics.clone(),
+        }
+    }
+}
+
+impl<B, X, P> std::fmt::Debug for IdempotencyLayer<B, X, P> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("IdempotencyLayer")
+            .field("config", &self.config)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<B: IdempotencyBackend> IdempotencyLayer<B> {
+    /// A layer on `backend` with the defaults above: the embedded [`Store`](crate::Store) (on
+    /// a file or in memory), an `Arc` of one, or any other backend.
+    pub fn new(backend: B) -> Self {
+        IdempotencyLayer {
+            backend: Arc::new(backend),
+            scope: Arc::new(GlobalScope),
+            policy: Arc::new(DefaultStorePolicy),
+            config: Arc::new(Config::default()),
+            metrics: Metrics::new(),
+        }
+    }
+}
+
+impl<B, X, P> IdempotencyLayer<B, X, P> {
+    fn with_config(mut self, change: impl FnOnce(&mut Config)) -> Self {
+        change(Arc::make_mut(&mut self.config));
+        self
+    }
+
+    /// The methods whose requests are covered (made idempotent); other requests pass through
+    /// untouched, even with a key. Default: `POST` and `PATCH`.
+    pub fn methods(self, methods: impl IntoIterator<Item = Method>) -> Self {
+        let methods = methods.into_iter().collect();
+        self.with_config(|c| c.methods = methods)
+    }
+
+    /// Whether a covered request without a key is rejected with 400
+    /// ([`ProblemType::MissingKey`](super::ProblemType::MissingKey)) instead of passing through
+    /// unprotected. Default: `false` (keys are optional, as at Stripe).
+    pub fn require_key(self, required: bool) -> Self {
+        self.with_config(|c| c.require_key = required)
+    }
+
+    /// The request header that carries the key. Default: [`IDEMPOTENCY_KEY`].
+    pub fn key_header(self, name: HeaderName) -> Self {
+        self.with_config(|c| c.key_header = name)
+    }
+
+    /// Adds a request header to the fingerprint: the same key with another value of it is a
+    /// mismatch (422). Default: no headers, only method, path, query and body.
+    pub fn fingerprint_header(self, name: HeaderName) -> Self {
+        self.with_config(|c| c.fingerprint_headers.push(name))
+    }
+
+    /// The lease of a running request: if its process dies, a retry may take it over after
+    /// this long (at once after a restart of the embedded store). While the handler runs, the
+    /// lease is extended every third of it, so a live request is never taken over.
+    /// Must lie within the store's lease limits and not exceed the retention: otherwise every
+    /// covered request is answered 503 (with an `error` event naming the cause).
+    /// Default: [`DEFAULT_LEASE`].
+    pub fn lease(self, lease: Duration) -> Self {
+        self.with_config(|c| c.claim = c.claim.clone().lease(lease))
+    }
+
+    /// How long a completed request's response is replayed. Default: [`DEFAULT_RETENTION`].
+    pub fn retention(self, retention: Duration) -> Self {
+        self.with_config(|c| {
+            c.retention = retention;
+            c.claim = c.claim.clone().retention(retention);
+        })
+    }
+
+    /// Lets a duplicate of a running request wait up to `wait` for the original and replay its
+    /// response, instead of an immediate 409. If the original is still running after `wait`,
+    /// the duplicate gets the 409. Default: no waiting.
+    pub fn wait_for_original(self, wait: Duration) -> Self {
+        self.with_config(|c| c.claim = c.claim.clone().wait(wait))
+    }
+
+    /// The largest `Retry-After` of a 409: it is the time left on the original's lease, at
+    /// most this, at least 1 second. Default: [`DEFAULT_RETRY_AFTER_MAX`].
+    pub fn retry_after_max(self, max: Duration) -> Self {
+        self.with_config(|c| c.retry_after_max = max)
+    }
+
+    /// The largest body of a covered request; a larger one gets 413
+    /// ([`ProblemType::BodyTooLarge`](super::ProblemType::BodyTooLarge)) before anything is
+    /// claimed. Default: [`DEFAULT_REQUEST_BODY_LIMIT_BYTES`].
+    pub fn request_body_limit(self, bytes: usize) -> Self {
+        self.with_config(|c| c.request_body_limit_bytes = bytes)
+    }
+
+    /// The largest response stored for replay (status, headers and body as encoded). Keep it
+    /// within the store's outcome limit. A larger response still goes to its caller in full,
+    /// and the claim is completed without the body: every retry with the key then gets 410
+    /// ([`ProblemType::ResponseNotStored`](super::ProblemType::ResponseNotStored), with the
+    /// original status in `original_status`) and the request never runs again.
+    /// Default: [`DEFAULT_STORED_RESPONSE_LIMIT_BYTES`].
+    pub fn stored_response_limit(self, bytes: usize) -> Self {
+        self.with_config(|c| c.stored_response_limit_bytes = bytes)
+    }
+
+    /// Response headers that are neither stored nor replayed, on top of the hop-by-hop headers
+    /// (`Connection` and the headers it names, `Keep-Alive`, `Proxy-Authenticate`,
+    /// `Proxy-Authorization`, `TE`, `Trailer`, `Transfer-Encoding`, `Upgrade`) and
+    /// `Content-Length` (recomputed), which never are. Replaces the list.
+    /// Default: `Date` (the server sets a fresh one) and `Set-Cookie`.
+    pub fn deny_headers(self, names: impl IntoIterator<Item = HeaderName>) -> Self {
+        let names = names.into_iter().collect();
+        self.with_config(|c| c.deny_headers = names)
+    }
+
+    /// Where each request's scope comes from. Default: [`GlobalScope`].
+    pub fn scope<X2: ScopeExtractor>(self, extractor: X2) -> IdempotencyLayer<B, X2, P> {
+        IdempotencyLayer {
+            backend: self.backend,
+            scope: Arc::new(extractor),
+            policy: self.policy,
+            config: self.config,
+            metrics: self.metrics,
+        }
+    }
+
+    /// Which responses are stored and which release the claim. Default: [`DefaultStorePolicy`].
+    pub fn store_policy<P2: StorePolicy>(self, policy: P2) -> IdempotencyLayer<B, X, P2> {
+        IdempotencyLayer {
+            backend: self.backend,
+            scope: self.scope,
+            policy: Arc::new(policy),
+            config: self.config,
+            metrics: self.metrics,
+        }
+    }
+
+    /// The counters of this layer's decisions (shared by its clones and services).
+    #[must_use]
+    pub fn metrics(&self) -> Metrics {
+        self.metrics.clone()
+    }
+
+    /// The backend the layer claims requests in.
+    #[must_use]
+    pub fn backend(&self) -> &Arc<B> {
+        &self.backend
+    }
+}
+
+impl<S, B, X, P> Layer<S> for IdempotencyLayer<B, X, P> {
+    type Service = Idempotency<S, B, X, P>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        Idempotency::new(inner, self.clone())
+    }
+}

@@ -1,0 +1,81 @@
+//! Where a request's scope comes from: the namespace its keys live in.
+
+use http::HeaderName;
+use http::request::Parts;
+
+/// Extracts the scope of a request: who owns its idempotency key (tenant, account, API
+/// principal). Keys never collide across scopes, and one scope can never replay another's
+/// record, so the scope must identify the caller, not anything the caller chooses freely.
+///
+/// Returning `None` answers the request with a 400 problem
+/// ([`ProblemType::InvalidScope`](super::ProblemType::InvalidScope)) without running it. A scope
+/// is at most [`SCOPE_LEN_MAX`](crate::SCOPE_LEN_MAX) bytes; hash longer identities (and
+/// secrets such as API keys, which should not be stored in clear).
+///
+/// Implemented by [`GlobalScope`] (the default), [`HeaderScope`], and every closure
+/// `Fn(&http::request::Parts) -> Option<Vec<u8>>`, for example one that reads the principal an
+/// authentication middleware put into the request extensions:
+///
+/// ```
+/// use idemstore::http::IdempotencyLayer;
+///
+/// #[derive(Clone)]
+/// struct Principal { account_id: String }
+///
+/// let store = idemstore::Store::in_memory()?;
+/// let layer = IdempotencyLayer::new(store).scope(|request: &http::request::Parts| {
+///     let principal = request.extensions.get::<Principal>()?;
+///     Some(principal.account_id.as_bytes().to_vec())
+/// });
+/// # Ok::<(), idemstore::Error>(())
+/// ```
+pub trait ScopeExtractor: Send + Sync + 'static {
+    /// The scope of the request, or `None` if it has none.
+    fn scope(&self, request: &Parts) -> Option<Vec<u8>>;
+}
+
+impl<F> ScopeExtractor for F
+where
+    F: Fn(&Parts) -> Option<Vec<u8>> + Send + Sync + 'static,
+{
+    fn scope(&self, request: &Parts) -> Option<Vec<u8>> {
+        self(request)
+    }
+}
+
+/// One scope for every request (the empty scope): the default, for services with a single
+/// tenant. Multi-tenant services must configure a real extractor.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct GlobalScope;
+
+impl ScopeExtractor for GlobalScope {
+    fn scope(&self, _request: &Parts) -> Option<Vec<u8>> {
+        Some(Vec::new())
+    }
+}
+
+/// The value of a request header as the scope (for example a tenant header set by a trusted
+/// gateway). A request without the header, or with it more than once, has no scope.
+#[derive(Debug, Clone)]
+pub struct HeaderScope {
+    name: HeaderName,
+}
+
+impl HeaderScope {
+    /// Scopes requests by the header `name`.
+    #[must_use]
+    pub fn new(name: HeaderName) -> Self {
+        HeaderScope { name }
+    }
+}
+
+impl ScopeExtractor for HeaderScope {
+    fn scope(&self, request: &Parts) -> Option<Vec<u8>> {
+        let mut values = request.headers.get_all(&self.name).iter();
+        let value = values.next()?;
+        if values.next().is_some() {
+            return None;
+        }
+        Some(value.as_bytes().to_vec())
+    }
+}

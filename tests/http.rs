@@ -1,0 +1,1270 @@
+//! End-to-end tests of the HTTP idempotency layer: a real server on 127.0.0.1 (axum, or plain
+//! hyper) and a real HTTP client (hyper-util), one behaviour per test.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::{Extension, Request as AxumRequest};
+use axum::response::IntoResponse;
+use axum::routing::{get, post};
+use bytes::Bytes;
+use http::{HeaderMap, HeaderName, Method, Request, StatusCode};
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use idemstore::http::{
+    HeaderScope, IdempotencyLayer, IdempotentRequest, Metrics, RequestBody, StoreDecision,
+};
+use idemstore::{Claim, ClaimOptions, IdempotencyBackend, Lease, Store};
+use tokio::net::TcpListener;
+use tokio::sync::{Notify, oneshot};
+use tokio::task::JoinHandle;
+
+// ----- harness -----
+
+/// A server on an ephemeral port of 127.0.0.1, stopped gracefully by [`Server::stop`].
+struct Server {
+    addr: SocketAddr,
+    shutdown: oneshot::Sender<()>,
+    task: JoinHandle<()>,
+}
+
+async fn serve(app: Router) -> Server {
+    let listener = TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind 127.0.0.1");
+    let addr = listener.local_addr().expect("bound address");
+    let (shutdown, signal) = oneshot::channel::<()>();
+    let task = tokio::spawn(async move {
+        axum::serve(listener, app)
+            .with_graceful_shutdown(async {
+                let _ = signal.await;
+            })
+            .await
+            .expect("the server runs");
+    });
+    Server {
+        addr,
+        shutdown,
+        task,
+    }
+}
+
+impl Server {
+    /// Stops accepting, waits for every connection to close, and drops the app (and its store).
+    async fn stop(self) {
+        let _ = self.shutdown.send(());
+        self.task.await.expect("the server stops cleanly");
+    }
+}
+
+type HttpClient = Client<HttpConnector, Full<Bytes>>;
+
+fn client() -> HttpClient {
+    Client::builder(TokioExecutor::new()).build_http()
+}
+
+#[derive(Debug)]
+struct Reply {
+    status: StatusCode,
+    headers: HeaderMap,
+    body: Bytes,
+}
+
+impl Reply {
+    fn replayed(&self) -> bool {
+        self.headers
+            .get("idempotent-replayed")
+            .is_some_and(|v| v == "true")
+    }
+
+    fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.body).expect("a JSON body")
+    }
+
+    /// Asserts a problem+json answer with this status and `type`.
+    fn assert_problem(&self, status: StatusCode, slug: &str) {
+        assert_eq!(self.status, status, "body: {:?}", self.body);
+        assert_eq!(self.headers["content-type"], "application/problem+json");
+        let body = self.json();
+        assert_eq!(body["type"], format!("urn:idemstore:problem:{slug}"));
+        assert_eq!(body["status"], status.as_u16());
+        assert!(body["title"].is_string() && body["detail"].is_string());
+    }
+}
+
+/// A request to the server, built like an `http::Request`.
+struct Call {
+    method: Method,
+    path: String,
+    headers: Vec<(String, String)>,
+    body: Bytes,
+}
+
+fn call(method: Method, path: &str) -> Call {
+    Call {
+        method,
+        path: path.to_owned(),
+        headers: Vec::new(),
+        body: Bytes::new(),
+    }
+}
+
+fn post_with_key(path: &str, key: &str) -> Call {
+    call(Method::POST, path).key(key)
+}
+
+impl Call {
+    fn header(mut self, name: &str, value: &str) -> Self {
+        self.headers.push((name.to_owned(), value.to_owned()));
+        self
+    }
+
+    fn key(self, key: &str) -> Self {
+        self.header("idempotency-key", key)
+    }
+
+    fn body(mut self, body: impl Into<Bytes>) -> Self {
+        self.body = body.into();
+        self
+    }
+
+    async fn send(&self, client: &HttpClient, addr: SocketAddr) -> Reply {
+        self.try_send(client, addr)
+            .await
+            .expect("the request is answered")
+    }
+
+    async fn try_send(
+        &self,
+        client: &HttpClient,
+        addr: SocketAddr,
+    ) -> Result<Reply, Box<dyn std::error::Error + Send + Sync>> {
+        let mut builder = Request::builder()
+            .method(self.method.clone())
+            .uri(format!("http://{addr}{}", self.path));
+        for (name, value) in &self.headers {
+            builder = builder.header(name, value);
+        }
+        let request = builder.body(Full::new(self.body.clone()))?;
+        let response = client.request(request).await?;
+        let (parts, body) = response.into_parts();
+        let body = body.collect().await?.to_bytes();
+        Ok(Reply {
+            status: parts.status,
+            headers: parts.headers,
+            body,
+        })
+    }
+}
+
+/// Counts handler executions.
+#[derive(Clone, Default)]
+struct Counter(Arc<AtomicUsize>);
+
+impl Counter {
+    fn bump(&self) -> usize {
+        self.0.fetch_add(1, Ordering::SeqCst) + 1
+    }
+
+    fn get(&self) -> usize {
+        self.0.load(Ordering::SeqCst)
+    }
+}
+
+fn memory_store() -> Store {
+    Store::builder()
+        .open_in_memory()
+        .expect("an in-memory store opens")
+}
+
+/// A route that creates a "charge": 201, a `Location` header, a JSON body naming the
+/// execution number and echoing the request body.
+fn charge_route(runs: &Counter) -> Router {
+    let runs = runs.clone();
+    Router::new().route(
+        "/charges",
+        post(move |body: Bytes| {
+            let runs = runs.clone();
+            async move {
+                let n = runs.bump();
+                let body = format!(
+                    "{{\"id\":\"ch_{n}\",\"echo\":{:?},\"note\":\"héllo\"}}",
+                    String::from_utf8_lossy(&body)
+                );
+                (
+                    StatusCode::CREATED,
+                    [
+                        ("location", format!("/charges/ch_{n}")),
+                        ("x-charge-number", n.to_string()),
+                        ("content-type", "application/json".to_owned()),
+                    ],
+                    body,
+                )
+            }
+        }),
+    )
+}
+
+// ----- replay -----
+
+#[tokio::test]
+async fn first_request_runs_and_a_retry_replays_status_headers_and_body() {
+    let runs = Counter::default();
+    let app = charge_route(&runs).layer(IdempotencyLayer::new(memory_store()));
+    let server = serve(app).await;
+    let client = client();
+    let request = post_with_key("/charges", "key-1").body("amount=500");
+
+    let first = request.send(&client, server.addr).await;
+    assert_eq!(first.status, StatusCode::CREATED);
+    assert!(!first.replayed());
+
+    let retry = request.send(&client, server.addr).await;
+    assert_eq!(runs.get(), 1, "the retry does not run the handler");
+    assert!(retry.replayed());
+    assert_eq!(retry.status, first.status);
+    assert_eq!(retry.headers["location"], first.headers["location"]);
+    assert_eq!(retry.headers["x-charge-number"], "1");
+    assert_eq!(retry.headers["content-type"], "application/json");
+    assert_eq!(retry.body, first.body, "the body is replayed byte for byte");
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn replay_leaves_out_denied_headers() {
+    let app = Router::new()
+        .route(
+            "/login",
+            post(|| async {
+                (
+                    [
+                        ("set-cookie", "session=secret"),
+                        ("x-internal", "1"),
+                        ("x-kept", "yes"),
+                    ],
+                    "ok",
+                )
+            }),
+        )
+        .layer(IdempotencyLayer::new(memory_store()).deny_headers([
+            HeaderName::from_static("set-cookie"),
+            HeaderName::from_static("x-internal"),
+        ]));
+    let server = serve(app).await;
+    let client = client();
+    let request = post_with_key("/login", "k");
+    let first = request.send(&client, server.addr).await;
+    assert!(
+        first.headers.contains_key("set-cookie"),
+        "the caller gets every header"
+    );
+    let retry = request.send(&client, server.addr).await;
+    assert!(retry.replayed());
+    assert_eq!(retry.headers["x-kept"], "yes");
+    assert!(!retry.headers.contains_key("set-cookie"));
+    assert!(!retry.headers.contains_key("x-internal"));
+    assert_eq!(retry.body, "ok");
+    server.stop().await;
+}
+
+// ----- coverage and keys -----
+
+#[tokio::test]
+async fn methods_not_covered_pass_through_even_with_a_key() {
+    let runs = Counter::default();
+    let counted = runs.clone();
+    let app = Router::new()
+        .route(
+            "/balance",
+            get(move || {
+                let n = counted.bump();
+                async move { n.to_string() }
+            }),
+        )
+        .layer(IdempotencyLayer::new(memory_store()));
+    let server = serve(app).await;
+    let client = client();
+    let request = call(Method::GET, "/balance").key("k");
+    let first = request.send(&client, server.addr).await;
+    let second = request.send(&client, server.addr).await;
+    assert_eq!((&first.body[..], &second.body[..]), (&b"1"[..], &b"2"[..]));
+    assert!(!second.replayed());
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn covered_request_without_a_key_passes_through_by_default() {
+    let runs = Counter::default();
+    let app = charge_route(&runs).layer(IdempotencyLayer::new(memory_store()));
+    let server = serve(app).await;
+    let client = client();
+    let request = call(Method::POST, "/charges").body("amount=1");
+    assert_eq!(
+        request.send(&client, server.addr).await.status,
+        StatusCode::CREATED
+    );
+    assert_eq!(
+        request.send(&client, server.addr).await.status,
+        StatusCode::CREATED
+    );
+    assert_eq!(runs.get(), 2);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn covered_request_without_a_key_is_rejected_when_keys_are_required() {
+    let runs = Counter::default();
+    let app = charge_route(&runs).layer(IdempotencyLayer::new(memory_store()).require_key(true));
+    let server = serve(app).await;
+    let reply = call(Method::POST, "/charges")
+        .send(&client(), server.addr)
+        .await;
+    reply.assert_problem(StatusCode::BAD_REQUEST, "missing-key");
+    assert_eq!(runs.get(), 0);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn invalid_keys_are_rejected_with_400() {
+    let runs = Counter::default();
+    let app = charge_route(&runs).layer(IdempotencyLayer::new(memory_store()));
+    let server = serve(app).await;
+    let client = client();
+    let too_long = "k".repeat(256);
+    for request in [
+        post_with_key("/charges", &too_long),
+        post_with_key("/charges", "has space"),
+        post_with_key("/charges", "\"\""),
+        post_with_key("/charges", "a").key("b"),
+    ] {
+        let reply = request.send(&client, server.addr).await;
+        reply.assert_problem(StatusCode::BAD_REQUEST, "invalid-key");
+    }
+    let longest = post_with_key("/charges", &"k".repeat(255))
+        .send(&client, server.addr)
+        .await;
+    assert_eq!(
+        longest.status,
+        StatusCode::CREATED,
+        "255 characters is a valid key"
+    );
+    assert_eq!(runs.get(), 1);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn custom_key_header_is_honoured() {
+    let runs = Counter::default();
+    let layer =
+        IdempotencyLayer::new(memory_store()).key_header(HeaderName::from_static("x-request-key"));
+    let server = serve(charge_route(&runs).layer(layer)).await;
+    let client = client();
+    let request = call(Method::POST, "/charges").header("x-request-key", "k");
+    request.send(&client, server.addr).await;
+    assert!(request.send(&client, server.addr).await.replayed());
+    assert_eq!(runs.get(), 1);
+    server.stop().await;
+}
+
+// ----- fingerprint -----
+
+#[tokio::test]
+async fn same_key_with_another_request_is_422() {
+    let runs = Counter::default();
+    let layer = IdempotencyLayer::new(memory_store())
+        .fingerprint_header(HeaderName::from_static("x-api-version"));
+    let app = charge_route(&runs).layer(layer);
+    let server = serve(app).await;
+    let client = client();
+    let original = post_with_key("/charges?currency=usd", "k")
+        .header("x-api-version", "1")
+        .body("amount=500");
+    assert_eq!(
+        original.send(&client, server.addr).await.status,
+        StatusCode::CREATED
+    );
+    for other in [
+        post_with_key("/charges?currency=usd", "k")
+            .header("x-api-version", "1")
+            .body("amount=501"),
+        post_with_key("/charges?currency=eur", "k")
+            .header("x-api-version", "1")
+            .body("amount=500"),
+        post_with_key("/charges?currency=usd", "k")
+            .header("x-api-version", "2")
+            .body("amount=500"),
+        post_with_key("/charges?currency=usd", "k").body("amount=500"),
+    ] {
+        other
+            .send(&client, server.addr)
+            .await
+            .assert_problem(StatusCode::UNPROCESSABLE_ENTITY, "key-reused");
+    }
+    assert!(
+        original.send(&client, server.addr).await.replayed(),
+        "the original still replays"
+    );
+    assert_eq!(runs.get(), 1);
+    server.stop().await;
+}
+
+// ----- in flight -----
+
+/// A route whose handler signals that it started, then waits for `release`.
+fn gated_route(runs: &Counter, started: &Arc<Notify>, release: &Arc<Notify>) -> Router {
+    let (runs, started, release) = (runs.clone(), Arc::clone(started), Arc::clone(release));
+    Router::new().route(
+        "/slow",
+        post(move || {
+            let (runs, started, release) =
+                (runs.clone(), Arc::clone(&started), Arc::clone(&release));
+            async move {
+                let n = runs.bump();
+                started.notify_one();
+                release.notified().await;
+                (StatusCode::CREATED, format!("run {n}"))
+            }
+        }),
+    )
+}
+
+#[tokio::test]
+async fn duplicate_of_a_running_request_gets_409_with_retry_after() {
+    let (runs, started, release) = (
+        Counter::default(),
+        Arc::new(Notify::new()),
+        Arc::new(Notify::new()),
+    );
+    let app = gated_route(&runs, &started, &release).layer(IdempotencyLayer::new(memory_store()));
+    let server = serve(app).await;
+    let addr = server.addr;
+    let client = client();
+    let original = tokio::spawn({
+        let client = client.clone();
+        async move { post_with_key("/slow", "k").send(&client, addr).await }
+    });
+    started.notified().await;
+
+    let duplicate = post_with_key("/slow", "k").send(&client, addr).await;
+    duplicate.assert_problem(StatusCode::CONFLICT, "in-flight");
+    assert_eq!(duplicate.headers["retry-after"], "1");
+    assert_eq!(duplicate.json()["retry_after"], 1);
+
+    release.notify_one();
+    let original = original.await.expect("the original completes");
+    assert_eq!(original.status, StatusCode::CREATED);
+    let retry = post_with_key("/slow", "k").send(&client, addr).await;
+    assert!(retry.replayed());
+    assert_eq!(retry.body, original.body);
+    assert_eq!(runs.get(), 1);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn duplicate_waits_for_the_original_and_replays_it_when_configured() {
+    let (runs, started, release) = (
+        Counter::default(),
+        Arc::new(Notify::new()),
+        Arc::new(Notify::new()),
+    );
+    let layer = IdempotencyLayer::new(memory_store()).wait_for_original(Duration::from_secs(10));
+    let metrics = layer.metrics();
+    let app = gated_route(&runs, &started, &release).layer(layer);
+    let server = serve(app).await;
+    let addr = server.addr;
+    let client = client();
+    let original = tokio::spawn({
+        let client = client.clone();
+        async move { post_with_key("/slow", "k").send(&client, addr).await }
+    });
+    started.notified().await;
+    let duplicate = tokio::spawn({
+        let client = client.clone();
+        async move { post_with_key("/slow", "k").send(&client, addr).await }
+    });
+    // Give the duplicate time to reach the store and start waiting (it replays either way).
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    release.notify_one();
+
+    let original = original.await.expect("the original completes");
+    let duplicate = duplicate.await.expect("the duplicate completes");
+    assert_eq!(duplicate.status, StatusCode::CREATED);
+    assert!(duplicate.replayed());
+    assert_eq!(duplicate.body, original.body);
+    assert_eq!(runs.get(), 1);
+    assert_eq!(metrics.snapshot().in_flight, 0, "nobody got a 409");
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn concurrent_duplicates_execute_once() {
+    let runs = Counter::default();
+    let counted = runs.clone();
+    let app = Router::new()
+        .route(
+            "/charges",
+            post(move || {
+                let counted = counted.clone();
+                async move {
+                    let n = counted.bump();
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    (StatusCode::CREATED, format!("ch_{n}"))
+                }
+            }),
+        )
+        .layer(IdempotencyLayer::new(memory_store()));
+    let server = serve(app).await;
+    let addr = server.addr;
+    let client = client();
+    let storm: Vec<_> = (0..16)
+        .map(|_| {
+            let client = client.clone();
+            tokio::spawn(
+                async move { post_with_key("/charges", "storm").send(&client, addr).await },
+            )
+        })
+        .collect();
+    let mut created = 0;
+    for reply in storm {
+        let reply = reply.await.expect("every duplicate is answered");
+        match reply.status {
+            StatusCode::CREATED => {
+                assert_eq!(reply.body, "ch_1");
+                created += 1;
+            }
+            StatusCode::CONFLICT => reply.assert_problem(StatusCode::CONFLICT, "in-flight"),
+            other => panic!("unexpected status {other}"),
+        }
+    }
+    assert!(created >= 1);
+    assert_eq!(runs.get(), 1, "exactly one execution");
+    let after = post_with_key("/charges", "storm").send(&client, addr).await;
+    assert_eq!(
+        (after.status, after.body),
+        (StatusCode::CREATED, Bytes::from("ch_1"))
+    );
+    server.stop().await;
+}
+
+// ----- scope -----
+
+#[tokio::test]
+async fn scopes_are_isolated() {
+    let runs = Counter::default();
+    let counted = runs.clone();
+    let app = Router::new()
+        .route(
+            "/charges",
+            post(move |headers: HeaderMap| {
+                let n = counted.bump();
+                let tenant = headers["x-tenant"].to_str().unwrap_or("?").to_owned();
+                async move { format!("{tenant} run {n}") }
+            }),
+        )
+        .layer(
+            IdempotencyLayer::new(memory_store())
+                .scope(HeaderScope::new(HeaderName::from_static("x-tenant"))),
+        );
+    let server = serve(app).await;
+    let client = client();
+    let alice = post_with_key("/charges", "shared-key").header("x-tenant", "alice");
+    let bob = post_with_key("/charges", "shared-key").header("x-tenant", "bob");
+    assert_eq!(alice.send(&client, server.addr).await.body, "alice run 1");
+    assert_eq!(
+        bob.send(&client, server.addr).await.body,
+        "bob run 2",
+        "bob's key is his own"
+    );
+    let alice_retry = alice.send(&client, server.addr).await;
+    let bob_retry = bob.send(&client, server.addr).await;
+    assert_eq!(
+        (alice_retry.replayed(), alice_retry.body),
+        (true, Bytes::from("alice run 1"))
+    );
+    assert_eq!(
+        (bob_retry.replayed(), bob_retry.body),
+        (true, Bytes::from("bob run 2"))
+    );
+    assert_eq!(runs.get(), 2);
+
+    let anonymous = post_with_key("/charges", "shared-key")
+        .send(&client, server.addr)
+        .await;
+    anonymous.assert_problem(StatusCode::BAD_REQUEST, "invalid-scope");
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn scope_from_an_auth_extension_separates_principals() {
+    #[derive(Clone)]
+    struct Principal(&'static str);
+
+    let runs = Counter::default();
+    let idempotency =
+        IdempotencyLayer::new(memory_store()).scope(|request: &http::request::Parts| {
+            request
+                .extensions
+                .get::<Principal>()
+                .map(|p| p.0.as_bytes().to_vec())
+        });
+    let auth = axum::middleware::from_fn(
+        |mut request: AxumRequest, next: axum::middleware::Next| async move {
+            let principal = match request
+                .headers()
+                .get("authorization")
+                .and_then(|v| v.to_str().ok())
+            {
+                Some("Bearer sk_alice") => Principal("alice"),
+                Some("Bearer sk_bob") => Principal("bob"),
+                _ => return StatusCode::UNAUTHORIZED.into_response(),
+            };
+            request.extensions_mut().insert(principal);
+            next.run(request).await
+        },
+    );
+    // The last layer added runs first: authentication, then idempotency.
+    let app = charge_route(&runs).layer(idempotency).layer(auth);
+    let server = serve(app).await;
+    let client = client();
+    let as_alice = post_with_key("/charges", "k").header("authorization", "Bearer sk_alice");
+    let as_bob = post_with_key("/charges", "k").header("authorization", "Bearer sk_bob");
+    let a = as_alice.send(&client, server.addr).await;
+    let b = as_bob.send(&client, server.addr).await;
+    assert!(!b.replayed(), "bob never sees alice's record");
+    assert_ne!(a.body, b.body);
+    assert!(as_alice.send(&client, server.addr).await.replayed());
+    assert_eq!(runs.get(), 2);
+    server.stop().await;
+}
+
+// ----- body limit -----
+
+#[tokio::test]
+async fn request_body_over_the_limit_is_413_and_claims_nothing() {
+    let runs = Counter::default();
+    let app =
+        charge_route(&runs).layer(IdempotencyLayer::new(memory_store()).request_body_limit(16));
+    let server = serve(app).await;
+    let client = client();
+    let too_big = post_with_key("/charges", "k").body("x".repeat(17));
+    let reply = too_big.send(&client, server.addr).await;
+    reply.assert_problem(StatusCode::PAYLOAD_TOO_LARGE, "body-too-large");
+    assert_eq!(reply.json()["limit"], 16);
+    assert_eq!(runs.get(), 0);
+
+    // Nothing was claimed: the key is still free for a request of another fingerprint.
+    let fits = post_with_key("/charges", "k").body("x".repeat(16));
+    assert_eq!(
+        fits.send(&client, server.addr).await.status,
+        StatusCode::CREATED
+    );
+    assert_eq!(runs.get(), 1);
+    server.stop().await;
+}
+
+/// A request body sent in chunks without a declared length (`Transfer-Encoding: chunked`).
+struct Chunked(std::collections::VecDeque<Bytes>);
+
+impl http_body::Body for Chunked {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        _cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, Infallible>>> {
+        std::task::Poll::Ready(self.0.pop_front().map(|b| Ok(http_body::Frame::data(b))))
+    }
+}
+
+#[tokio::test]
+async fn chunked_request_body_over_the_limit_is_413() {
+    let runs = Counter::default();
+    let app =
+        charge_route(&runs).layer(IdempotencyLayer::new(memory_store()).request_body_limit(16));
+    let server = serve(app).await;
+    let client: Client<HttpConnector, Chunked> = Client::builder(TokioExecutor::new()).build_http();
+    let send = |chunks: &[&'static str]| {
+        let request = Request::post(format!("http://{}/charges", server.addr))
+            .header("idempotency-key", "k")
+            .body(Chunked(chunks.iter().map(|c| Bytes::from(*c)).collect()))
+            .expect("a valid request");
+        client.request(request)
+    };
+    let too_big = send(&["0123456789", "0123456789"]).await.expect("answered");
+    assert_eq!(too_big.status(), StatusCode::PAYLOAD_TOO_LARGE);
+    assert_eq!(
+        too_big.headers()["content-type"],
+        "application/problem+json"
+    );
+    let fits = send(&["01234567", "89abcdef"]).await.expect("answered");
+    assert_eq!(fits.status(), StatusCode::CREATED);
+    let body = fits.into_body().collect().await.expect("a body").to_bytes();
+    assert!(
+        String::from_utf8_lossy(&body).contains("0123456789abcdef"),
+        "the handler got both chunks"
+    );
+    assert_eq!(runs.get(), 1);
+    server.stop().await;
+}
+
+// ----- release -----
+
+#[tokio::test]
+async fn server_errors_408_and_429_release_the_claim_and_the_retry_runs_again() {
+    for failure in [
+        StatusCode::INTERNAL_SERVER_ERROR,
+        StatusCode::SERVICE_UNAVAILABLE,
+        StatusCode::REQUEST_TIMEOUT,
+        StatusCode::TOO_MANY_REQUESTS,
+    ] {
+        let runs = Counter::default();
+        let counted = runs.clone();
+        let app = Router::new()
+            .route(
+                "/charges",
+                post(move || {
+                    let n = counted.bump();
+                    async move {
+                        if n == 1 {
+                            (failure, "try again".to_owned())
+                        } else {
+                            (StatusCode::CREATED, format!("ch_{n}"))
+                        }
+                    }
+                }),
+            )
+            .layer(IdempotencyLayer::new(memory_store()));
+        let server = serve(app).await;
+        let client = client();
+        let request = post_with_key("/charges", "k");
+        let first = request.send(&client, server.addr).await;
+        assert_eq!(
+            (first.status, first.body),
+            (failure, Bytes::from("try again"))
+        );
+        let retry = request.send(&client, server.addr).await;
+        assert_eq!(
+            retry.status,
+            StatusCode::CREATED,
+            "after {failure} the retry runs"
+        );
+        assert!(!retry.replayed());
+        let again = request.send(&client, server.addr).await;
+        assert!(again.replayed());
+        assert_eq!(again.body, "ch_2");
+        assert_eq!(runs.get(), 2);
+        server.stop().await;
+    }
+}
+
+#[tokio::test]
+async fn a_custom_store_policy_decides_what_is_stored() {
+    let runs = Counter::default();
+    let counted = runs.clone();
+    let layer =
+        IdempotencyLayer::new(memory_store()).store_policy(|response: &http::response::Parts| {
+            if response.status == StatusCode::BAD_GATEWAY {
+                StoreDecision::Store
+            } else {
+                StoreDecision::Release
+            }
+        });
+    let app = Router::new()
+        .route(
+            "/charges",
+            post(move || {
+                counted.bump();
+                async { StatusCode::BAD_GATEWAY }
+            }),
+        )
+        .layer(layer);
+    let server = serve(app).await;
+    let client = client();
+    post_with_key("/charges", "k")
+        .send(&client, server.addr)
+        .await;
+    let retry = post_with_key("/charges", "k")
+        .send(&client, server.addr)
+        .await;
+    assert_eq!(
+        (retry.status, retry.replayed()),
+        (StatusCode::BAD_GATEWAY, true)
+    );
+    assert_eq!(runs.get(), 1);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn a_handler_panic_releases_the_claim() {
+    let runs = Counter::default();
+    let counted = runs.clone();
+    let layer = IdempotencyLayer::new(memory_store());
+    let metrics = layer.metrics();
+    let app = Router::new()
+        .route(
+            "/charges",
+            post(move || {
+                let n = counted.bump();
+                async move {
+                    assert!(
+                        n > 1,
+                        "deliberate panic in the first run (expected in test output)"
+                    );
+                    (StatusCode::CREATED, "ch_2")
+                }
+            }),
+        )
+        .layer(layer);
+    let server = serve(app).await;
+    let client = client();
+    let request = post_with_key("/charges", "k");
+    assert!(
+        request.try_send(&client, server.addr).await.is_err(),
+        "the panic closes the connection"
+    );
+    assert_eq!(
+        metrics.snapshot().released,
+        1,
+        "released before the panic went on"
+    );
+    let retry = request.send(&client, server.addr).await;
+    assert_eq!(
+        (retry.status, retry.replayed()),
+        (StatusCode::CREATED, false)
+    );
+    assert_eq!(runs.get(), 2);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn a_dropped_request_releases_the_claim() {
+    let (runs, started, release) = (
+        Counter::default(),
+        Arc::new(Notify::new()),
+        Arc::new(Notify::new()),
+    );
+    let layer = IdempotencyLayer::new(memory_store());
+    let metrics = layer.metrics();
+    let app = gated_route(&runs, &started, &release).layer(layer);
+    let server = serve(app).await;
+    let addr = server.addr;
+    // The client goes away while the handler runs: its connection closes, the server drops the
+    // request future.
+    let abandoned = tokio::spawn({
+        let client = client();
+        async move { post_with_key("/slow", "k").send(&client, addr).await }
+    });
+    started.notified().await;
+    abandoned.abort();
+    let _ = abandoned.await;
+
+    // The release runs in the background: poll the metrics, bounded.
+    for _ in 0..200 {
+        if metrics.snapshot().released == 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(
+        metrics.snapshot().released,
+        1,
+        "the dropped request released its claim"
+    );
+    release.notify_one(); // lets the retry's handler finish at once
+    let retry = post_with_key("/slow", "k").send(&client(), addr).await;
+    assert_eq!(retry.status, StatusCode::CREATED);
+    assert_eq!(runs.get(), 2);
+    server.stop().await;
+}
+
+/// A backend whose claims answer late: the claim is committed, its answer is still on its way.
+struct SlowAnswers(Store);
+
+impl IdempotencyBackend for SlowAnswers {
+    async fn claim(
+        &self,
+        scope: &[u8],
+        key: &[u8],
+        fingerprint: &[u8],
+        options: &ClaimOptions,
+    ) -> idemstore::Result<Claim> {
+        let claim = IdempotencyBackend::claim(&self.0, scope, key, fingerprint, options).await;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        claim
+    }
+
+    async fn complete(
+        &self,
+        lease: &Lease,
+        outcome: &[u8],
+        retention: Duration,
+    ) -> idemstore::Result<()> {
+        IdempotencyBackend::complete(&self.0, lease, outcome, retention).await
+    }
+
+    async fn fail(&self, lease: &Lease) -> idemstore::Result<()> {
+        IdempotencyBackend::fail(&self.0, lease).await
+    }
+
+    async fn extend(&self, lease: &mut Lease, by: Duration) -> idemstore::Result<()> {
+        IdempotencyBackend::extend(&self.0, lease, by).await
+    }
+}
+
+#[tokio::test]
+async fn a_request_dropped_while_its_claim_commits_releases_the_claim() {
+    let runs = Counter::default();
+    let layer = IdempotencyLayer::new(SlowAnswers(memory_store()));
+    let metrics = layer.metrics();
+    let server = serve(charge_route(&runs).layer(layer)).await;
+    let addr = server.addr;
+    let abandoned =
+        tokio::spawn(async move { post_with_key("/charges", "k").send(&client(), addr).await });
+    tokio::time::sleep(Duration::from_millis(50)).await; // claimed, answer not yet delivered
+    abandoned.abort();
+    let _ = abandoned.await;
+    for _ in 0..200 {
+        if metrics.snapshot().released == 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(
+        metrics.snapshot().released,
+        1,
+        "the orphaned claim was released"
+    );
+    let retry = post_with_key("/charges", "k").send(&client(), addr).await;
+    assert_eq!(
+        (retry.status, retry.replayed()),
+        (StatusCode::CREATED, false)
+    );
+    assert_eq!(runs.get(), 1, "the abandoned request never ran its handler");
+    server.stop().await;
+}
+
+// ----- lease -----
+
+#[tokio::test]
+async fn a_slow_handler_keeps_its_lease_and_is_not_taken_over() {
+    let runs = Counter::default();
+    let counted = runs.clone();
+    let layer = IdempotencyLayer::new(memory_store()).lease(Duration::from_millis(300));
+    let metrics = layer.metrics();
+    let app = Router::new()
+        .route(
+            "/slow",
+            post(move || {
+                let n = counted.bump();
+                async move {
+                    // Four leases long: without extensions a duplicate would take it over.
+                    tokio::time::sleep(Duration::from_millis(1200)).await;
+                    (StatusCode::CREATED, format!("run {n}"))
+                }
+            }),
+        )
+        .layer(layer);
+    let server = serve(app).await;
+    let addr = server.addr;
+    let client = client();
+    let original = tokio::spawn({
+        let client = client.clone();
+        async move { post_with_key("/slow", "k").send(&client, addr).await }
+    });
+    for _ in 0..2 {
+        tokio::time::sleep(Duration::from_millis(450)).await;
+        let duplicate = post_with_key("/slow", "k").send(&client, addr).await;
+        duplicate.assert_problem(StatusCode::CONFLICT, "in-flight");
+    }
+    let original = original.await.expect("the original completes");
+    assert_eq!(
+        (original.status, original.body),
+        (StatusCode::CREATED, Bytes::from("run 1"))
+    );
+    assert_eq!(runs.get(), 1, "never taken over while alive");
+    assert!(metrics.snapshot().lease_extensions >= 2);
+    assert!(
+        post_with_key("/slow", "k")
+            .send(&client, addr)
+            .await
+            .replayed()
+    );
+    server.stop().await;
+}
+
+// ----- large responses -----
+
+#[tokio::test]
+async fn a_response_too_large_to_store_is_delivered_and_retries_get_410() {
+    let runs = Counter::default();
+    let counted = runs.clone();
+    let big = "x".repeat(4096);
+    let layer = IdempotencyLayer::new(memory_store()).stored_response_limit(1024);
+    let metrics = layer.metrics();
+    let app = Router::new()
+        .route(
+            "/export",
+            post(move || {
+                counted.bump();
+                let big = big.clone();
+                async move { big }
+            }),
+        )
+        .layer(layer);
+    let server = serve(app).await;
+    let client = client();
+    let first = post_with_key("/export", "k")
+        .send(&client, server.addr)
+        .await;
+    assert_eq!(first.status, StatusCode::OK);
+    assert_eq!(first.body.len(), 4096, "the caller gets the whole response");
+
+    let retry = post_with_key("/export", "k")
+        .send(&client, server.addr)
+        .await;
+    retry.assert_problem(StatusCode::GONE, "response-not-stored");
+    assert!(retry.replayed());
+    assert_eq!(retry.json()["original_status"], 200);
+    assert_eq!(runs.get(), 1, "the request never runs again");
+    assert_eq!(metrics.snapshot().not_stored, 1);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn a_response_over_the_store_outcome_limit_is_completed_without_its_body() {
+    // The layer would store 1 MiB, but this store takes outcomes of at most 512 bytes.
+    let store = Store::builder()
+        .limits(idemstore::Limits::default().max_outcome_len(512))
+        .open_in_memory()
+        .expect("an in-memory store");
+    let runs = Counter::default();
+    let counted = runs.clone();
+    let app = Router::new()
+        .route(
+            "/export",
+            post(move || {
+                counted.bump();
+                async { (StatusCode::CREATED, "y".repeat(2048)) }
+            }),
+        )
+        .layer(IdempotencyLayer::new(store));
+    let server = serve(app).await;
+    let client = client();
+    let first = post_with_key("/export", "k")
+        .send(&client, server.addr)
+        .await;
+    assert_eq!(
+        (first.status, first.body.len()),
+        (StatusCode::CREATED, 2048)
+    );
+    let retry = post_with_key("/export", "k")
+        .send(&client, server.addr)
+        .await;
+    retry.assert_problem(StatusCode::GONE, "response-not-stored");
+    assert_eq!(retry.json()["original_status"], 201);
+    assert_eq!(runs.get(), 1);
+    server.stop().await;
+}
+
+// ----- restarts -----
+
+#[tokio::test]
+async fn a_retry_after_a_server_restart_replays_the_stored_response() {
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    let path = dir.path().join("idem.redb");
+    let runs = Counter::default();
+    let request = post_with_key("/charges", "k").body("amount=500");
+
+    let server =
+        serve(charge_route(&runs).layer(IdempotencyLayer::new(Store::open(&path).expect("opens"))))
+            .await;
+    let first = request.send(&client(), server.addr).await;
+    server.stop().await; // the store is dropped with the app: the file is released
+
+    let server = serve(
+        charge_route(&runs).layer(IdempotencyLayer::new(Store::open(&path).expect("reopens"))),
+    )
+    .await;
+    let retry = request.send(&client(), server.addr).await;
+    assert!(retry.replayed());
+    assert_eq!((retry.status, &retry.body), (first.status, &first.body));
+    assert_eq!(retry.headers["location"], first.headers["location"]);
+    assert_eq!(runs.get(), 1);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn a_request_in_flight_when_the_server_dies_runs_again_after_restart_as_attempt_two() {
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    let path = dir.path().join("idem.redb");
+    let (claimed_tx, claimed_rx) = std::sync::mpsc::channel::<()>();
+    let (crash_tx, crash_rx) = std::sync::mpsc::channel::<()>();
+
+    // The first server lives on its own runtime, which is torn down mid-request: the handler
+    // never finishes and nothing releases the claim, as in a process crash.
+    let first_path = path.clone();
+    let crashed = std::thread::spawn(move || {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("a runtime");
+        let server = runtime.block_on(async {
+            let store = Store::open(&first_path).expect("opens");
+            let started = Arc::new(Notify::new());
+            let handler_started = Arc::clone(&started);
+            let app = Router::new()
+                .route(
+                    "/charges",
+                    post(move || {
+                        handler_started.notify_one();
+                        std::future::pending::<&'static str>()
+                    }),
+                )
+                .layer(IdempotencyLayer::new(store));
+            let server = serve(app).await;
+            let addr = server.addr;
+            tokio::spawn(async move {
+                let _ = post_with_key("/charges", "k")
+                    .try_send(&client(), addr)
+                    .await;
+            });
+            started.notified().await; // the claim is taken and the handler is running
+            claimed_tx.send(()).expect("the test is alive");
+            let _ = tokio::task::spawn_blocking(move || crash_rx.recv()).await;
+            server
+        });
+        runtime.shutdown_background();
+        drop(server);
+    });
+    claimed_rx.recv().expect("the first server took the claim");
+    crash_tx.send(()).expect("the server thread is alive");
+    crashed.join().expect("the crashed server's thread ends");
+
+    let store = Store::open(&path).expect("reopens after the crash");
+    let seen = Arc::new(std::sync::Mutex::new(None));
+    let app = Router::new()
+        .route(
+            "/charges",
+            post({
+                let seen = Arc::clone(&seen);
+                move |Extension(claim): Extension<IdempotentRequest>| {
+                    *seen.lock().expect("not poisoned") =
+                        Some((claim.attempt(), claim.is_takeover()));
+                    async { (StatusCode::CREATED, "ch_after_restart") }
+                }
+            }),
+        )
+        .layer(IdempotencyLayer::new(store));
+    let server = serve(app).await;
+    let retry = post_with_key("/charges", "k")
+        .send(&client(), server.addr)
+        .await;
+    assert_eq!(retry.status, StatusCode::CREATED);
+    assert_eq!(
+        *seen.lock().expect("not poisoned"),
+        Some((2, true)),
+        "a takeover of the dead process's claim"
+    );
+    server.stop().await;
+}
+
+// ----- plain hyper -----
+
+#[tokio::test]
+async fn the_layer_wraps_a_plain_hyper_service() {
+    let runs = Counter::default();
+    let counted = runs.clone();
+    let service = tower::ServiceBuilder::new()
+        .layer(IdempotencyLayer::new(memory_store()))
+        .service_fn(
+            move |request: Request<RequestBody<hyper::body::Incoming>>| {
+                let n = counted.bump();
+                async move {
+                    let body = request.into_body().collect().await?.to_bytes();
+                    let mut response = hyper::Response::new(Full::new(Bytes::from(format!(
+                        "run {n}: {}",
+                        String::from_utf8_lossy(&body)
+                    ))));
+                    *response.status_mut() = StatusCode::CREATED;
+                    Ok::<_, hyper::Error>(response)
+                }
+            },
+        );
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("address");
+    let accept = tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                return;
+            };
+            let service = hyper_util::service::TowerToHyperService::new(service.clone());
+            tokio::spawn(async move {
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), service)
+                    .await;
+            });
+        }
+    });
+    let client = client();
+    let request = post_with_key("/anything", "k").body("amount=7");
+    let first = request.send(&client, addr).await;
+    let retry = request.send(&client, addr).await;
+    assert_eq!(
+        (first.status, &first.body[..]),
+        (StatusCode::CREATED, &b"run 1: amount=7"[..])
+    );
+    assert!(retry.replayed());
+    assert_eq!(retry.body, first.body);
+    assert_eq!(runs.get(), 1);
+    accept.abort();
+}
+
+// ----- metrics -----
+
+#[tokio::test]
+async fn metrics_count_each_decision() {
+    let runs = Counter::default();
+    let layer = IdempotencyLayer::new(memory_store());
+    let metrics: Metrics = layer.metrics();
+    let server = serve(charge_route(&runs).layer(layer)).await;
+    let client = client();
+    post_with_key("/charges", "a")
+        .body("1")
+        .send(&client, server.addr)
+        .await; // acquired, stored
+    post_with_key("/charges", "a")
+        .body("1")
+        .send(&client, server.addr)
+        .await; // replayed
+    post_with_key("/charges", "a")
+        .body("2")
+        .send(&client, server.addr)
+        .await; // mismatch
+    post_with_key("/charges", "bad key")
+        .send(&client, server.addr)
+        .await; // rejected
+    call(Method::POST, "/charges")
+        .send(&client, server.addr)
+        .await; // passed through
+    let m = metrics.snapshot();
+    assert_eq!(
+        (
+            m.acquired,
+            m.stored,
+            m.replayed,
+            m.mismatched,
+            m.rejected,
+            m.passed_through
+        ),
+        (1, 1, 1, 1, 1, 1)
+    );
+    assert_eq!((m.in_flight, m.released, m.store_errors), (0, 0, 0));
+    server.stop().await;
+}
