@@ -4,9 +4,13 @@
 //! offset  size  field
 //! 0       1     magic 0xD1
 //! 1       1     envelope format version (1)
-//! 2       4     CRC-32 (IEEE, crc32fast) of the payload, little endian
+//! 2       4     CRC-32 (IEEE, crc32fast) of the scoped key followed by the payload, LE
 //! 6       n     payload: bincode 2 (standard config) of `Record`
 //! ```
+//!
+//! The checksum covers the record's storage key although the key is not stored in the
+//! envelope: a record that a damaged B-tree page shows under another key fails its check
+//! instead of being replayed for the wrong request.
 //!
 //! Decoding checks every field and the exact payload length, and returns a typed corruption
 //! error for any byte string that is not a valid envelope; it never panics.
@@ -31,14 +35,21 @@ fn config() -> impl bincode::config::Config {
     bincode::config::standard().with_limit::<PAYLOAD_LIMIT>()
 }
 
-/// Encodes a record into its envelope.
-pub(crate) fn encode(record: &Record) -> Vec<u8> {
+fn checksum(key: &[u8], payload: &[u8]) -> u32 {
+    let mut hasher = crc32fast::Hasher::new();
+    hasher.update(key);
+    hasher.update(payload);
+    hasher.finalize()
+}
+
+/// Encodes the record stored under `key` into its envelope.
+pub(crate) fn encode(key: &[u8], record: &Record) -> Vec<u8> {
     let mut out = Vec::with_capacity(HEADER_LEN + 64 + payload_hint(record));
     out.extend_from_slice(&[ENVELOPE_MAGIC, ENVELOPE_VERSION, 0, 0, 0, 0]);
     // Writing into a Vec cannot fail, and every field of Record is encodable.
     bincode::serde::encode_into_std_write(record, &mut out, config())
         .expect("encoding a Record into a Vec is infallible");
-    let crc = crc32fast::hash(out.get(HEADER_LEN..).unwrap_or_default());
+    let crc = checksum(key, out.get(HEADER_LEN..).unwrap_or_default());
     out.splice(2..HEADER_LEN, crc.to_le_bytes());
     out
 }
@@ -87,8 +98,9 @@ impl std::fmt::Display for DecodeError {
     }
 }
 
-/// Decodes an envelope, checking magic, version, size bound, CRC and exact length.
-pub(crate) fn decode(bytes: &[u8]) -> Result<Record, DecodeError> {
+/// Decodes the envelope stored under `key`, checking magic, version, size bound, CRC (over key
+/// and payload) and exact length.
+pub(crate) fn decode(key: &[u8], bytes: &[u8]) -> Result<Record, DecodeError> {
     let (header, payload) = match bytes.split_at_checked(HEADER_LEN) {
         Some(parts) => parts,
         None => return Err(DecodeError::Truncated(bytes.len())),
@@ -106,7 +118,7 @@ pub(crate) fn decode(bytes: &[u8]) -> Result<Record, DecodeError> {
         return Err(DecodeError::Oversized(payload.len()));
     }
     let stored = u32::from_le_bytes([*c0, *c1, *c2, *c3]);
-    let computed = crc32fast::hash(payload);
+    let computed = checksum(key, payload);
     if stored != computed {
         return Err(DecodeError::Checksum { stored, computed });
     }
@@ -200,6 +212,8 @@ mod tests {
     use super::*;
     use crate::record::RecordState;
 
+    const KEY: &[u8] = b"\x05scopekey";
+
     fn sample() -> Record {
         Record {
             fingerprint: vec![7; 32],
@@ -219,15 +233,15 @@ mod tests {
     #[test]
     fn round_trips() {
         let r = sample();
-        assert_eq!(decode(&encode(&r)), Ok(r));
+        assert_eq!(decode(KEY, &encode(KEY, &r)), Ok(r));
     }
 
     #[test]
     fn every_truncation_is_rejected() {
-        let bytes = encode(&sample());
+        let bytes = encode(KEY, &sample());
         for len in 0..bytes.len() {
             assert!(
-                decode(bytes.get(..len).unwrap_or_default()).is_err(),
+                decode(KEY, bytes.get(..len).unwrap_or_default()).is_err(),
                 "len {len}"
             );
         }
@@ -235,13 +249,13 @@ mod tests {
 
     #[test]
     fn every_single_bit_flip_is_rejected() {
-        let bytes = encode(&sample());
+        let bytes = encode(KEY, &sample());
         for i in 0..bytes.len() * 8 {
             let mut b = bytes.clone();
             if let Some(byte) = b.get_mut(i / 8) {
                 *byte ^= 1 << (i % 8);
             }
-            assert!(decode(&b).is_err(), "bit {i}");
+            assert!(decode(KEY, &b).is_err(), "bit {i}");
         }
     }
 
@@ -251,17 +265,29 @@ mod tests {
         // declares a length of about 2^63 bytes.
         let payload = [0xFD, 0x04, 0, 0, 0, 0, 0x64, 0x80, 0xC2, 0x00];
         let mut bytes = vec![ENVELOPE_MAGIC, ENVELOPE_VERSION];
-        bytes.extend_from_slice(&crc32fast::hash(&payload).to_le_bytes());
+        bytes.extend_from_slice(&checksum(KEY, &payload).to_le_bytes());
         bytes.extend_from_slice(&payload);
-        assert!(matches!(decode(&bytes), Err(DecodeError::Payload(_))));
+        assert!(matches!(decode(KEY, &bytes), Err(DecodeError::Payload(_))));
+    }
+
+    #[test]
+    fn an_envelope_read_under_another_key_fails_its_check() {
+        let bytes = encode(KEY, &sample());
+        assert!(matches!(
+            decode(b"\x05scopeother", &bytes),
+            Err(DecodeError::Checksum { .. })
+        ));
     }
 
     #[test]
     fn trailing_bytes_are_rejected_even_with_a_valid_crc() {
-        let mut bytes = encode(&sample());
+        let mut bytes = encode(KEY, &sample());
         bytes.push(0);
-        let crc = crc32fast::hash(bytes.get(HEADER_LEN..).unwrap_or_default());
+        let crc = checksum(KEY, bytes.get(HEADER_LEN..).unwrap_or_default());
         bytes.splice(2..HEADER_LEN, crc.to_le_bytes());
-        assert!(matches!(decode(&bytes), Err(DecodeError::TrailingBytes(1))));
+        assert!(matches!(
+            decode(KEY, &bytes),
+            Err(DecodeError::TrailingBytes(1))
+        ));
     }
 }

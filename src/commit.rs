@@ -72,6 +72,8 @@ pub(crate) struct Slot {
 struct SlotState {
     result: Option<Result<Answer>>,
     waker: Option<Waker>,
+    /// Whether `set` ran (the result may have been taken since).
+    answered: bool,
 }
 
 impl Slot {
@@ -79,6 +81,7 @@ impl Slot {
         let waker = {
             let mut s = self.state.lock();
             s.result = Some(result);
+            s.answered = true;
             s.waker.take()
         };
         self.cv.notify_one();
@@ -112,6 +115,20 @@ impl Slot {
 struct Job {
     command: Command,
     slot: Arc<Slot>,
+}
+
+impl Drop for Job {
+    /// A job dropped unanswered — the writer panicked while applying its batch — tells its
+    /// caller so, instead of leaving it waiting forever. Whether the batch committed is unknown.
+    fn drop(&mut self) {
+        if !self.slot.state.lock().answered {
+            self.slot.set(Err(Error::CommitOutcomeUnknown {
+                source: Box::new(Error::Storage(
+                    "the writer thread panicked while applying this batch".into(),
+                )),
+            }));
+        }
+    }
 }
 
 /// The bounded commit queue: a full queue blocks blocking callers and parks async ones.
@@ -373,11 +390,11 @@ pub(crate) fn run_writer(shared: &Shared, max_batch: usize) {
             _ => None,
         };
         match shared.queue.drain(max_batch, deadline) {
-            Drained::Jobs(jobs) => writer.process(jobs),
-            Drained::TimedOut => writer.process(Vec::new()),
+            Drained::Jobs(jobs) => writer.process_guarded(jobs),
+            Drained::TimedOut => writer.process_guarded(Vec::new()),
             Drained::Closed => {
                 if writer.unsynced_since.is_some() {
-                    writer.process(Vec::new());
+                    writer.process_guarded(Vec::new());
                 }
                 return;
             }
@@ -393,6 +410,24 @@ struct Writer<'a> {
 }
 
 impl Writer<'_> {
+    /// [`Writer::process`], surviving a panic in it (redb may panic on a file damaged outside
+    /// it when opened without `verify_on_open`): the batch's callers hear that its outcome is
+    /// unknown (`Job`'s drop), the store is poisoned, and the writer keeps answering every
+    /// later caller with `Poisoned` instead of leaving them blocked on a dead thread.
+    fn process_guarded(&mut self, jobs: Vec<Job>) {
+        let run = std::panic::AssertUnwindSafe(|| self.process(jobs));
+        if let Err(panic) = std::panic::catch_unwind(run) {
+            let message = panic
+                .downcast_ref::<&str>()
+                .map(|s| (*s).to_owned())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_default();
+            self.shared.poison(&Error::Storage(format!(
+                "the writer thread panicked: {message}"
+            )));
+        }
+    }
+
     /// Applies one batch in one transaction; an empty batch is a durable flush.
     fn process(&mut self, jobs: Vec<Job>) {
         if self.shared.is_poisoned() {
@@ -534,7 +569,7 @@ impl Writer<'_> {
         let stored: Option<std::result::Result<Record, codec::DecodeError>> = records
             .get(key)
             .map_err(Error::storage)?
-            .map(|g| codec::decode(g.value()));
+            .map(|g| codec::decode(key, g.value()));
         let stored = match stored {
             None => None,
             Some(Ok(r)) => Some(r),
@@ -583,7 +618,7 @@ impl Writer<'_> {
                         .map_err(Error::storage)?;
                 }
                 records
-                    .insert(key, codec::encode(&next).as_slice())
+                    .insert(key, codec::encode(key, &next).as_slice())
                     .map_err(Error::storage)?;
                 if stored.is_none() {
                     adjust_scope_count(scopes, key, 1)?;
@@ -671,7 +706,7 @@ fn sweep(tables: &mut Tables<'_, '_>, now_ms: u64, limit: usize) -> Result<(usiz
         let record = records
             .get(key.as_slice())
             .map_err(Error::storage)?
-            .map(|g| codec::decode(g.value()));
+            .map(|g| codec::decode(key, g.value()));
         // Only a record that is itself due goes; a stale index entry or a corrupt record
         // (reported by reads, removed by `forget`) leaves it in place.
         if let Some(Ok(r)) = record

@@ -1,0 +1,1243 @@
+//! Linearizability: threads race on a few shared keys with every operation (claim, complete,
+//! fail, extend, checkpoint, forget, get), and each key's history must be explainable by some
+//! order of the operations that respects real time (an operation that returned before another
+//! was invoked comes first) and a sequential model of one record (DESIGN §2).
+//!
+//! - **Recording.** Every call takes a ticket from one global atomic counter just before it is
+//!   invoked and just after it returns; call `a` precedes `b` in real time iff `a.returned <
+//!   b.invoked`. The result (including tokens, attempts, lease ends, replayed bytes, whole
+//!   records read by `get`) is kept.
+//! - **Checking.** Per key, a Wing & Gong search over the orders consistent with real time,
+//!   memoised on (set of linearised calls, model state), runs the sequential model of the
+//!   record; a key's history is linearisable if some order reproduces every result. Each
+//!   round ends with a quiescent `get` per key inside the history, so the next round starts
+//!   from the state the store really holds. At most 12 calls per key per round keep the search
+//!   small; many rounds, with the clock moved between rounds (leases end, records expire) and,
+//!   on the file store, reopens (new process epochs: orphans are taken over).
+//! - **Fencing, checked apart from the model.** No lease write with token `a` that was invoked
+//!   after a claim of the same key returned a newer token `b > a` may take effect ("double
+//!   winner": two leases in force at once), and acquired tokens are unique store-wide.
+//! - **Duplicate storm.** Hundreds of concurrent claims of one key with `ClaimOptions::wait`
+//!   (threads, and async tasks): exactly one `Acquired`, every other claim a `Replay` of exactly
+//!   the bytes the winner completed.
+//!
+//! The clock is a `ManualClock` frozen while a round runs, so that time-dependent answers are
+//! deterministic given the order; the storms run on the system clock.
+//!
+//! Default run: a few hundred rounds per store, well under 30 s in debug builds.
+//! `IDEMSTORE_LONG=1` runs ten times as many rounds and larger storms.
+
+mod common;
+
+use std::collections::{BTreeMap, HashSet};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Barrier, Mutex};
+use std::time::{Duration, Instant};
+
+use common::{DAY, T0_MS};
+use idemstore::{
+    Claim, ClaimOptions, Clock, Error, Lease, ManualClock, Record, RecordState, Store,
+};
+
+fn long_run() -> bool {
+    std::env::var_os("IDEMSTORE_LONG").is_some_and(|v| !v.is_empty() && v != "0")
+}
+
+// ----- a tiny deterministic PRNG (splitmix64) -----
+
+#[derive(Debug, Clone)]
+struct Rng(u64);
+
+impl Rng {
+    fn new(seed: u64) -> Rng {
+        Rng(seed ^ 0x9E37_79B9_7F4A_7C15)
+    }
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+    fn below(&mut self, n: usize) -> usize {
+        if n == 0 {
+            return 0;
+        }
+        usize::try_from(self.next() % n as u64).unwrap_or(0)
+    }
+    fn chance(&mut self, percent: usize) -> bool {
+        self.below(100) < percent
+    }
+}
+
+// ----- histories -----
+
+/// One call on one key, as invoked.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+enum Call {
+    Claim {
+        fingerprint: Vec<u8>,
+        lease_ms: u64,
+        retention_ms: u64,
+        wait: bool,
+    },
+    Complete {
+        token: u64,
+        outcome: Vec<u8>,
+        retention_ms: u64,
+    },
+    Fail {
+        token: u64,
+    },
+    Extend {
+        token: u64,
+        by_ms: u64,
+    },
+    Checkpoint {
+        token: u64,
+        bytes: Vec<u8>,
+    },
+    Forget,
+    Get,
+}
+
+/// What the call returned.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+enum Ret {
+    Acquired {
+        token: u64,
+        lease_until: u64,
+        attempt: u32,
+        checkpoint: Option<Vec<u8>>,
+        takeover: bool,
+    },
+    Replay {
+        outcome: Vec<u8>,
+        completed_at: u64,
+        attempt: u32,
+    },
+    InProgress {
+        retry_after_ms: u64,
+    },
+    Mismatch,
+    Done,
+    LeaseLost,
+    Extended {
+        until: u64,
+    },
+    Forgotten(bool),
+    Got(Option<M>),
+    /// Anything else: no sequential execution produces it.
+    Unexpected(String),
+}
+
+#[derive(Debug, Clone)]
+struct Event {
+    thread: usize,
+    invoked: u64,
+    returned: u64,
+    call: Call,
+    ret: Ret,
+}
+
+// ----- the sequential model of one record (DESIGN §2) -----
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+enum MState {
+    InFlight {
+        token: u64,
+        epoch: u64,
+        lease_until: u64,
+        checkpoint: Option<Vec<u8>>,
+    },
+    Completed {
+        outcome: Vec<u8>,
+    },
+    Failed {
+        checkpoint: Option<Vec<u8>>,
+    },
+}
+
+/// A stored record, as the model keeps it and as `get` shows it.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+struct M {
+    fingerprint: Vec<u8>,
+    created: u64,
+    updated: u64,
+    expires: u64,
+    attempt: u32,
+    state: MState,
+}
+
+impl M {
+    fn of(r: &Record) -> Result<M, String> {
+        let state = match &r.state {
+            RecordState::InFlight {
+                token,
+                epoch,
+                lease_until_ms,
+                checkpoint,
+            } => MState::InFlight {
+                token: *token,
+                epoch: *epoch,
+                lease_until: *lease_until_ms,
+                checkpoint: checkpoint.clone(),
+            },
+            RecordState::Completed { outcome } => MState::Completed {
+                outcome: outcome.clone(),
+            },
+            RecordState::Failed { checkpoint } => MState::Failed {
+                checkpoint: checkpoint.clone(),
+            },
+            other => return Err(format!("unknown record state {other:?}")),
+        };
+        Ok(M {
+            fingerprint: r.fingerprint.clone(),
+            created: r.created_at_ms,
+            updated: r.updated_at_ms,
+            expires: r.expires_at_ms,
+            attempt: r.attempt,
+            state,
+        })
+    }
+}
+
+/// The model state of one key: the record (expired ones count as absent) and the newest token
+/// granted on the key so far (tokens granted on a key increase in linearisation order).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Default)]
+struct KeyState {
+    record: Option<M>,
+    last_token: u64,
+}
+
+/// The time and process epoch of a round: fixed while the round runs.
+#[derive(Debug, Clone, Copy)]
+struct Ctx {
+    now: u64,
+    epoch: u64,
+}
+
+/// Applies `call` to `state` and returns the next state if `ret` is what the model answers.
+/// The token of an acquisition is the store's choice: any token above the key's last one.
+fn step(state: &KeyState, call: &Call, ret: &Ret, ctx: Ctx) -> Option<KeyState> {
+    let now = ctx.now;
+    let live = state.record.as_ref().filter(|r| r.expires > now);
+    let mut next = state.clone();
+    next.record = live.cloned();
+    match call {
+        Call::Get => (*ret == Ret::Got(live.cloned())).then_some(next),
+        Call::Forget => {
+            next.record = None;
+            (*ret == Ret::Forgotten(live.is_some())).then_some(next)
+        }
+        Call::Claim {
+            fingerprint,
+            lease_ms,
+            retention_ms,
+            wait: _,
+        } => {
+            let lease_until = now + lease_ms;
+            let fresh_expiry = now + retention_ms;
+            let (attempt, checkpoint, takeover, created, expires) = match live {
+                None => (1, None, false, now, fresh_expiry),
+                Some(r) if r.fingerprint != *fingerprint => {
+                    return (*ret == Ret::Mismatch).then_some(next);
+                }
+                Some(r) => match &r.state {
+                    MState::Completed { outcome } => {
+                        let want = Ret::Replay {
+                            outcome: outcome.clone(),
+                            completed_at: r.updated,
+                            attempt: r.attempt,
+                        };
+                        return (*ret == want).then_some(next);
+                    }
+                    MState::InFlight {
+                        epoch,
+                        lease_until: held_until,
+                        ..
+                    } if *epoch == ctx.epoch && *held_until > now => {
+                        let want = Ret::InProgress {
+                            retry_after_ms: (held_until - now).max(1),
+                        };
+                        return (*ret == want).then_some(next);
+                    }
+                    MState::InFlight { checkpoint, .. } => (
+                        r.attempt + 1,
+                        checkpoint.clone(),
+                        true,
+                        r.created,
+                        r.expires.max(fresh_expiry),
+                    ),
+                    MState::Failed { checkpoint } => (
+                        r.attempt + 1,
+                        checkpoint.clone(),
+                        false,
+                        r.created,
+                        r.expires.max(fresh_expiry),
+                    ),
+                },
+            };
+            let Ret::Acquired { token, .. } = ret else {
+                return None;
+            };
+            let want = Ret::Acquired {
+                token: *token,
+                lease_until,
+                attempt,
+                checkpoint: checkpoint.clone(),
+                takeover,
+            };
+            if *ret != want || *token <= state.last_token {
+                return None;
+            }
+            next.last_token = *token;
+            next.record = Some(M {
+                fingerprint: fingerprint.clone(),
+                created,
+                updated: now,
+                expires,
+                attempt,
+                state: MState::InFlight {
+                    token: *token,
+                    epoch: ctx.epoch,
+                    lease_until,
+                    checkpoint,
+                },
+            });
+            Some(next)
+        }
+        Call::Complete {
+            token,
+            outcome,
+            retention_ms,
+        } => lease_write(&mut next, *token, ret, |r| {
+            r.state = MState::Completed {
+                outcome: outcome.clone(),
+            };
+            r.updated = now;
+            r.expires = now + retention_ms;
+            Ret::Done
+        }),
+        Call::Fail { token } => lease_write(&mut next, *token, ret, |r| {
+            let checkpoint = match &r.state {
+                MState::InFlight { checkpoint, .. } => checkpoint.clone(),
+                _ => None,
+            };
+            r.state = MState::Failed { checkpoint };
+            r.updated = now;
+            Ret::Done
+        }),
+        Call::Extend { token, by_ms } => lease_write(&mut next, *token, ret, |r| {
+            let until = now + by_ms;
+            if let MState::InFlight { lease_until, .. } = &mut r.state {
+                *lease_until = until;
+            }
+            r.expires = r.expires.max(until);
+            r.updated = now;
+            Ret::Extended { until }
+        }),
+        Call::Checkpoint { token, bytes } => lease_write(&mut next, *token, ret, |r| {
+            if let MState::InFlight { checkpoint, .. } = &mut r.state {
+                *checkpoint = Some(bytes.clone());
+            }
+            r.updated = now;
+            Ret::Done
+        }),
+    }
+}
+
+/// A write fenced by `token`: applied by `f` on the live in-flight record carrying it,
+/// otherwise `LeaseLost` and no change.
+fn lease_write(
+    next: &mut KeyState,
+    token: u64,
+    ret: &Ret,
+    f: impl FnOnce(&mut M) -> Ret,
+) -> Option<KeyState> {
+    match next.record.as_mut() {
+        Some(r) if matches!(r.state, MState::InFlight { token: t, .. } if t == token) => {
+            let want = f(r);
+            (*ret == want).then(|| next.clone())
+        }
+        _ => (*ret == Ret::LeaseLost).then(|| next.clone()),
+    }
+}
+
+// ----- the checker (Wing & Gong, memoised) -----
+
+/// The outcome of checking one key's history.
+#[derive(Debug)]
+struct Verdict {
+    /// The state after a full linearisation, if there is one.
+    end: Option<KeyState>,
+    /// Search nodes visited.
+    explored: usize,
+}
+
+/// Searches for an order of `events` that respects real time and that the model accepts from
+/// `start`. At most 64 events.
+fn linearize(events: &[Event], start: &KeyState, ctx: Ctx) -> Verdict {
+    assert!(events.len() <= 64, "histories are kept small");
+    let all: u64 = if events.len() == 64 {
+        u64::MAX
+    } else {
+        (1u64 << events.len()) - 1
+    };
+    let mut seen: HashSet<(u64, KeyState)> = HashSet::new();
+    let mut explored = 0;
+    // Depth-first, with an explicit stack of (done set, state).
+    let mut stack = vec![(0u64, start.clone())];
+    while let Some((done, state)) = stack.pop() {
+        explored += 1;
+        if done == all {
+            return Verdict {
+                end: Some(state),
+                explored,
+            };
+        }
+        if !seen.insert((done, state.clone())) {
+            continue;
+        }
+        // The earliest return among the pending calls: a call invoked after it cannot be next.
+        let horizon = events
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| done & (1 << i) == 0)
+            .map(|(_, e)| e.returned)
+            .min()
+            .unwrap_or(u64::MAX);
+        for (i, e) in events.iter().enumerate() {
+            if done & (1 << i) != 0 || e.invoked > horizon {
+                continue;
+            }
+            if let Some(next) = step(&state, &e.call, &e.ret, ctx) {
+                stack.push((done | (1 << i), next));
+            }
+        }
+    }
+    Verdict {
+        end: None,
+        explored,
+    }
+}
+
+/// Fencing, independent of the model: a lease write with token `a` that took effect must not
+/// have been invoked after a claim of the same key returned a newer token. Returns the
+/// violations.
+fn fencing_violations(events: &[Event]) -> Vec<String> {
+    let mut out = Vec::new();
+    for w in events {
+        let (Some(token), true) = (
+            lease_token(&w.call),
+            matches!(w.ret, Ret::Done | Ret::Extended { .. }),
+        ) else {
+            continue;
+        };
+        for a in events {
+            if let Ret::Acquired { token: newer, .. } = a.ret
+                && newer > token
+                && a.returned < w.invoked
+            {
+                out.push(format!(
+                    "{:?} with token {token} took effect after token {newer} was granted ({a:?} then {w:?})",
+                    w.call
+                ));
+            }
+        }
+    }
+    out
+}
+
+fn lease_token(call: &Call) -> Option<u64> {
+    match call {
+        Call::Complete { token, .. }
+        | Call::Fail { token }
+        | Call::Extend { token, .. }
+        | Call::Checkpoint { token, .. } => Some(*token),
+        _ => None,
+    }
+}
+
+// ----- running rounds against a store -----
+
+static TICKETS: AtomicU64 = AtomicU64::new(1);
+
+fn ticket() -> u64 {
+    TICKETS.fetch_add(1, Ordering::SeqCst)
+}
+
+const LEASE_MS: u64 = 1_000;
+const RETENTION_MS: u64 = 5_000;
+const SCOPE: &str = "lin";
+
+/// Leases obtained so far, per key, shared by every thread (a lease is only data: any thread
+/// may act as a slow or resurrected owner).
+type Pool = Arc<Mutex<BTreeMap<usize, Vec<Lease>>>>;
+
+fn key_name(session: u64, key: usize) -> String {
+    format!("s{session}-k{key}")
+}
+
+fn ret_of_claim(result: idemstore::Result<Claim>) -> Ret {
+    match result {
+        Ok(Claim::Acquired(lease)) => Ret::Acquired {
+            token: lease.token(),
+            lease_until: lease.lease_until_ms(),
+            attempt: lease.attempt(),
+            checkpoint: lease.checkpoint().map(<[u8]>::to_vec),
+            takeover: lease.is_takeover(),
+        },
+        Ok(Claim::Replay(r)) => Ret::Replay {
+            outcome: r.outcome,
+            completed_at: r.completed_at_ms,
+            attempt: r.attempt,
+        },
+        Ok(Claim::InProgress { retry_after }) => Ret::InProgress {
+            retry_after_ms: u64::try_from(retry_after.as_millis()).unwrap_or(u64::MAX),
+        },
+        Ok(Claim::Mismatch) => Ret::Mismatch,
+        Ok(other) => Ret::Unexpected(format!("{other:?}")),
+        Err(e) => Ret::Unexpected(format!("{e} ({e:?})")),
+    }
+}
+
+fn ret_of_write(result: idemstore::Result<()>) -> Ret {
+    match result {
+        Ok(()) => Ret::Done,
+        Err(Error::LeaseLost { .. }) => Ret::LeaseLost,
+        Err(e) => Ret::Unexpected(format!("{e} ({e:?})")),
+    }
+}
+
+/// One thread's part of a round: its calls, each on a key, drawn at run time.
+fn run_thread(
+    store: &Store,
+    pool: &Pool,
+    session: u64,
+    thread: usize,
+    plan: &[usize],
+    seed: u64,
+) -> Vec<(usize, Event)> {
+    let mut rng = Rng::new(seed);
+    let mut out = Vec::new();
+    for (n, &key) in plan.iter().enumerate() {
+        let name = key_name(session, key);
+        let lease = {
+            let pool = pool.lock().expect("pool");
+            pool.get(&key).and_then(|leases| {
+                if leases.is_empty() {
+                    None
+                } else if rng.chance(70) {
+                    leases.last().cloned()
+                } else {
+                    leases.get(rng.below(leases.len())).cloned()
+                }
+            })
+        };
+        let roll = rng.below(100);
+        let (call, timed) = match (roll, lease) {
+            (0..=9, _) => {
+                let invoked = ticket();
+                let r = store.get(SCOPE, &name);
+                let returned = ticket();
+                let ret = match r {
+                    Ok(found) => match found.as_ref().map(M::of).transpose() {
+                        Ok(m) => Ret::Got(m),
+                        Err(e) => Ret::Unexpected(e),
+                    },
+                    Err(e) => Ret::Unexpected(format!("{e} ({e:?})")),
+                };
+                out.push((
+                    key,
+                    Event {
+                        thread,
+                        invoked,
+                        returned,
+                        call: Call::Get,
+                        ret,
+                    },
+                ));
+                continue;
+            }
+            (10..=13, _) => {
+                let invoked = ticket();
+                let r = store.forget(SCOPE, &name);
+                let returned = ticket();
+                let ret = match r {
+                    Ok(b) => Ret::Forgotten(b),
+                    Err(e) => Ret::Unexpected(format!("{e} ({e:?})")),
+                };
+                out.push((
+                    key,
+                    Event {
+                        thread,
+                        invoked,
+                        returned,
+                        call: Call::Forget,
+                        ret,
+                    },
+                ));
+                continue;
+            }
+            (14..=33, Some(lease)) => {
+                let outcome = format!("outcome t{thread} n{n} s{seed}").into_bytes();
+                let call = Call::Complete {
+                    token: lease.token(),
+                    outcome: outcome.clone(),
+                    retention_ms: RETENTION_MS,
+                };
+                let invoked = ticket();
+                let r = store.complete(&lease, &outcome, Duration::from_millis(RETENTION_MS));
+                (call, (invoked, ret_of_write(r), ticket()))
+            }
+            (34..=43, Some(lease)) => {
+                let call = Call::Fail {
+                    token: lease.token(),
+                };
+                let invoked = ticket();
+                let r = store.fail(&lease);
+                (call, (invoked, ret_of_write(r), ticket()))
+            }
+            (44..=53, Some(mut lease)) => {
+                let by_ms = 500 + 500 * rng.below(4) as u64;
+                let call = Call::Extend {
+                    token: lease.token(),
+                    by_ms,
+                };
+                let invoked = ticket();
+                let r = store.extend(&mut lease, Duration::from_millis(by_ms));
+                let returned = ticket();
+                let ret = match r {
+                    Ok(()) => Ret::Extended {
+                        until: lease.lease_until_ms(),
+                    },
+                    Err(Error::LeaseLost { .. }) => Ret::LeaseLost,
+                    Err(e) => Ret::Unexpected(format!("{e} ({e:?})")),
+                };
+                out.push((
+                    key,
+                    Event {
+                        thread,
+                        invoked,
+                        returned,
+                        call,
+                        ret,
+                    },
+                ));
+                continue;
+            }
+            (54..=63, Some(lease)) => {
+                let bytes = format!("cp t{thread} n{n}").into_bytes();
+                let call = Call::Checkpoint {
+                    token: lease.token(),
+                    bytes: bytes.clone(),
+                };
+                let invoked = ticket();
+                let r = store.checkpoint(&lease, &bytes);
+                (call, (invoked, ret_of_write(r), ticket()))
+            }
+            _ => {
+                let fingerprint: &[u8] = if rng.chance(12) { b"fp-other" } else { b"fp" };
+                let wait = rng.chance(15);
+                let mut options = ClaimOptions::default()
+                    .lease(Duration::from_millis(LEASE_MS))
+                    .retention(Duration::from_millis(RETENTION_MS));
+                if wait {
+                    options = options.wait(Duration::from_millis(5));
+                }
+                let call = Call::Claim {
+                    fingerprint: fingerprint.to_vec(),
+                    lease_ms: LEASE_MS,
+                    retention_ms: RETENTION_MS,
+                    wait,
+                };
+                let invoked = ticket();
+                let r = store.claim(SCOPE, &name, fingerprint, &options);
+                let returned = ticket();
+                if let Ok(Claim::Acquired(lease)) = &r {
+                    pool.lock()
+                        .expect("pool")
+                        .entry(key)
+                        .or_default()
+                        .push(lease.clone());
+                }
+                out.push((
+                    key,
+                    Event {
+                        thread,
+                        invoked,
+                        returned,
+                        call,
+                        ret: ret_of_claim(r),
+                    },
+                ));
+                continue;
+            }
+        };
+        let (invoked, ret, returned) = timed;
+        out.push((
+            key,
+            Event {
+                thread,
+                invoked,
+                returned,
+                call,
+                ret,
+            },
+        ));
+    }
+    out
+}
+
+/// Totals over all rounds of one store.
+#[derive(Debug, Default)]
+struct Report {
+    rounds: usize,
+    histories: usize,
+    calls: usize,
+    max_calls_per_key: usize,
+    explored: usize,
+    /// Calls whose interval overlapped another call on the same key.
+    overlapping: usize,
+    acquired: usize,
+    replays: usize,
+    lease_lost: usize,
+    non_linearizable: Vec<String>,
+    fencing: Vec<String>,
+    duplicate_tokens: usize,
+}
+
+const THREADS: usize = 4;
+const KEYS: usize = 3;
+/// Calls per key per round, the closing `get` included.
+const CALLS_PER_KEY: usize = 12;
+
+/// Runs `rounds` rounds on stores made by `open` (called again for a reopen), checking each.
+fn run_rounds(
+    label: &str,
+    rounds: usize,
+    seed: u64,
+    reopen_every: Option<usize>,
+    open: &dyn Fn(&ManualClock) -> Store,
+) -> Report {
+    let clock = ManualClock::new(T0_MS);
+    let mut store = Some(open(&clock));
+    let mut rng = Rng::new(seed);
+    let mut report = Report::default();
+    let mut states: BTreeMap<usize, KeyState> = BTreeMap::new();
+    let pool: Pool = Arc::default();
+    let mut tokens: HashSet<u64> = HashSet::new();
+    // Keys are renamed every 20 rounds, so that fresh records are common too.
+    for round in 0..rounds {
+        let session = (round / 20) as u64;
+        if round % 20 == 0 {
+            states.clear();
+            pool.lock().expect("pool").clear();
+        }
+        // Between rounds, with nothing running: time passes (leases end, records expire), and
+        // now and then the file store is reopened (a new process epoch).
+        let advance = [0, 0, 300, 1_500, 6_000][rng.below(5)];
+        clock.advance(Duration::from_millis(advance));
+        if let Some(every) = reopen_every
+            && round > 0
+            && round % every == 0
+        {
+            let s = store.take().expect("store");
+            s.close().expect("close");
+            store = Some(open(&clock));
+        }
+        let s = store.as_ref().expect("store");
+        let ctx = Ctx {
+            now: clock.now_ms(),
+            epoch: s.epoch(),
+        };
+        // The plan: CALLS_PER_KEY - 1 concurrent calls per key, spread over the threads.
+        let mut plans: Vec<Vec<usize>> = vec![Vec::new(); THREADS];
+        for key in 0..KEYS {
+            for _ in 0..CALLS_PER_KEY - 1 {
+                plans[rng.below(THREADS)].push(key);
+            }
+        }
+        for plan in &mut plans {
+            for i in (1..plan.len()).rev() {
+                plan.swap(i, rng.below(i + 1));
+            }
+        }
+        let barrier = Barrier::new(THREADS);
+        let results: Vec<Vec<(usize, Event)>> = std::thread::scope(|scope| {
+            let handles: Vec<_> = plans
+                .iter()
+                .enumerate()
+                .map(|(t, plan)| {
+                    let (pool, barrier) = (&pool, &barrier);
+                    let thread_seed = rng.next();
+                    scope.spawn(move || {
+                        barrier.wait();
+                        run_thread(s, pool, session, t, plan, thread_seed)
+                    })
+                })
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| h.join().expect("worker"))
+                .collect()
+        });
+        let mut per_key: BTreeMap<usize, Vec<Event>> = BTreeMap::new();
+        for (key, event) in results.into_iter().flatten() {
+            per_key.entry(key).or_default().push(event);
+        }
+        // The quiescent read that closes each key's history.
+        for key in 0..KEYS {
+            let invoked = ticket();
+            let got = s.get(SCOPE, key_name(session, key)).expect("get");
+            let returned = ticket();
+            let m = got.as_ref().map(M::of).transpose().expect("a known state");
+            per_key.entry(key).or_default().push(Event {
+                thread: usize::MAX,
+                invoked,
+                returned,
+                call: Call::Get,
+                ret: Ret::Got(m),
+            });
+        }
+        report.rounds += 1;
+        for (key, events) in per_key {
+            report.histories += 1;
+            report.calls += events.len();
+            report.max_calls_per_key = report.max_calls_per_key.max(events.len());
+            report.overlapping += events
+                .iter()
+                .enumerate()
+                .filter(|(i, a)| {
+                    events
+                        .iter()
+                        .enumerate()
+                        .any(|(j, b)| *i != j && a.invoked < b.returned && b.invoked < a.returned)
+                })
+                .count();
+            for e in &events {
+                match &e.ret {
+                    Ret::Acquired { token, .. } => {
+                        report.acquired += 1;
+                        if !tokens.insert(*token) {
+                            report.duplicate_tokens += 1;
+                        }
+                    }
+                    Ret::Replay { .. } => report.replays += 1,
+                    Ret::LeaseLost => report.lease_lost += 1,
+                    _ => {}
+                }
+            }
+            report.fencing.extend(fencing_violations(&events));
+            let start = states.get(&key).cloned().unwrap_or_default();
+            let verdict = linearize(&events, &start, ctx);
+            report.explored += verdict.explored;
+            match verdict.end {
+                Some(end) => {
+                    states.insert(key, end);
+                }
+                None => {
+                    let mut sorted = events.clone();
+                    sorted.sort_by_key(|e| e.invoked);
+                    let mut text = format!(
+                        "{label} round {round} key {key}: not linearizable from {start:?} at {ctx:?}"
+                    );
+                    for e in &sorted {
+                        let who = if e.thread == usize::MAX {
+                            "quiescent".to_owned()
+                        } else {
+                            format!("thread {}", e.thread)
+                        };
+                        // Byte strings shown as text: outcomes and checkpoints are ASCII here.
+                        let call = readable(&format!("{:?}", e.call));
+                        let ret = readable(&format!("{:?}", e.ret));
+                        text.push_str(&format!(
+                            "\n    {who} [{}..{}] {call} -> {ret}",
+                            e.invoked, e.returned
+                        ));
+                    }
+                    report.non_linearizable.push(text);
+                    // Continue from what the store holds.
+                    let observed = sorted.last().and_then(|e| match &e.ret {
+                        Ret::Got(m) => Some(m.clone()),
+                        _ => None,
+                    });
+                    states.insert(
+                        key,
+                        KeyState {
+                            record: observed.flatten(),
+                            last_token: tokens.iter().copied().max().unwrap_or(0),
+                        },
+                    );
+                }
+            }
+        }
+    }
+    if let Some(s) = store {
+        s.close().expect("close");
+    }
+    report
+}
+
+/// Rewrites every `[b, y, t, e, s]` list of a debug string as the text it encodes.
+fn readable(debug: &str) -> String {
+    let mut out = String::new();
+    let mut rest = debug;
+    while let Some(open) = rest.find('[') {
+        let (head, tail) = rest.split_at(open);
+        out.push_str(head);
+        let Some(close) = tail.find(']') else {
+            out.push_str(tail);
+            return out;
+        };
+        let inner = &tail[1..close];
+        let bytes: Option<Vec<u8>> = inner
+            .split(", ")
+            .map(|b| b.trim().parse::<u8>().ok())
+            .collect();
+        match bytes {
+            Some(b) if !inner.is_empty() => {
+                out.push_str(&format!("{:?}", String::from_utf8_lossy(&b)));
+            }
+            _ => out.push_str(&tail[..=close]),
+        }
+        rest = &tail[close + 1..];
+    }
+    out.push_str(rest);
+    out
+}
+
+fn check_report(label: &str, report: &Report, started: Instant) {
+    eprintln!(
+        "{label}: {} rounds, {} key histories, {} calls (at most {} per key per round, {} \
+         overlapping another on the same key), {} search nodes; {} acquired, {} replays, \
+         {} lease-lost; \
+         non-linearizable {}, fencing violations (double winners) {}, duplicate tokens {} ({:.1?})",
+        report.rounds,
+        report.histories,
+        report.calls,
+        report.max_calls_per_key,
+        report.overlapping,
+        report.explored,
+        report.acquired,
+        report.replays,
+        report.lease_lost,
+        report.non_linearizable.len(),
+        report.fencing.len(),
+        report.duplicate_tokens,
+        started.elapsed(),
+    );
+    assert!(
+        report.non_linearizable.is_empty(),
+        "{} non-linearizable histories; the first:\n{}",
+        report.non_linearizable.len(),
+        report.non_linearizable.first().map_or("", String::as_str)
+    );
+    assert!(report.fencing.is_empty(), "{:#?}", report.fencing);
+    assert_eq!(report.duplicate_tokens, 0, "tokens are unique store-wide");
+    assert!(report.max_calls_per_key <= CALLS_PER_KEY);
+    assert!(report.acquired > 0 && report.replays > 0 && report.lease_lost > 0);
+}
+
+fn rounds(default: usize) -> usize {
+    if long_run() { default * 10 } else { default }
+}
+
+#[test]
+fn mixed_operations_on_an_in_memory_store_are_linearizable() {
+    let started = Instant::now();
+    let report = run_rounds("in-memory", rounds(300), 1, None, &|clock| {
+        Store::builder()
+            .clock(clock.clone())
+            .sweep_interval(None)
+            .open_in_memory()
+            .expect("in-memory store")
+    });
+    check_report("in-memory store", &report, started);
+}
+
+#[test]
+fn mixed_operations_on_a_file_store_with_reopens_are_linearizable() {
+    let started = Instant::now();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("lin.redb");
+    let report = run_rounds("file", rounds(150), 2, Some(7), &|clock| {
+        Store::builder()
+            .clock(clock.clone())
+            .sweep_interval(None)
+            .open(&path)
+            .expect("file store")
+    });
+    check_report("file store (reopened every 7 rounds)", &report, started);
+}
+
+// ----- the checker checks -----
+
+fn ev(invoked: u64, returned: u64, call: Call, ret: Ret) -> Event {
+    Event {
+        thread: 0,
+        invoked,
+        returned,
+        call,
+        ret,
+    }
+}
+
+fn claim_call() -> Call {
+    Call::Claim {
+        fingerprint: b"fp".to_vec(),
+        lease_ms: LEASE_MS,
+        retention_ms: RETENTION_MS,
+        wait: false,
+    }
+}
+
+fn acquired(token: u64, now: u64) -> Ret {
+    Ret::Acquired {
+        token,
+        lease_until: now + LEASE_MS,
+        attempt: 1,
+        checkpoint: None,
+        takeover: false,
+    }
+}
+
+#[test]
+fn the_checker_rejects_a_double_winner_and_accepts_overlap() {
+    let ctx = Ctx { now: 10, epoch: 1 };
+    let start = KeyState::default();
+    // Two claims that both acquired a fresh record: never linearizable, overlapping or not.
+    for (a, b) in [((1, 2), (3, 4)), ((1, 4), (2, 3))] {
+        let h = [
+            ev(a.0, a.1, claim_call(), acquired(5, 10)),
+            ev(b.0, b.1, claim_call(), acquired(6, 10)),
+        ];
+        assert!(linearize(&h, &start, ctx).end.is_none(), "{h:?}");
+    }
+    // A claim that saw the record in progress while another acquired it: only if they
+    // overlap or the acquisition came first.
+    let in_progress = Ret::InProgress {
+        retry_after_ms: LEASE_MS,
+    };
+    let overlap = [
+        ev(1, 4, claim_call(), acquired(5, 10)),
+        ev(2, 3, claim_call(), in_progress.clone()),
+    ];
+    assert!(linearize(&overlap, &start, ctx).end.is_some());
+    let too_early = [
+        ev(1, 2, claim_call(), in_progress),
+        ev(3, 4, claim_call(), acquired(5, 10)),
+    ];
+    assert!(linearize(&too_early, &start, ctx).end.is_none());
+    // A stale lease write that took effect after a newer grant is a fencing violation.
+    let stale = [
+        ev(1, 2, claim_call(), acquired(9, 10)),
+        ev(3, 4, Call::Fail { token: 5 }, Ret::Done),
+    ];
+    assert_eq!(fencing_violations(&stale).len(), 1);
+    // A replay must carry the completed bytes.
+    let complete = Call::Complete {
+        token: 5,
+        outcome: b"A".to_vec(),
+        retention_ms: RETENTION_MS,
+    };
+    let replay = |outcome: &[u8]| Ret::Replay {
+        outcome: outcome.to_vec(),
+        completed_at: 10,
+        attempt: 1,
+    };
+    let good = [
+        ev(1, 2, claim_call(), acquired(5, 10)),
+        ev(3, 4, complete.clone(), Ret::Done),
+        ev(5, 6, claim_call(), replay(b"A")),
+    ];
+    assert!(linearize(&good, &start, ctx).end.is_some());
+    let bad = [
+        ev(1, 2, claim_call(), acquired(5, 10)),
+        ev(3, 4, complete, Ret::Done),
+        ev(5, 6, claim_call(), replay(b"B")),
+    ];
+    assert!(linearize(&bad, &start, ctx).end.is_none());
+}
+
+// ----- duplicate storms -----
+
+/// `n` concurrent claims of one key with `wait`: exactly one acquires, runs (sleeps) and
+/// completes; every other one replays exactly its bytes. Returns (acquired, replays).
+fn storm(store: &Arc<Store>, key: &str, n: usize) -> (usize, usize) {
+    let options = ClaimOptions::default()
+        .lease(Duration::from_secs(30))
+        .retention(DAY)
+        .wait(Duration::from_secs(30));
+    let barrier = Arc::new(Barrier::new(n));
+    let handles: Vec<_> = (0..n)
+        .map(|i| {
+            let (store, barrier, options, key) = (
+                Arc::clone(store),
+                Arc::clone(&barrier),
+                options.clone(),
+                key.to_owned(),
+            );
+            std::thread::Builder::new()
+                .stack_size(256 * 1024)
+                .spawn(move || -> Result<Option<Vec<u8>>, String> {
+                    barrier.wait();
+                    match store.claim("storm", &key, b"fp", &options) {
+                        Ok(Claim::Acquired(lease)) => {
+                            // The side effect takes a while; the duplicates wait meanwhile.
+                            std::thread::sleep(Duration::from_millis(30));
+                            let outcome = format!("{key} run by claimer {i}").into_bytes();
+                            store
+                                .complete(&lease, &outcome, DAY)
+                                .map_err(|e| e.to_string())?;
+                            Ok(Some(outcome))
+                        }
+                        Ok(Claim::Replay(r)) => {
+                            let mut tagged = b"replay:".to_vec();
+                            tagged.extend_from_slice(&r.outcome);
+                            Ok(Some(tagged))
+                        }
+                        Ok(other) => Err(format!("{key}: claimer {i} got {other:?}")),
+                        Err(e) => Err(format!("{key}: claimer {i}: {e}")),
+                    }
+                })
+                .expect("spawn")
+        })
+        .collect();
+    let results: Vec<Vec<u8>> = handles
+        .into_iter()
+        .map(|h| {
+            h.join()
+                .expect("claimer")
+                .expect("claim")
+                .expect("an outcome")
+        })
+        .collect();
+    let winners: Vec<&Vec<u8>> = results
+        .iter()
+        .filter(|r| !r.starts_with(b"replay:"))
+        .collect();
+    assert_eq!(winners.len(), 1, "{key}: exactly one claim acquires");
+    let winner = winners[0].clone();
+    let mut replays = 0;
+    for r in &results {
+        if let Some(bytes) = r.strip_prefix(b"replay:") {
+            assert_eq!(
+                bytes,
+                winner.as_slice(),
+                "{key}: a replay carries the winner's bytes"
+            );
+            replays += 1;
+        }
+    }
+    (winners.len(), replays)
+}
+
+fn storm_size() -> (usize, usize) {
+    // (claimers per key, keys)
+    if long_run() { (800, 20) } else { (300, 3) }
+}
+
+#[test]
+fn duplicate_storm_has_one_winner_and_identical_replays() {
+    let started = Instant::now();
+    let (n, keys) = storm_size();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let stores = [
+        ("in-memory", Arc::new(Store::in_memory().expect("store"))),
+        (
+            "file",
+            Arc::new(Store::open(dir.path().join("storm.redb")).expect("store")),
+        ),
+    ];
+    for (label, store) in &stores {
+        let (mut acquired, mut replays) = (0, 0);
+        for k in 0..keys {
+            let (a, r) = storm(store, &format!("key-{k}"), n);
+            acquired += a;
+            replays += r;
+        }
+        eprintln!(
+            "duplicate storm, {label} store: {keys} keys x {n} concurrent claims: \
+             {acquired} acquired, {replays} identical replays ({:.1?})",
+            started.elapsed()
+        );
+        assert_eq!(acquired, keys);
+        assert_eq!(replays, keys * (n - 1));
+    }
+}
+
+#[test]
+fn async_duplicate_storm_has_one_winner_and_identical_replays() {
+    let started = Instant::now();
+    let (n, keys) = storm_size();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(4)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let store = Arc::new(Store::in_memory().expect("store"));
+    let (mut acquired, mut replays) = (0usize, 0usize);
+    for k in 0..keys {
+        let key = format!("async-{k}");
+        let results: Vec<Result<Claim, String>> = runtime.block_on(async {
+            let options = ClaimOptions::default()
+                .lease(Duration::from_secs(30))
+                .retention(DAY)
+                .wait(Duration::from_secs(30));
+            let tasks: Vec<_> = (0..n)
+                .map(|i| {
+                    let (store, options, key) = (Arc::clone(&store), options.clone(), key.clone());
+                    tokio::spawn(async move {
+                        let claim = store
+                            .claim_async("storm", &key, b"fp", &options)
+                            .await
+                            .map_err(|e| e.to_string())?;
+                        if let Claim::Acquired(lease) = &claim {
+                            tokio::time::sleep(Duration::from_millis(30)).await;
+                            let outcome = format!("{key} run by task {i}").into_bytes();
+                            store
+                                .complete_async(lease, &outcome, DAY)
+                                .await
+                                .map_err(|e| e.to_string())?;
+                        }
+                        Ok(claim)
+                    })
+                })
+                .collect();
+            let mut out = Vec::new();
+            for t in tasks {
+                out.push(t.await.map_err(|e| e.to_string()).and_then(|r| r));
+            }
+            out
+        });
+        let claims: Vec<Claim> = results.into_iter().map(|r| r.expect("claim")).collect();
+        let winners = claims
+            .iter()
+            .filter(|c| matches!(c, Claim::Acquired(_)))
+            .count();
+        assert_eq!(winners, 1, "{key}: exactly one task acquires");
+        let stored = store.get("storm", &key).expect("get").expect("record");
+        let RecordState::Completed { outcome } = stored.state else {
+            panic!("{key}: completed");
+        };
+        for c in &claims {
+            match c {
+                Claim::Acquired(_) => acquired += 1,
+                Claim::Replay(r) => {
+                    assert_eq!(r.outcome, outcome, "{key}: identical replay");
+                    replays += 1;
+                }
+                other => panic!("{key}: {other:?}"),
+            }
+        }
+    }
+    eprintln!(
+        "async duplicate storm: {keys} keys x {n} concurrent tasks: {acquired} acquired, \
+         {replays} identical replays ({:.1?})",
+        started.elapsed()
+    );
+    assert_eq!(acquired, keys);
+    assert_eq!(replays, keys * (n - 1));
+}
