@@ -12,12 +12,15 @@
 //! - [`run_ops`]: arbitrary operation sequences against a reference model of DESIGN §2, on an
 //!   in-memory backend that fails writes, syncs or resizes at fuzzer-chosen points.
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use parking_lot::{Mutex, RwLock};
+
+pub mod model;
+
+use model::{Expected, MRecord, MState, Model};
 
 use crate::{
     CHECKPOINT_LEN_MAX, Claim, ClaimOptions, Error, FINGERPRINT_LEN_MAX, Input, KEY_LEN_MAX, Lease,
@@ -661,222 +664,6 @@ fn name(slot: Slot) -> (&'static [u8], &'static [u8]) {
     )
 }
 
-/// The reference model's record: DESIGN §2, written apart from `transition.rs`.
-#[derive(Debug, Clone, PartialEq, Eq)]
-enum MState {
-    InFlight {
-        token: u64,
-        epoch: u64,
-        lease_until: u64,
-        checkpoint: Option<Vec<u8>>,
-    },
-    Completed {
-        outcome: Vec<u8>,
-    },
-    Failed {
-        checkpoint: Option<Vec<u8>>,
-    },
-}
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-struct MRecord {
-    fingerprint: Vec<u8>,
-    created: u64,
-    updated: u64,
-    expires: u64,
-    attempt: u32,
-    state: MState,
-}
-
-impl MRecord {
-    fn of(r: &Record) -> MRecord {
-        let state = match &r.state {
-            RecordState::InFlight {
-                token,
-                epoch,
-                lease_until_ms,
-                checkpoint,
-            } => MState::InFlight {
-                token: *token,
-                epoch: *epoch,
-                lease_until: *lease_until_ms,
-                checkpoint: checkpoint.clone(),
-            },
-            RecordState::Completed { outcome } => MState::Completed {
-                outcome: outcome.clone(),
-            },
-            RecordState::Failed { checkpoint } => MState::Failed {
-                checkpoint: checkpoint.clone(),
-            },
-        };
-        MRecord {
-            fingerprint: r.fingerprint.clone(),
-            created: r.created_at_ms,
-            updated: r.updated_at_ms,
-            expires: r.expires_at_ms,
-            attempt: r.attempt,
-            state,
-        }
-    }
-}
-
-/// What the model expects a claim to answer.
-#[derive(Debug, Clone, PartialEq, Eq)]
-enum Expected {
-    Acquired {
-        attempt: u32,
-        takeover: bool,
-        checkpoint: Option<Vec<u8>>,
-        lease_until: u64,
-    },
-    Replay {
-        outcome: Vec<u8>,
-        completed_at: u64,
-        attempt: u32,
-    },
-    InProgress {
-        retry_after: Duration,
-    },
-    Mismatch,
-}
-
-/// The records physically held (expired ones until swept or forgotten), the time and the
-/// process epoch.
-#[derive(Debug, Clone, Default)]
-struct Model {
-    records: BTreeMap<Slot, MRecord>,
-    now: u64,
-    epoch: u64,
-}
-
-impl Model {
-    fn live(&self, slot: Slot) -> Option<&MRecord> {
-        self.records.get(&slot).filter(|r| r.expires > self.now)
-    }
-
-    fn owned(&mut self, slot: Slot, token: u64) -> Option<&mut MRecord> {
-        let now = self.now;
-        self.records.get_mut(&slot).filter(|r| {
-            r.expires > now && matches!(r.state, MState::InFlight { token: t, .. } if t == token)
-        })
-    }
-
-    /// A claim; an acquisition installs its record with token 0 until [`Model::grant`].
-    fn claim(&mut self, slot: Slot, fp: &[u8], lease_ms: u64, retention_ms: u64) -> Expected {
-        let now = self.now;
-        let lease_until = now + lease_ms;
-        let (attempt, checkpoint, takeover, created, expires) = match self.live(slot) {
-            None => (1, None, false, now, now + retention_ms),
-            Some(r) if r.fingerprint != fp => return Expected::Mismatch,
-            Some(r) => match &r.state {
-                MState::Completed { outcome } => {
-                    return Expected::Replay {
-                        outcome: outcome.clone(),
-                        completed_at: r.updated,
-                        attempt: r.attempt,
-                    };
-                }
-                MState::InFlight {
-                    epoch,
-                    lease_until: held,
-                    ..
-                } if *held > now && *epoch == self.epoch => {
-                    return Expected::InProgress {
-                        retry_after: Duration::from_millis(held - now),
-                    };
-                }
-                MState::InFlight { checkpoint, .. } => (
-                    r.attempt + 1,
-                    checkpoint.clone(),
-                    true,
-                    r.created,
-                    r.expires.max(now + retention_ms),
-                ),
-                MState::Failed { checkpoint } => (
-                    r.attempt + 1,
-                    checkpoint.clone(),
-                    false,
-                    r.created,
-                    r.expires.max(now + retention_ms),
-                ),
-            },
-        };
-        self.records.insert(
-            slot,
-            MRecord {
-                fingerprint: fp.to_vec(),
-                created,
-                updated: now,
-                expires,
-                attempt,
-                state: MState::InFlight {
-                    token: 0,
-                    epoch: self.epoch,
-                    lease_until,
-                    checkpoint: checkpoint.clone(),
-                },
-            },
-        );
-        Expected::Acquired {
-            attempt,
-            takeover,
-            checkpoint,
-            lease_until,
-        }
-    }
-
-    fn grant(&mut self, slot: Slot, granted: u64) {
-        if let Some(MRecord {
-            state: MState::InFlight { token, .. },
-            ..
-        }) = self.records.get_mut(&slot)
-        {
-            *token = granted;
-        }
-    }
-
-    /// A fenced write: `f` applied to the record `token` owns; false for lease lost.
-    fn fenced(&mut self, slot: Slot, token: u64, f: impl FnOnce(&mut MRecord, u64)) -> bool {
-        let now = self.now;
-        match self.owned(slot, token) {
-            Some(r) => {
-                f(r, now);
-                r.updated = now;
-                true
-            }
-            None => false,
-        }
-    }
-
-    fn forget(&mut self, slot: Slot) -> bool {
-        let live = self.live(slot).is_some();
-        self.records.remove(&slot);
-        live
-    }
-
-    /// Removes up to `limit` expired records, oldest expiry first, ties by storage key.
-    fn sweep(&mut self, limit: usize) -> usize {
-        let mut due: Vec<(u64, Vec<u8>, Slot)> = self
-            .records
-            .iter()
-            .filter(|(_, r)| r.expires <= self.now)
-            .map(|(&slot, r)| {
-                let (scope, key) = name(slot);
-                let mut sk = vec![u8::try_from(scope.len()).unwrap_or(u8::MAX)];
-                sk.extend_from_slice(scope);
-                sk.extend_from_slice(key);
-                (r.expires, sk, slot)
-            })
-            .collect();
-        due.sort();
-        due.truncate(limit);
-        for (_, _, slot) in &due {
-            self.records.remove(slot);
-        }
-        due.len()
-    }
-}
-
 /// One step of an `ops` input.
 #[derive(Debug, Clone)]
 enum Op {
@@ -1051,7 +838,7 @@ impl Harness {
                 .expect("get")
                 .as_ref()
                 .map(MRecord::of);
-            let want = self.model.live(slot).cloned();
+            let want = self.model.live(scope, key).cloned();
             assert_eq!(got, want, "record {slot:?} at {}", self.model.now);
         }
         let stats = store.stats().expect("stats");
@@ -1059,11 +846,7 @@ impl Harness {
             stats.records, stats.expiry_entries,
             "one expiry entry per record"
         );
-        assert_eq!(
-            stats.records,
-            self.model.records.len() as u64,
-            "records held"
-        );
+        assert_eq!(stats.records, self.model.len() as u64, "records held");
         assert!(
             stats.next_token > self.last_token,
             "next token {} after token {}",
@@ -1084,7 +867,7 @@ impl Harness {
                 Ok(r) => r.as_ref().map(MRecord::of),
                 Err(_) => return false,
             };
-            let mut want = model.live(slot).cloned();
+            let mut want = model.live(scope, key).cloned();
             if let (
                 Some(MRecord {
                     state: MState::InFlight { token: 0, .. },
@@ -1113,11 +896,12 @@ impl Harness {
             }
         }
         match store.stats() {
-            Ok(stats) if stats.records == model.records.len() as u64 => {}
+            Ok(stats) if stats.records == model.len() as u64 => {}
             _ => return false,
         }
         for (slot, token) in adopted {
-            model.grant(slot, token);
+            let (scope, key) = name(slot);
+            model.grant(scope, key, token);
         }
         true
     }
@@ -1161,8 +945,7 @@ impl Harness {
                 .collect();
             panic!(
                 "after a failed {op:?} the store holds neither the state before nor the \
-                 state after it:\n  store:  {got:?}\n  before: {:?}\n  after:  {:?}",
-                before.records, after.records
+                 state after it:\n  store:  {got:?}\n  before: {before:?}\n  after:  {after:?}"
             );
         }
         for slot in slots() {
@@ -1218,7 +1001,9 @@ impl Harness {
                 let options = ClaimOptions::default()
                     .lease(Duration::from_millis(*lease_ms))
                     .retention(Duration::from_millis(*retention_ms));
-                let want = self.model.claim(*slot, fp_bytes, *lease_ms, *retention_ms);
+                let want = self
+                    .model
+                    .claim(scope, key, fp_bytes, *lease_ms, *retention_ms);
                 let got = self.store().claim(scope, key, fp_bytes, &options)?;
                 let (seen, lease) = match got {
                     Claim::Acquired(lease) => (
@@ -1238,9 +1023,13 @@ impl Harness {
                         },
                         None,
                     ),
-                    Claim::InProgress { retry_after } => {
-                        (Expected::InProgress { retry_after }, None)
-                    }
+                    Claim::InProgress { retry_after } => (
+                        Expected::InProgress {
+                            retry_after_ms: u64::try_from(retry_after.as_millis())
+                                .unwrap_or(u64::MAX),
+                        },
+                        None,
+                    ),
                     Claim::Mismatch => (Expected::Mismatch, None),
                 };
                 assert_eq!(seen, want, "claim of {slot:?}");
@@ -1252,7 +1041,7 @@ impl Harness {
                         self.last_token
                     );
                     self.last_token = lease.token();
-                    self.model.grant(*slot, lease.token());
+                    self.model.grant(scope, key, lease.token());
                     self.leases.push(lease);
                 }
             }
@@ -1266,12 +1055,10 @@ impl Harness {
                 };
                 let lease = self.leases.get(i).cloned().expect("picked lease");
                 let slot = Self::slot_of(&lease);
-                let want = self.model.fenced(slot, lease.token(), |r, now| {
-                    r.state = MState::Completed {
-                        outcome: outcome.clone(),
-                    };
-                    r.expires = now + retention_ms;
-                });
+                let (scope, key) = name(slot);
+                let want = self
+                    .model
+                    .complete(scope, key, lease.token(), outcome, *retention_ms);
                 let retention = Duration::from_millis(*retention_ms);
                 let got = fenced_result(self.store().complete(&lease, outcome, retention))?;
                 assert_eq!(got, want, "complete took effect");
@@ -1281,15 +1068,8 @@ impl Harness {
                     return Ok(());
                 };
                 let lease = self.leases.get(i).cloned().expect("picked lease");
-                let want = self
-                    .model
-                    .fenced(Self::slot_of(&lease), lease.token(), |r, _| {
-                        if let MState::InFlight { checkpoint, .. } = &r.state {
-                            r.state = MState::Failed {
-                                checkpoint: checkpoint.clone(),
-                            };
-                        }
-                    });
+                let (scope, key) = name(Self::slot_of(&lease));
+                let want = self.model.fail(scope, key, lease.token());
                 let got = fenced_result(self.store().fail(&lease))?;
                 assert_eq!(got, want, "fail took effect");
             }
@@ -1299,14 +1079,8 @@ impl Harness {
                 };
                 let mut lease = self.leases.get(i).cloned().expect("picked lease");
                 let by = *by_ms;
-                let want = self
-                    .model
-                    .fenced(Self::slot_of(&lease), lease.token(), |r, now| {
-                        if let MState::InFlight { lease_until, .. } = &mut r.state {
-                            *lease_until = now + by;
-                        }
-                        r.expires = r.expires.max(now + by);
-                    });
+                let (scope, key) = name(Self::slot_of(&lease));
+                let want = self.model.extend(scope, key, lease.token(), by).is_some();
                 let result = self.store().extend(&mut lease, Duration::from_millis(by));
                 let got = fenced_result(result)?;
                 assert_eq!(got, want, "extend took effect");
@@ -1322,19 +1096,14 @@ impl Harness {
                     return Ok(());
                 };
                 let lease = self.leases.get(i).cloned().expect("picked lease");
-                let want = self
-                    .model
-                    .fenced(Self::slot_of(&lease), lease.token(), |r, _| {
-                        if let MState::InFlight { checkpoint, .. } = &mut r.state {
-                            *checkpoint = Some(bytes.clone());
-                        }
-                    });
+                let (scope, key) = name(Self::slot_of(&lease));
+                let want = self.model.checkpoint(scope, key, lease.token(), bytes);
                 let got = fenced_result(self.store().checkpoint(&lease, bytes))?;
                 assert_eq!(got, want, "checkpoint took effect");
             }
             Op::Forget { slot } => {
                 let (scope, key) = name(*slot);
-                let want = self.model.forget(*slot);
+                let want = self.model.forget(scope, key);
                 let got = self.store().forget(scope, key)?;
                 assert_eq!(got, want, "forget found a live record");
             }
@@ -1383,8 +1152,8 @@ impl Harness {
 /// syncs or resizes at fuzzer-chosen points (once or from then on, as an I/O error or a
 /// full disk).
 ///
-/// The oracle is a full reference model of DESIGN §2 (a compact copy of the one in
-/// `tests/model.rs`, written apart from `transition.rs`): when no fault fired inside an
+/// The oracle is the reference model of DESIGN §2 in [`model`] (shared with `tests/model.rs`
+/// and `tests/linearizability.rs`, written apart from `transition.rs`): when no fault fired inside an
 /// operation, its answer and every record of the key space must equal the model's, and
 /// fencing tokens must strictly increase. When a fault fired inside an operation, the
 /// operation must have failed (never acknowledged) with a storage error, the store must
@@ -1400,11 +1169,7 @@ pub fn run_ops(data: &[u8]) -> OpsSummary {
         backend,
         clock,
         store: None,
-        model: Model {
-            records: BTreeMap::new(),
-            now: T0_MS,
-            epoch: 0,
-        },
+        model: Model::new(T0_MS, 0),
         leases: Vec::new(),
         last_token: 0,
     };

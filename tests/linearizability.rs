@@ -35,9 +35,8 @@ use std::sync::{Arc, Barrier, Mutex};
 use std::time::{Duration, Instant};
 
 use common::{DAY, T0_MS};
-use idemstore::{
-    Claim, ClaimOptions, Clock, Error, Lease, ManualClock, Record, RecordState, Store,
-};
+use idemstore::fuzzing::model::{Expected, MRecord, Model};
+use idemstore::{Claim, ClaimOptions, Clock, Error, Lease, ManualClock, RecordState, Store};
 
 fn long_run() -> bool {
     std::env::var_os("IDEMSTORE_LONG").is_some_and(|v| !v.is_empty() && v != "0")
@@ -126,7 +125,7 @@ enum Ret {
         until: u64,
     },
     Forgotten(bool),
-    Got(Option<M>),
+    Got(Option<MRecord>),
     /// Anything else: no sequential execution produces it.
     Unexpected(String),
 }
@@ -142,72 +141,26 @@ struct Event {
 
 // ----- the sequential model of one record (DESIGN §2) -----
 
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-enum MState {
-    InFlight {
-        token: u64,
-        epoch: u64,
-        lease_until: u64,
-        checkpoint: Option<Vec<u8>>,
-    },
-    Completed {
-        outcome: Vec<u8>,
-    },
-    Failed {
-        checkpoint: Option<Vec<u8>>,
-    },
-}
+/// The name a key's history is checked under in the model: each history is one key's.
+const MODEL_SCOPE: &[u8] = b"scope";
+const MODEL_KEY: &[u8] = b"key";
 
-/// A stored record, as the model keeps it and as `get` shows it.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-struct M {
-    fingerprint: Vec<u8>,
-    created: u64,
-    updated: u64,
-    expires: u64,
-    attempt: u32,
-    state: MState,
-}
-
-impl M {
-    fn of(r: &Record) -> Result<M, String> {
-        let state = match &r.state {
-            RecordState::InFlight {
-                token,
-                epoch,
-                lease_until_ms,
-                checkpoint,
-            } => MState::InFlight {
-                token: *token,
-                epoch: *epoch,
-                lease_until: *lease_until_ms,
-                checkpoint: checkpoint.clone(),
-            },
-            RecordState::Completed { outcome } => MState::Completed {
-                outcome: outcome.clone(),
-            },
-            RecordState::Failed { checkpoint } => MState::Failed {
-                checkpoint: checkpoint.clone(),
-            },
-            other => return Err(format!("unknown record state {other:?}")),
-        };
-        Ok(M {
-            fingerprint: r.fingerprint.clone(),
-            created: r.created_at_ms,
-            updated: r.updated_at_ms,
-            expires: r.expires_at_ms,
-            attempt: r.attempt,
-            state,
-        })
-    }
-}
-
-/// The model state of one key: the record (expired ones count as absent) and the newest token
-/// granted on the key so far (tokens granted on a key increase in linearisation order).
+/// The model state of one key: the shared reference model holding (at most) that key's record,
+/// expired ones dropped, and the newest token granted on the key so far (tokens granted on a
+/// key increase in linearisation order).
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Default)]
 struct KeyState {
-    record: Option<M>,
+    model: Model,
     last_token: u64,
+}
+
+impl KeyState {
+    /// A key whose record is `record`, with tokens up to `last_token` granted.
+    fn holding(record: Option<MRecord>, last_token: u64) -> KeyState {
+        let mut model = Model::default();
+        model.set(MODEL_SCOPE, MODEL_KEY, record);
+        KeyState { model, last_token }
+    }
 }
 
 /// The time and process epoch of a round: fixed while the round runs.
@@ -220,148 +173,70 @@ struct Ctx {
 /// Applies `call` to `state` and returns the next state if `ret` is what the model answers.
 /// The token of an acquisition is the store's choice: any token above the key's last one.
 fn step(state: &KeyState, call: &Call, ret: &Ret, ctx: Ctx) -> Option<KeyState> {
-    let now = ctx.now;
-    let live = state.record.as_ref().filter(|r| r.expires > now);
+    let (s, k) = (MODEL_SCOPE, MODEL_KEY);
     let mut next = state.clone();
-    next.record = live.cloned();
-    match call {
-        Call::Get => (*ret == Ret::Got(live.cloned())).then_some(next),
-        Call::Forget => {
-            next.record = None;
-            (*ret == Ret::Forgotten(live.is_some())).then_some(next)
-        }
+    next.model.now = ctx.now;
+    next.model.epoch = ctx.epoch;
+    // Expired records are absent to every call: dropping them keeps the memo small.
+    next.model.drop_expired();
+    let m = &mut next.model;
+    let lease = |took_effect: bool, done: Ret| if took_effect { done } else { Ret::LeaseLost };
+    let want = match call {
+        Call::Get => Ret::Got(m.live(s, k).cloned()),
+        Call::Forget => Ret::Forgotten(m.forget(s, k)),
         Call::Claim {
             fingerprint,
             lease_ms,
             retention_ms,
             wait: _,
-        } => {
-            let lease_until = now + lease_ms;
-            let fresh_expiry = now + retention_ms;
-            let (attempt, checkpoint, takeover, created, expires) = match live {
-                None => (1, None, false, now, fresh_expiry),
-                Some(r) if r.fingerprint != *fingerprint => {
-                    return (*ret == Ret::Mismatch).then_some(next);
-                }
-                Some(r) => match &r.state {
-                    MState::Completed { outcome } => {
-                        let want = Ret::Replay {
-                            outcome: outcome.clone(),
-                            completed_at: r.updated,
-                            attempt: r.attempt,
-                        };
-                        return (*ret == want).then_some(next);
-                    }
-                    MState::InFlight {
-                        epoch,
-                        lease_until: held_until,
-                        ..
-                    } if *epoch == ctx.epoch && *held_until > now => {
-                        let want = Ret::InProgress {
-                            retry_after_ms: (held_until - now).max(1),
-                        };
-                        return (*ret == want).then_some(next);
-                    }
-                    MState::InFlight { checkpoint, .. } => (
-                        r.attempt + 1,
-                        checkpoint.clone(),
-                        true,
-                        r.created,
-                        r.expires.max(fresh_expiry),
-                    ),
-                    MState::Failed { checkpoint } => (
-                        r.attempt + 1,
-                        checkpoint.clone(),
-                        false,
-                        r.created,
-                        r.expires.max(fresh_expiry),
-                    ),
-                },
-            };
-            let Ret::Acquired { token, .. } = ret else {
-                return None;
-            };
-            let want = Ret::Acquired {
-                token: *token,
-                lease_until,
+        } => match m.claim(s, k, fingerprint, *lease_ms, *retention_ms) {
+            Expected::Acquired {
                 attempt,
-                checkpoint: checkpoint.clone(),
                 takeover,
-            };
-            if *ret != want || *token <= state.last_token {
-                return None;
-            }
-            next.last_token = *token;
-            next.record = Some(M {
-                fingerprint: fingerprint.clone(),
-                created,
-                updated: now,
-                expires,
-                attempt,
-                state: MState::InFlight {
+                checkpoint,
+                lease_until,
+            } => {
+                let Ret::Acquired { token, .. } = ret else {
+                    return None;
+                };
+                if *token <= state.last_token {
+                    return None;
+                }
+                m.grant(s, k, *token);
+                next.last_token = *token;
+                Ret::Acquired {
                     token: *token,
-                    epoch: ctx.epoch,
                     lease_until,
+                    attempt,
                     checkpoint,
-                },
-            });
-            Some(next)
-        }
+                    takeover,
+                }
+            }
+            Expected::Replay {
+                outcome,
+                completed_at,
+                attempt,
+            } => Ret::Replay {
+                outcome,
+                completed_at,
+                attempt,
+            },
+            Expected::InProgress { retry_after_ms } => Ret::InProgress { retry_after_ms },
+            Expected::Mismatch => Ret::Mismatch,
+        },
         Call::Complete {
             token,
             outcome,
             retention_ms,
-        } => lease_write(&mut next, *token, ret, |r| {
-            r.state = MState::Completed {
-                outcome: outcome.clone(),
-            };
-            r.updated = now;
-            r.expires = now + retention_ms;
-            Ret::Done
-        }),
-        Call::Fail { token } => lease_write(&mut next, *token, ret, |r| {
-            let checkpoint = match &r.state {
-                MState::InFlight { checkpoint, .. } => checkpoint.clone(),
-                _ => None,
-            };
-            r.state = MState::Failed { checkpoint };
-            r.updated = now;
-            Ret::Done
-        }),
-        Call::Extend { token, by_ms } => lease_write(&mut next, *token, ret, |r| {
-            let until = now + by_ms;
-            if let MState::InFlight { lease_until, .. } = &mut r.state {
-                *lease_until = until;
-            }
-            r.expires = r.expires.max(until);
-            r.updated = now;
-            Ret::Extended { until }
-        }),
-        Call::Checkpoint { token, bytes } => lease_write(&mut next, *token, ret, |r| {
-            if let MState::InFlight { checkpoint, .. } = &mut r.state {
-                *checkpoint = Some(bytes.clone());
-            }
-            r.updated = now;
-            Ret::Done
-        }),
-    }
-}
-
-/// A write fenced by `token`: applied by `f` on the live in-flight record carrying it,
-/// otherwise `LeaseLost` and no change.
-fn lease_write(
-    next: &mut KeyState,
-    token: u64,
-    ret: &Ret,
-    f: impl FnOnce(&mut M) -> Ret,
-) -> Option<KeyState> {
-    match next.record.as_mut() {
-        Some(r) if matches!(r.state, MState::InFlight { token: t, .. } if t == token) => {
-            let want = f(r);
-            (*ret == want).then(|| next.clone())
-        }
-        _ => (*ret == Ret::LeaseLost).then(|| next.clone()),
-    }
+        } => lease(m.complete(s, k, *token, outcome, *retention_ms), Ret::Done),
+        Call::Fail { token } => lease(m.fail(s, k, *token), Ret::Done),
+        Call::Extend { token, by_ms } => match m.extend(s, k, *token, *by_ms) {
+            Some(until) => Ret::Extended { until },
+            None => Ret::LeaseLost,
+        },
+        Call::Checkpoint { token, bytes } => lease(m.checkpoint(s, k, *token, bytes), Ret::Done),
+    };
+    (*ret == want).then_some(next)
 }
 
 // ----- the checker (Wing & Gong, memoised) -----
@@ -542,10 +417,7 @@ fn run_thread(
                 let r = store.get(SCOPE, &name);
                 let returned = ticket();
                 let ret = match r {
-                    Ok(found) => match found.as_ref().map(M::of).transpose() {
-                        Ok(m) => Ret::Got(m),
-                        Err(e) => Ret::Unexpected(e),
-                    },
+                    Ok(found) => Ret::Got(found.as_ref().map(MRecord::of)),
                     Err(e) => Ret::Unexpected(format!("{e} ({e:?})")),
                 };
                 out.push((
@@ -792,7 +664,7 @@ fn run_rounds(
             let invoked = ticket();
             let got = s.get(SCOPE, key_name(session, key)).expect("get");
             let returned = ticket();
-            let m = got.as_ref().map(M::of).transpose().expect("a known state");
+            let m = got.as_ref().map(MRecord::of);
             per_key.entry(key).or_default().push(Event {
                 thread: usize::MAX,
                 invoked,
@@ -863,13 +735,8 @@ fn run_rounds(
                         Ret::Got(m) => Some(m.clone()),
                         _ => None,
                     });
-                    states.insert(
-                        key,
-                        KeyState {
-                            record: observed.flatten(),
-                            last_token: tokens.iter().copied().max().unwrap_or(0),
-                        },
-                    );
+                    let last_token = tokens.iter().copied().max().unwrap_or(0);
+                    states.insert(key, KeyState::holding(observed.flatten(), last_token));
                 }
             }
         }
