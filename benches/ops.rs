@@ -200,7 +200,7 @@ fn sweep(c: &mut Criterion) {
                         loop {
                             let s = store.sweep(SWEEP_BATCH).expect("sweep");
                             removed += s.removed as u64;
-                            if s.visited < SWEEP_BATCH {
+                            if !s.more {
                                 break;
                             }
                         }

@@ -11,8 +11,8 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
-use parking_lot::{Condvar, Mutex};
-use redb::{Database, ReadableTable};
+use parking_lot::{Condvar, Mutex, RwLock};
+use redb::{Database, ReadableDatabase, ReadableTable};
 
 use crate::clock::Clock;
 use crate::codec;
@@ -57,7 +57,11 @@ pub(crate) enum Command {
 #[derive(Debug)]
 pub(crate) enum Answer {
     Reply(Reply),
-    Swept { visited: usize, removed: usize },
+    Swept {
+        visited: usize,
+        removed: usize,
+        more: bool,
+    },
     Flushed,
 }
 
@@ -300,8 +304,23 @@ pub(crate) struct Counters {
     pub next_token: AtomicU64,
 }
 
+/// The most expiry entries a sweep visits in a commit it shares with callers' operations, so
+/// that sweeping a large backlog adds little to their latency. A sweep alone in its commit
+/// visits its whole limit.
+pub(crate) const SWEEP_SHARED_MAX: usize = 128;
+
+/// The records table of one committed state, readable from any thread.
+pub(crate) type RecordsSnapshot = redb::ReadOnlyTable<&'static [u8], &'static [u8]>;
+
 /// State shared by the store handle, the writer and the sweeper.
 pub(crate) struct Shared {
+    /// The records table as of the latest commit, shared by every reader so that a read needs
+    /// no transaction of its own. The writer replaces it after each commit and before
+    /// answering that commit's callers, so a read that starts after an acknowledgement sees
+    /// the acknowledged state or a newer one. `None` (readers open their own transaction)
+    /// until the first refresh and after a failed commit or refresh.
+    /// Declared before `db` so that it is dropped first.
+    snapshot: RwLock<Option<Arc<RecordsSnapshot>>>,
     pub db: Database,
     pub clock: Arc<dyn Clock>,
     pub epoch: u64,
@@ -330,8 +349,9 @@ impl Shared {
     ) -> Shared {
         let counters = Counters::default();
         counters.next_token.store(next_token, Ordering::SeqCst);
-        Shared {
+        let shared = Shared {
             db,
+            snapshot: RwLock::new(None),
             clock,
             epoch,
             durability,
@@ -342,7 +362,44 @@ impl Shared {
             counters,
             poisoned: AtomicBool::new(false),
             poison_cause: Mutex::new(None),
+        };
+        shared.refresh_snapshot();
+        shared
+    }
+
+    /// The record stored under `sk` in committed state: from the shared snapshot of the latest
+    /// commit, or through a read transaction of its own while there is none.
+    pub(crate) fn read_record(&self, sk: &[u8]) -> Result<Option<Record>> {
+        let decode = |bytes: &[u8]| codec::decode(sk, bytes).map_err(|e| corrupt_record(sk, &e));
+        let snapshot = self.snapshot.read().clone();
+        if let Some(table) = snapshot {
+            return match table.get(sk).map_err(Error::storage)? {
+                Some(guard) => decode(guard.value()).map(Some),
+                None => Ok(None),
+            };
         }
+        let read = self.db.begin_read().map_err(Error::storage)?;
+        let table = read.open_table(RECORDS).map_err(Error::storage)?;
+        match table.get(sk).map_err(Error::storage)? {
+            Some(guard) => decode(guard.value()).map(Some),
+            None => Ok(None),
+        }
+    }
+
+    /// Replaces the shared snapshot with the latest committed state; clears it if that cannot
+    /// be read (readers then open their own transactions, and see the error themselves).
+    pub(crate) fn refresh_snapshot(&self) {
+        let open = std::panic::AssertUnwindSafe(|| {
+            let read = self.db.begin_read().ok()?;
+            read.open_table(RECORDS).ok().map(Arc::new)
+        });
+        let fresh = std::panic::catch_unwind(open).ok().flatten();
+        *self.snapshot.write() = fresh;
+    }
+
+    /// Drops the shared snapshot: after a failed commit, or when the writer stops.
+    pub(crate) fn clear_snapshot(&self) {
+        *self.snapshot.write() = None;
     }
 
     /// `Err(Poisoned)` once a fatal error has stopped the writer.
@@ -396,6 +453,7 @@ pub(crate) fn run_writer(shared: &Shared, max_batch: usize) {
                 if writer.unsynced_since.is_some() {
                     writer.process_guarded(Vec::new());
                 }
+                shared.clear_snapshot();
                 return;
             }
         }
@@ -461,6 +519,8 @@ impl Writer<'_> {
                 c.largest_batch
                     .fetch_max(jobs.len() as u64, Ordering::Relaxed);
                 c.next_token.store(self.next_token, Ordering::SeqCst);
+                // Readers must see this commit before any of its callers hears of it.
+                self.shared.refresh_snapshot();
                 for (job, answer) in jobs.iter().zip(answers) {
                     if let Ok(Answer::Swept { removed, .. }) = &answer {
                         c.swept.fetch_add(*removed as u64, Ordering::Relaxed);
@@ -483,6 +543,7 @@ impl Writer<'_> {
             }
             Err(e) => {
                 self.next_token = token_before;
+                self.shared.clear_snapshot();
                 self.shared.poison(&e);
                 for job in &jobs {
                     job.slot.set(Err(e.duplicate()));
@@ -534,8 +595,18 @@ impl Writer<'_> {
                     }
                     Command::Sweep { limit } => {
                         let now_ms = self.now_ms();
-                        let (visited, removed) = sweep(&mut tables, now_ms, *limit)?;
-                        Ok(Answer::Swept { visited, removed })
+                        // Sharing the commit with callers, a sweep takes a bounded share of it.
+                        let limit = if jobs.len() > 1 {
+                            (*limit).min(SWEEP_SHARED_MAX)
+                        } else {
+                            *limit
+                        };
+                        let (visited, removed, more) = sweep(&mut tables, now_ms, limit)?;
+                        Ok(Answer::Swept {
+                            visited,
+                            removed,
+                            more,
+                        })
                     }
                     Command::Flush => Ok(Answer::Flushed),
                 };
@@ -680,16 +751,18 @@ pub(crate) fn corrupt_record(key: &[u8], e: &codec::DecodeError) -> Error {
 }
 
 /// Removes up to `limit` entries of the expiry index that are due at `now_ms`, oldest first,
-/// with the records they name. Returns `(index entries visited, records removed)`.
-fn sweep(tables: &mut Tables<'_, '_>, now_ms: u64, limit: usize) -> Result<(usize, usize)> {
+/// with the records they name. Returns (index entries visited, records removed, whether due
+/// entries remain).
+fn sweep(tables: &mut Tables<'_, '_>, now_ms: u64, limit: usize) -> Result<(usize, usize, bool)> {
     let Tables {
         records,
         expiry,
         scopes,
     } = tables;
     let empty: &[u8] = &[];
+    let due_range = || (0u64, empty)..(now_ms.saturating_add(1), empty);
     let due: Vec<(u64, Vec<u8>)> = expiry
-        .range((0u64, empty)..(now_ms.saturating_add(1), empty))
+        .range(due_range())
         .map_err(Error::storage)?
         .take(limit)
         .map(|entry| {
@@ -699,24 +772,52 @@ fn sweep(tables: &mut Tables<'_, '_>, now_ms: u64, limit: usize) -> Result<(usiz
         })
         .collect::<Result<_>>()?;
     let mut removed = 0;
+    // Per-scope record counts change once per sweep, not once per record.
+    let mut per_scope: std::collections::BTreeMap<Vec<u8>, u64> = Default::default();
     for (at, key) in &due {
         expiry
             .remove((*at, key.as_slice()))
             .map_err(Error::storage)?;
-        let record = records
-            .get(key.as_slice())
-            .map_err(Error::storage)?
-            .map(|g| codec::decode(key, g.value()));
+        // Removed first and put back if it must stay (one tree walk for the common case).
         // Only a record that is itself due goes; a stale index entry or a corrupt record
-        // (reported by reads, removed by `forget`) leaves it in place.
-        if let Some(Ok(r)) = record
-            && r.expires_at_ms == *at
-            && r.is_expired(now_ms)
-        {
-            records.remove(key.as_slice()).map_err(Error::storage)?;
-            adjust_scope_count(scopes, key, -1)?;
+        // (reported by reads, removed by `forget`) stays in place.
+        let Some(old) = records.remove(key.as_slice()).map_err(Error::storage)? else {
+            continue;
+        };
+        let goes = matches!(
+            codec::decode(key, old.value()),
+            Ok(r) if r.expires_at_ms == *at && r.is_expired(now_ms)
+        );
+        if goes {
+            drop(old);
+            *per_scope.entry(scope_of(key).to_vec()).or_default() += 1;
             removed += 1;
+        } else {
+            let bytes = old.value().to_vec();
+            drop(old);
+            records
+                .insert(key.as_slice(), bytes.as_slice())
+                .map_err(Error::storage)?;
         }
     }
-    Ok((due.len(), removed))
+    for (scope, gone) in per_scope {
+        let count = scopes
+            .get(scope.as_slice())
+            .map_err(Error::storage)?
+            .map_or(0, |g| g.value())
+            .saturating_sub(gone);
+        if count == 0 {
+            scopes.remove(scope.as_slice()).map_err(Error::storage)?;
+        } else {
+            scopes
+                .insert(scope.as_slice(), count)
+                .map_err(Error::storage)?;
+        }
+    }
+    let more = expiry
+        .range(due_range())
+        .map_err(Error::storage)?
+        .next()
+        .is_some();
+    Ok((due.len(), removed, more))
 }

@@ -141,7 +141,9 @@ impl StoreBuilder {
     /// Turning it off makes opening a large file instant, at a price: redb then trusts a file
     /// that was closed cleanly, and on one damaged since, opens and reads may panic, and a
     /// damaged page of its trees may hide a record (a completed request would then run again).
-    /// Record envelopes stay checked either way. tests/corruption.rs measures both modes.
+    /// In optimised builds some damage even makes redb panic a second time while unwinding,
+    /// which aborts the process. Record envelopes stay checked either way.
+    /// tests/corruption.rs measures both modes.
     pub fn verify_on_open(mut self, enabled: bool) -> Self {
         self.verify_on_open = enabled;
         self
@@ -387,6 +389,8 @@ pub struct Swept {
     pub visited: usize,
     /// Expired records removed.
     pub removed: usize,
+    /// Whether due entries remain after this sweep: sweep again while it is true.
+    pub more: bool,
 }
 
 /// Counters and sizes of a store, from [`Store::stats`].
@@ -873,13 +877,26 @@ impl Store {
     /// records, in one commit. The cost is proportional to `limit`, never to the store's size.
     /// Space freed is reused by later writes.
     ///
+    /// When other operations share the commit, the sweep visits at most 128 entries, so that
+    /// sweeping a large backlog adds little to their latency; [`Swept::more`] says whether due
+    /// entries remain. To drain a backlog, sweep while it is true (the background sweeper
+    /// does).
+    ///
     /// # Errors
     /// The storage errors of [`Store::complete`].
     pub fn sweep(&self, limit: usize) -> Result<Swept> {
         self.shared.check_writable()?;
         let limit = limit.min(BATCH_OPS_MAX);
         match self.shared.queue.submit(Command::Sweep { limit })?.wait()? {
-            Answer::Swept { visited, removed } => Ok(Swept { visited, removed }),
+            Answer::Swept {
+                visited,
+                removed,
+                more,
+            } => Ok(Swept {
+                visited,
+                removed,
+                more,
+            }),
             _ => Ok(Swept::default()),
         }
     }
@@ -897,7 +914,15 @@ impl Store {
             .submit_async(Command::Sweep { limit })
             .await?
         {
-            Answer::Swept { visited, removed } => Ok(Swept { visited, removed }),
+            Answer::Swept {
+                visited,
+                removed,
+                more,
+            } => Ok(Swept {
+                visited,
+                removed,
+                more,
+            }),
             _ => Ok(Swept::default()),
         }
     }
@@ -927,14 +952,7 @@ impl Store {
     }
 
     fn read_record(&self, sk: &[u8]) -> Result<Option<Record>> {
-        let read = self.shared.db.begin_read().map_err(Error::storage)?;
-        let table = read.open_table(RECORDS).map_err(Error::storage)?;
-        let Some(guard) = table.get(sk).map_err(Error::storage)? else {
-            return Ok(None);
-        };
-        codec::decode(sk, guard.value())
-            .map(Some)
-            .map_err(|e| commit::corrupt_record(sk, &e))
+        self.shared.read_record(sk)
     }
 
     /// In-flight records whose owner is gone (lease ended, or granted by an earlier process

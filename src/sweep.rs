@@ -65,15 +65,15 @@ fn run(shared: &Shared, stop: &(Mutex<bool>, Condvar), interval: Duration, batch
             if *stop.0.lock() || shared.is_poisoned() {
                 break;
             }
-            let visited = match shared
+            let more = match shared
                 .queue
                 .submit(Command::Sweep { limit: batch })
                 .and_then(|slot| slot.wait())
             {
-                Ok(Answer::Swept { visited, .. }) => visited,
+                Ok(Answer::Swept { more, .. }) => more,
                 _ => break,
             };
-            if visited < batch {
+            if !more {
                 break;
             }
         }

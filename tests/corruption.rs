@@ -34,7 +34,9 @@
 //! `IDEMSTORE_LONG=1` runs 3000 bit-flip, 1000 truncation, 2000 zeroed-page and 3000 envelope
 //! images (`IDEMSTORE_CORRUPTION_CASES=N` sets the count per family);
 //! `IDEMSTORE_CORRUPTION_SEED=S` reruns one seed; `IDEMSTORE_CORRUPTION_BACKTRACE=1` prints the
-//! idemstore and redb frames of every panic.
+//! idemstore and redb frames of every panic; `IDEMSTORE_CORRUPTION_TRACE=1` names each image
+//! before it is opened (to find the image behind a process abort, which no `catch_unwind`
+//! stops: see RELIABILITY.md on `verify_on_open(false)` in release builds).
 
 mod common;
 
@@ -656,6 +658,9 @@ fn check_image(dir: &Path, bytes: &[u8], mode: Mode, label: &str) -> Tally {
     let _serial = SERIAL
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner);
+    if std::env::var_os("IDEMSTORE_CORRUPTION_TRACE").is_some() {
+        eprintln!("[trace] {label}");
+    }
     let path: PathBuf = dir.join(format!("image-{mode:?}.redb"));
     let _ = std::fs::remove_file(&path);
     std::fs::write(&path, bytes).expect("writing the damaged image");
@@ -883,7 +888,8 @@ fn damaged_envelopes_are_typed_corruption_never_a_wrong_replay() -> TestResult {
 ///
 /// - seeds 219, 919, 1220, 1399, 1830: redb panicked on the store's writer thread, and every
 ///   caller of the batch, and every later writer, waited forever (fixed: the writer catches
-///   the panic, answers `CommitOutcomeUnknown` and poisons the store);
+///   the panic, answers `CommitOutcomeUnknown` and poisons the store; since readers share a
+///   snapshot of the latest commit, these images no longer make the writer panic at all);
 /// - seed 1836: a flipped bit renamed the stored key "done-44" to "done-45", which then
 ///   replayed done-44's outcome (fixed by the envelope CRC covering the storage key).
 #[test]
@@ -904,8 +910,15 @@ fn bit_flips_that_once_hung_or_replayed_wrong_bytes_are_safe_now() {
     }
     eprintln!("{}", total.summary("regressions"));
     assert_no_verify_is_as_documented("regressions", &total);
+    // Whether redb panics on these images depends on which pages a commit touches; when it
+    // panics on the writer, the batch hears so. (An unconditional check of the writer's panic
+    // guard is `a_panic_on_the_writer_thread_fails_its_batch_and_poisons_the_store`.)
+    let writer_panicked = total
+        .panic_sites
+        .keys()
+        .any(|site| site.starts_with("[idemstore-writer]"));
     assert!(
-        total.op_errors.contains_key("CommitOutcomeUnknown"),
+        !writer_panicked || total.op_errors.contains_key("CommitOutcomeUnknown"),
         "the writer panics surface as errors: {}",
         total.summary("regressions")
     );

@@ -26,12 +26,14 @@ fn sweep_removes_only_expired_records_oldest_first_in_bounded_batches() -> TestR
 
     let first = store.sweep(12)?;
     assert_eq!((first.visited, first.removed), (12, 12));
+    assert!(first.more, "18 due entries remain");
     let second = store.sweep(100)?;
     assert_eq!(
         (second.visited, second.removed),
         (18, 18),
         "visits only what is due"
     );
+    assert!(!second.more, "nothing due remains");
     assert_eq!(store.sweep(100)?.visited, 0);
 
     let stats = store.stats()?;
@@ -128,5 +130,58 @@ fn space_freed_by_sweeping_is_reused_by_later_writes() -> TestResult {
     let steady = sizes[1];
     let last = *sizes.last().expect("four rounds");
     assert!(last <= steady + steady / 10, "file kept growing: {sizes:?}");
+    Ok(())
+}
+
+#[test]
+fn sweeping_a_backlog_while_callers_run_removes_it_all_in_bounded_steps() -> TestResult {
+    let clock = clock();
+    let store = memory_store(&clock);
+    fill(&store, "dead-", 3_000, Duration::from_secs(1))?;
+    clock.advance(Duration::from_secs(1));
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let (removed, calls) = std::thread::scope(|s| -> Result<(usize, usize), String> {
+        let callers: Vec<_> = (0..4)
+            .map(|t| {
+                let (store, stop) = (&store, &stop);
+                s.spawn(move || -> Result<usize, String> {
+                    let mut n = 0;
+                    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                        let key = format!("live-{t}-{n}");
+                        let claim = store
+                            .claim("s", &key, "fp", &opts(600_000))
+                            .map_err(|e| e.to_string())?;
+                        let idemstore::Claim::Acquired(lease) = claim else {
+                            return Err(format!("{key} was not acquired"));
+                        };
+                        store
+                            .complete(&lease, b"ok", Duration::from_secs(600))
+                            .map_err(|e| e.to_string())?;
+                        n += 1;
+                    }
+                    Ok(n)
+                })
+            })
+            .collect();
+        let (mut removed, mut calls) = (0, 0);
+        loop {
+            let swept = store.sweep(1_000).map_err(|e| e.to_string())?;
+            assert!(swept.visited <= 1_000);
+            removed += swept.removed;
+            calls += 1;
+            if !swept.more {
+                break;
+            }
+        }
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        for c in callers {
+            c.join().map_err(|_| "a caller panicked")??;
+        }
+        Ok((removed, calls))
+    })?;
+    assert_eq!(removed, 3_000, "every expired record, in {calls} sweeps");
+    let stats = store.stats()?;
+    assert_eq!(stats.records, stats.expiry_entries);
+    assert!(store.get("s", "dead-0")?.is_none());
     Ok(())
 }

@@ -303,7 +303,7 @@ pub fn large(
                 match store.sweep(sweep_batch) {
                     Ok(swept) => {
                         removed += swept.removed as u64;
-                        if swept.visited < sweep_batch {
+                        if !swept.more {
                             break Ok((removed, began.elapsed()));
                         }
                     }

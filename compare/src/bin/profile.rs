@@ -178,7 +178,7 @@ fn measured_sweep(store: &Store, batch: usize) -> u64 {
     loop {
         let s = store.sweep(batch).expect("sweep");
         removed += s.removed as u64;
-        if s.visited < batch {
+        if !s.more {
             return removed;
         }
     }
