@@ -307,7 +307,7 @@ pub(crate) struct Counters {
 /// The most expiry entries a sweep visits in a commit it shares with callers' operations, so
 /// that sweeping a large backlog adds little to their latency. A sweep alone in its commit
 /// visits its whole limit.
-pub(crate) const SWEEP_SHARED_MAX: usize = 128;
+pub(crate) const SWEEP_SHARED_MAX: usize = 64;
 
 /// The records table of one committed state, readable from any thread.
 pub(crate) type RecordsSnapshot = redb::ReadOnlyTable<&'static [u8], &'static [u8]>;

@@ -877,7 +877,7 @@ impl Store {
     /// records, in one commit. The cost is proportional to `limit`, never to the store's size.
     /// Space freed is reused by later writes.
     ///
-    /// When other operations share the commit, the sweep visits at most 128 entries, so that
+    /// When other operations share the commit, the sweep visits at most 64 entries, so that
     /// sweeping a large backlog adds little to their latency; [`Swept::more`] says whether due
     /// entries remain. To drain a backlog, sweep while it is true (the background sweeper
     /// does).
