@@ -7,6 +7,8 @@
 //! P=compare/target/release/profile
 //! $P cycle  [--threads N] [--ops M] [--memory] [--relaxed]   # claim + complete of fresh keys
 //! $P replay [--threads N] [--ops M] [--records R] [--memory] # claims of completed keys
+//!            [--path FILE]   # keep the filled store in FILE and reuse it when it exists
+//!            [--cache-mib N] # redb's page cache (default: redb's 1 GiB)
 //! $P sweep  [--records R] [--batch B] [--memory]             # sweep R expired records
 //! valgrind --tool=callgrind --toggle-collect='*measured_*' $P replay --memory --ops 100000
 //! ```
@@ -62,6 +64,8 @@ struct Args {
     batch: usize,
     memory: bool,
     relaxed: bool,
+    path: Option<std::path::PathBuf>,
+    cache_mib: Option<u64>,
 }
 
 fn parse() -> Result<Args, String> {
@@ -77,6 +81,8 @@ fn parse() -> Result<Args, String> {
         batch: 1024,
         memory: false,
         relaxed: false,
+        path: None,
+        cache_mib: None,
     };
     while let Some(flag) = it.next() {
         let mut num = || -> Result<u64, String> {
@@ -91,6 +97,10 @@ fn parse() -> Result<Args, String> {
             "--batch" => args.batch = num()?.max(1) as usize,
             "--memory" => args.memory = true,
             "--relaxed" => args.relaxed = true,
+            "--cache-mib" => args.cache_mib = Some(num()?),
+            "--path" => {
+                args.path = Some(it.next().ok_or("--path wants a file")?.into());
+            }
             other => return Err(format!("unknown argument {other:?}")),
         }
     }
@@ -99,6 +109,9 @@ fn parse() -> Result<Args, String> {
 
 fn open(args: &Args, dir: &tempfile::TempDir, clock: &ManualClock, relaxed: bool) -> Store {
     let mut builder = Store::builder().clock(clock.clone()).sweep_interval(None);
+    if let Some(mib) = args.cache_mib {
+        builder = builder.cache_size(usize::try_from(mib << 20).expect("cache size"));
+    }
     if relaxed {
         builder = builder.durability(Durability::Relaxed {
             max_unsynced: Duration::from_secs(1),
@@ -107,9 +120,11 @@ fn open(args: &Args, dir: &tempfile::TempDir, clock: &ManualClock, relaxed: bool
     if args.memory {
         builder.open_in_memory().expect("open in memory")
     } else {
-        builder
-            .open(dir.path().join("profile.redb"))
-            .expect("open file")
+        let path = args
+            .path
+            .clone()
+            .unwrap_or_else(|| dir.path().join("profile.redb"));
+        builder.open(path).expect("open file")
     }
 }
 
@@ -212,6 +227,8 @@ fn main() -> Result<(), BoxError> {
                 let store = open(&args, &dir, &clock, true);
                 fill(&store);
                 store
+            } else if args.path.as_ref().is_some_and(|p| p.exists()) {
+                open(&args, &dir, &clock, false)
             } else {
                 // Fill at a relaxed durability, then reopen at the default one.
                 let store = open(&args, &dir, &clock, true);
