@@ -103,22 +103,12 @@ enum Call {
 /// What the call returned.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 enum Ret {
-    Acquired {
+    /// A claim's answer in the model's terms, with the token the store granted (0 unless the
+    /// answer is `Expected::Acquired`).
+    Claimed {
+        answer: Expected,
         token: u64,
-        lease_until: u64,
-        attempt: u32,
-        checkpoint: Option<Vec<u8>>,
-        takeover: bool,
     },
-    Replay {
-        outcome: Vec<u8>,
-        completed_at: u64,
-        attempt: u32,
-    },
-    InProgress {
-        retry_after_ms: u64,
-    },
-    Mismatch,
     Done,
     LeaseLost,
     Extended {
@@ -189,41 +179,20 @@ fn step(state: &KeyState, call: &Call, ret: &Ret, ctx: Ctx) -> Option<KeyState> 
             lease_ms,
             retention_ms,
             wait: _,
-        } => match m.claim(s, k, fingerprint, *lease_ms, *retention_ms) {
-            Expected::Acquired {
-                attempt,
-                takeover,
-                checkpoint,
-                lease_until,
-            } => {
-                let Ret::Acquired { token, .. } = ret else {
-                    return None;
-                };
-                if *token <= state.last_token {
+        } => {
+            let answer = m.claim(s, k, fingerprint, *lease_ms, *retention_ms);
+            let mut token = 0;
+            if let Expected::Acquired { .. } = answer {
+                let granted = acquired_token(ret)?;
+                if granted <= state.last_token {
                     return None;
                 }
-                m.grant(s, k, *token);
-                next.last_token = *token;
-                Ret::Acquired {
-                    token: *token,
-                    lease_until,
-                    attempt,
-                    checkpoint,
-                    takeover,
-                }
+                m.grant(s, k, granted);
+                next.last_token = granted;
+                token = granted;
             }
-            Expected::Replay {
-                outcome,
-                completed_at,
-                attempt,
-            } => Ret::Replay {
-                outcome,
-                completed_at,
-                attempt,
-            },
-            Expected::InProgress { retry_after_ms } => Ret::InProgress { retry_after_ms },
-            Expected::Mismatch => Ret::Mismatch,
-        },
+            Ret::Claimed { answer, token }
+        }
         Call::Complete {
             token,
             outcome,
@@ -310,7 +279,7 @@ fn fencing_violations(events: &[Event]) -> Vec<String> {
             continue;
         };
         for a in events {
-            if let Ret::Acquired { token: newer, .. } = a.ret
+            if let Some(newer) = acquired_token(&a.ret)
                 && newer > token
                 && a.returned < w.invoked
             {
@@ -354,27 +323,47 @@ fn key_name(session: u64, key: usize) -> String {
     format!("s{session}-k{key}")
 }
 
-fn ret_of_claim(result: idemstore::Result<Claim>) -> Ret {
-    match result {
-        Ok(Claim::Acquired(lease)) => Ret::Acquired {
-            token: lease.token(),
-            lease_until: lease.lease_until_ms(),
-            attempt: lease.attempt(),
-            checkpoint: lease.checkpoint().map(<[u8]>::to_vec),
-            takeover: lease.is_takeover(),
-        },
-        Ok(Claim::Replay(r)) => Ret::Replay {
-            outcome: r.outcome,
-            completed_at: r.completed_at_ms,
-            attempt: r.attempt,
-        },
-        Ok(Claim::InProgress { retry_after }) => Ret::InProgress {
-            retry_after_ms: u64::try_from(retry_after.as_millis()).unwrap_or(u64::MAX),
-        },
-        Ok(Claim::Mismatch) => Ret::Mismatch,
-        Ok(other) => Ret::Unexpected(format!("{other:?}")),
-        Err(e) => Ret::Unexpected(format!("{e} ({e:?})")),
+/// The token of an acquisition, if `ret` is one.
+fn acquired_token(ret: &Ret) -> Option<u64> {
+    match ret {
+        Ret::Claimed {
+            answer: Expected::Acquired { .. },
+            token,
+        } => Some(*token),
+        _ => None,
     }
+}
+
+fn ret_of_claim(result: idemstore::Result<Claim>) -> Ret {
+    let (answer, token) = match result {
+        Ok(Claim::Acquired(lease)) => (
+            Expected::Acquired {
+                attempt: lease.attempt(),
+                takeover: lease.is_takeover(),
+                checkpoint: lease.checkpoint().map(<[u8]>::to_vec),
+                lease_until: lease.lease_until_ms(),
+            },
+            lease.token(),
+        ),
+        Ok(Claim::Replay(r)) => (
+            Expected::Replay {
+                outcome: r.outcome,
+                completed_at: r.completed_at_ms,
+                attempt: r.attempt,
+            },
+            0,
+        ),
+        Ok(Claim::InProgress { retry_after }) => (
+            Expected::InProgress {
+                retry_after_ms: u64::try_from(retry_after.as_millis()).unwrap_or(u64::MAX),
+            },
+            0,
+        ),
+        Ok(Claim::Mismatch) => (Expected::Mismatch, 0),
+        Ok(other) => return Ret::Unexpected(format!("{other:?}")),
+        Err(e) => return Ret::Unexpected(format!("{e} ({e:?})")),
+    };
+    Ret::Claimed { answer, token }
 }
 
 fn ret_of_write(result: idemstore::Result<()>) -> Ret {
@@ -689,14 +678,17 @@ fn run_rounds(
                 })
                 .count();
             for e in &events {
-                match &e.ret {
-                    Ret::Acquired { token, .. } => {
-                        report.acquired += 1;
-                        if !tokens.insert(*token) {
-                            report.duplicate_tokens += 1;
-                        }
+                if let Some(token) = acquired_token(&e.ret) {
+                    report.acquired += 1;
+                    if !tokens.insert(token) {
+                        report.duplicate_tokens += 1;
                     }
-                    Ret::Replay { .. } => report.replays += 1,
+                }
+                match &e.ret {
+                    Ret::Claimed {
+                        answer: Expected::Replay { .. },
+                        ..
+                    } => report.replays += 1,
                     Ret::LeaseLost => report.lease_lost += 1,
                     _ => {}
                 }
@@ -861,12 +853,14 @@ fn claim_call() -> Call {
 }
 
 fn acquired(token: u64, now: u64) -> Ret {
-    Ret::Acquired {
+    Ret::Claimed {
+        answer: Expected::Acquired {
+            attempt: 1,
+            takeover: false,
+            checkpoint: None,
+            lease_until: now + LEASE_MS,
+        },
         token,
-        lease_until: now + LEASE_MS,
-        attempt: 1,
-        checkpoint: None,
-        takeover: false,
     }
 }
 
@@ -884,8 +878,11 @@ fn the_checker_rejects_a_double_winner_and_accepts_overlap() {
     }
     // A claim that saw the record in progress while another acquired it: only if they
     // overlap or the acquisition came first.
-    let in_progress = Ret::InProgress {
-        retry_after_ms: LEASE_MS,
+    let in_progress = Ret::Claimed {
+        answer: Expected::InProgress {
+            retry_after_ms: LEASE_MS,
+        },
+        token: 0,
     };
     let overlap = [
         ev(1, 4, claim_call(), acquired(5, 10)),
@@ -909,10 +906,13 @@ fn the_checker_rejects_a_double_winner_and_accepts_overlap() {
         outcome: b"A".to_vec(),
         retention_ms: RETENTION_MS,
     };
-    let replay = |outcome: &[u8]| Ret::Replay {
-        outcome: outcome.to_vec(),
-        completed_at: 10,
-        attempt: 1,
+    let replay = |outcome: &[u8]| Ret::Claimed {
+        answer: Expected::Replay {
+            outcome: outcome.to_vec(),
+            completed_at: 10,
+            attempt: 1,
+        },
+        token: 0,
     };
     let good = [
         ev(1, 2, claim_call(), acquired(5, 10)),
