@@ -39,6 +39,7 @@
 //! stops: see RELIABILITY.md on `verify_on_open(false)` in release builds).
 
 mod common;
+mod support;
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -50,6 +51,8 @@ use std::time::{Duration, Instant};
 use common::{DAY, T0_MS, TestResult};
 use idemstore::{Claim, ClaimOptions, Error, ManualClock, RecordState, Store};
 use redb::{ReadableDatabase, ReadableTable};
+use support::long_run;
+use support::rng::Rng;
 
 const SCOPE: &str = "tenant";
 const FINGERPRINT: &[u8] = b"same-request";
@@ -60,35 +63,12 @@ const IMAGE_DEADLINE: Duration = Duration::from_secs(20);
 const RECORDS: redb::TableDefinition<&[u8], &[u8]> =
     redb::TableDefinition::new("idemstore.records");
 
-// ----- a tiny deterministic PRNG (splitmix64) -----
-
-#[derive(Debug, Clone)]
-struct Rng(u64);
-
-impl Rng {
-    fn new(seed: u64) -> Rng {
-        Rng(seed ^ 0x9E37_79B9_7F4A_7C15)
-    }
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-    fn below(&mut self, n: usize) -> usize {
-        if n == 0 {
-            return 0;
-        }
-        usize::try_from(self.next() % n as u64).unwrap_or(0)
-    }
+/// The PRNG stream of `seed`, as the seeds this file names were recorded with.
+fn seeded(seed: u64) -> Rng {
+    Rng::from_state(seed ^ 0x9E37_79B9_7F4A_7C15)
 }
 
 // ----- configuration -----
-
-fn long_run() -> bool {
-    std::env::var_os("IDEMSTORE_LONG").is_some_and(|v| !v.is_empty() && v != "0")
-}
 
 /// Images per family: `IDEMSTORE_CORRUPTION_CASES`, else the default or long figure.
 fn cases(default: usize, long: usize) -> usize {
@@ -336,37 +316,37 @@ impl Damage {
 }
 
 fn bit_flips(seed: u64, len: usize) -> Damage {
-    let mut rng = Rng::new(seed);
-    let n = 1 + rng.below(8);
+    let mut rng = seeded(seed);
+    let n = 1 + rng.index(8);
     // Half the cases aim at the first pages (redb's header and the pages written last often
     // live there), half anywhere in the file.
-    let span = if rng.below(2) == 0 {
+    let span = if rng.index(2) == 0 {
         len.min(4 * PAGE)
     } else {
         len
     };
     Damage::BitFlips(
         (0..n)
-            .map(|_| (rng.below(span) * 8 + rng.below(8)) as u64)
+            .map(|_| (rng.index(span) * 8 + rng.index(8)) as u64)
             .collect(),
     )
 }
 
 fn truncation(seed: u64, len: usize) -> Damage {
-    let mut rng = Rng::new(seed);
+    let mut rng = seeded(seed);
     // At least one byte: an empty file is a new database by definition (see the module docs).
-    Damage::Truncate(match rng.below(4) {
-        0 => 1 + rng.below(PAGE - 1),
-        1 => (1 + rng.below(len / PAGE - 1)) * PAGE,
-        _ => 1 + rng.below(len - 1),
+    Damage::Truncate(match rng.index(4) {
+        0 => 1 + rng.index(PAGE - 1),
+        1 => (1 + rng.index(len / PAGE - 1)) * PAGE,
+        _ => 1 + rng.index(len - 1),
     })
 }
 
 fn zeroed_pages(seed: u64, len: usize) -> Damage {
-    let mut rng = Rng::new(seed);
+    let mut rng = seeded(seed);
     let pages = len.div_ceil(PAGE);
-    let n = 1 + rng.below(3);
-    Damage::ZeroPages((0..n).map(|_| rng.below(pages)).collect())
+    let n = 1 + rng.index(3);
+    Damage::ZeroPages((0..n).map(|_| rng.index(pages)).collect())
 }
 
 /// How the damaged file is opened.
@@ -831,27 +811,27 @@ fn damaged_envelopes_are_typed_corruption_never_a_wrong_replay() -> TestResult {
     let mut total = Tally::default();
     let mut corrupt_reports = 0usize;
     for seed in seeds(n) {
-        let mut rng = Rng::new(seed);
-        let key = keys.get(rng.below(keys.len())).ok_or("a key")?.to_vec();
+        let mut rng = seeded(seed);
+        let key = keys.get(rng.index(keys.len())).ok_or("a key")?.to_vec();
         let path = dir.path().join("envelope.redb");
         std::fs::write(&path, &fixture.image)?;
-        let how = rng.below(4);
-        let r = rng.next();
+        let how = rng.index(4);
+        let r = rng.next_u64();
         rewrite_envelope(&path, &key, |b| match how {
             // 1 to 4 flipped bits anywhere in the envelope.
             0 => {
                 for _ in 0..=(r % 4) {
-                    let bit = rng.below(b.len() * 8);
+                    let bit = rng.index(b.len() * 8);
                     if let Some(byte) = b.get_mut(bit / 8) {
                         *byte ^= 1 << (bit % 8);
                     }
                 }
             }
-            1 => b.truncate(rng.below(b.len())),
+            1 => b.truncate(rng.index(b.len())),
             // Random bytes, sometimes behind a valid header.
             2 => {
-                let len = rng.below(64);
-                let mut junk: Vec<u8> = (0..len).map(|_| rng.next() as u8).collect();
+                let len = rng.index(64);
+                let mut junk: Vec<u8> = (0..len).map(|_| rng.next_u64() as u8).collect();
                 if r.is_multiple_of(2) {
                     junk.splice(0..0, [0xD1, 1, 0, 0, 0, 0]);
                 }

@@ -11,9 +11,10 @@ use std::time::Instant;
 
 use idemstore::fuzzing;
 
-fn long_run() -> bool {
-    std::env::var_os("IDEMSTORE_LONG").is_some_and(|v| !v.is_empty() && v != "0")
-}
+mod support;
+
+use support::long_run;
+use support::rng::Rng;
 
 fn seed() -> u64 {
     std::env::var("IDEMSTORE_FUZZ_SEED")
@@ -22,22 +23,10 @@ fn seed() -> u64 {
         .unwrap_or(0x1DE5_7012)
 }
 
-/// splitmix64.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
-    fn bytes(&mut self, max_len: usize) -> Vec<u8> {
-        let len = usize::try_from(self.next() % (max_len as u64 + 1)).unwrap_or(0);
-        (0..len).map(|_| self.next() as u8).collect()
-    }
+/// Up to `max_len` bytes (the length uniform in `0..=max_len`), one PRNG draw per byte.
+fn bytes_up_to(rng: &mut Rng, max_len: usize) -> Vec<u8> {
+    let len = rng.index(max_len + 1);
+    (0..len).map(|_| rng.next_u64() as u8).collect()
 }
 
 fn files(dir: &Path) -> Vec<PathBuf> {
@@ -67,14 +56,14 @@ fn replay(target: &str, generated: usize, max_len: usize, f: impl Fn(&[u8])) {
             corpus += 1;
         }
     }
-    let mut rng = Rng(seed() ^ target.len() as u64);
+    let mut rng = Rng::from_state(seed() ^ target.len() as u64);
     let n = if long_run() {
         generated * 10
     } else {
         generated
     };
     for i in 0..n {
-        let input = rng.bytes(max_len);
+        let input = bytes_up_to(&mut rng, max_len);
         let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(&input)));
         assert!(
             result.is_ok(),

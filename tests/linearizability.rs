@@ -28,6 +28,7 @@
 //! `IDEMSTORE_LONG=1` runs ten times as many rounds and larger storms.
 
 mod common;
+mod support;
 
 use std::collections::{BTreeMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -37,36 +38,12 @@ use std::time::{Duration, Instant};
 use common::{DAY, T0_MS};
 use idemstore::fuzzing::model::{Expected, MRecord, Model};
 use idemstore::{Claim, ClaimOptions, Clock, Error, Lease, ManualClock, RecordState, Store};
+use support::long_run;
+use support::rng::Rng;
 
-fn long_run() -> bool {
-    std::env::var_os("IDEMSTORE_LONG").is_some_and(|v| !v.is_empty() && v != "0")
-}
-
-// ----- a tiny deterministic PRNG (splitmix64) -----
-
-#[derive(Debug, Clone)]
-struct Rng(u64);
-
-impl Rng {
-    fn new(seed: u64) -> Rng {
-        Rng(seed ^ 0x9E37_79B9_7F4A_7C15)
-    }
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-    fn below(&mut self, n: usize) -> usize {
-        if n == 0 {
-            return 0;
-        }
-        usize::try_from(self.next() % n as u64).unwrap_or(0)
-    }
-    fn chance(&mut self, percent: usize) -> bool {
-        self.below(100) < percent
-    }
+/// The PRNG stream of `seed`, as the seeds this file names were recorded with.
+fn seeded(seed: u64) -> Rng {
+    Rng::from_state(seed ^ 0x9E37_79B9_7F4A_7C15)
 }
 
 // ----- histories -----
@@ -383,7 +360,7 @@ fn run_thread(
     plan: &[usize],
     seed: u64,
 ) -> Vec<(usize, Event)> {
-    let mut rng = Rng::new(seed);
+    let mut rng = seeded(seed);
     let mut out = Vec::new();
     for (n, &key) in plan.iter().enumerate() {
         let name = key_name(session, key);
@@ -395,11 +372,11 @@ fn run_thread(
                 } else if rng.chance(70) {
                     leases.last().cloned()
                 } else {
-                    leases.get(rng.below(leases.len())).cloned()
+                    leases.get(rng.index(leases.len())).cloned()
                 }
             })
         };
-        let roll = rng.below(100);
+        let roll = rng.index(100);
         let (call, timed) = match (roll, lease) {
             (0..=9, _) => {
                 let invoked = ticket();
@@ -461,7 +438,7 @@ fn run_thread(
                 (call, (invoked, ret_of_write(r), ticket()))
             }
             (44..=53, Some(mut lease)) => {
-                let by_ms = 500 + 500 * rng.below(4) as u64;
+                let by_ms = 500 + 500 * rng.index(4) as u64;
                 let call = Call::Extend {
                     token: lease.token(),
                     by_ms,
@@ -584,7 +561,7 @@ fn run_rounds(
 ) -> Report {
     let clock = ManualClock::new(T0_MS);
     let mut store = Some(open(&clock));
-    let mut rng = Rng::new(seed);
+    let mut rng = seeded(seed);
     let mut report = Report::default();
     let mut states: BTreeMap<usize, KeyState> = BTreeMap::new();
     let pool: Pool = Arc::default();
@@ -598,7 +575,7 @@ fn run_rounds(
         }
         // Between rounds, with nothing running: time passes (leases end, records expire), and
         // now and then the file store is reopened (a new process epoch).
-        let advance = [0, 0, 300, 1_500, 6_000][rng.below(5)];
+        let advance = [0, 0, 300, 1_500, 6_000][rng.index(5)];
         clock.advance(Duration::from_millis(advance));
         if let Some(every) = reopen_every
             && round > 0
@@ -617,12 +594,12 @@ fn run_rounds(
         let mut plans: Vec<Vec<usize>> = vec![Vec::new(); THREADS];
         for key in 0..KEYS {
             for _ in 0..CALLS_PER_KEY - 1 {
-                plans[rng.below(THREADS)].push(key);
+                plans[rng.index(THREADS)].push(key);
             }
         }
         for plan in &mut plans {
             for i in (1..plan.len()).rev() {
-                plan.swap(i, rng.below(i + 1));
+                plan.swap(i, rng.index(i + 1));
             }
         }
         let barrier = Barrier::new(THREADS);
@@ -632,7 +609,7 @@ fn run_rounds(
                 .enumerate()
                 .map(|(t, plan)| {
                     let (pool, barrier) = (&pool, &barrier);
-                    let thread_seed = rng.next();
+                    let thread_seed = rng.next_u64();
                     scope.spawn(move || {
                         barrier.wait();
                         run_thread(s, pool, session, t, plan, thread_seed)

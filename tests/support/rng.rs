@@ -12,6 +12,12 @@ impl Rng {
         r
     }
 
+    /// A generator that starts from `state` exactly, unmixed: for streams that must stay as
+    /// they were recorded (seeds named in tests and in RELIABILITY.md).
+    pub fn from_state(state: u64) -> Rng {
+        Rng(state)
+    }
+
     pub fn next_u64(&mut self) -> u64 {
         self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
         let mut z = self.0;
@@ -24,6 +30,14 @@ impl Rng {
     pub fn below(&mut self, n: u64) -> u64 {
         assert!(n > 0, "below(0)");
         self.next_u64() % n
+    }
+
+    /// Uniform in `0..n` as an index; 0, drawing nothing, when `n` is 0.
+    pub fn index(&mut self, n: usize) -> usize {
+        if n == 0 {
+            return 0;
+        }
+        usize::try_from(self.next_u64() % n as u64).unwrap_or(0)
     }
 
     /// Uniform in `lo..hi` (`lo < hi`).
