@@ -214,7 +214,11 @@ fn is_input_error(e: &Error) -> bool {
 
 /// The observable state of a store: its records table (one key here), its write count and
 /// its fencing counter. A rejected input must leave all three unchanged.
-fn footprint(store: &Store, scope: &[u8], key: &[u8]) -> (Option<Record>, u64, u64, u64) {
+/// What a refused call must leave as it was: the key's record, the records held, the commits
+/// made and the next fencing token.
+type Footprint = (Option<Record>, u64, u64, u64);
+
+fn footprint(store: &Store, scope: &[u8], key: &[u8]) -> Footprint {
     let stats = store.stats().expect("stats of an in-memory store");
     let record = store.get(scope, key).unwrap_or(None);
     (record, stats.records, stats.commits, stats.next_token)
@@ -254,6 +258,25 @@ fn check_named(e: &Error, sizes: &[(Input, u64, u64, u64)]) {
 
 fn in_bounds(sizes: &[(Input, u64, u64, u64)]) -> bool {
     sizes.iter().all(|(_, a, min, max)| a >= min && a <= max)
+}
+
+/// A lease call refused with `e`: some input of `sizes` is out of bounds, `e` names one of them,
+/// and nothing was written (the footprint is still `before`).
+fn check_refused(
+    store: &Store,
+    (scope, key): (&[u8], &[u8]),
+    before: &Footprint,
+    e: &Error,
+    sizes: &[(Input, u64, u64, u64)],
+    call: &str,
+) {
+    assert!(!in_bounds(sizes), "{call} refused {sizes:?}: {e:?}");
+    check_named(e, sizes);
+    assert_eq!(
+        &footprint(store, scope, key),
+        before,
+        "a rejected {call} wrote"
+    );
 }
 
 /// Arbitrary limits, scope, key, fingerprint, durations, outcome and checkpoint against the
@@ -443,15 +466,7 @@ pub fn validate_input(data: &[u8]) {
                 RecordState::InFlight { checkpoint: Some(ref c), .. } if *c == checkpoint
             ));
         }
-        Err(e) => {
-            assert!(!in_bounds(&sizes), "checkpoint refused {sizes:?}: {e:?}");
-            check_named(&e, &sizes);
-            assert_eq!(
-                footprint(&store, &scope, &key),
-                before,
-                "a rejected checkpoint wrote"
-            );
-        }
+        Err(e) => check_refused(&store, (&scope, &key), &before, &e, &sizes, "checkpoint"),
     }
 
     let by_ms = r.millis();
@@ -462,15 +477,7 @@ pub fn validate_input(data: &[u8]) {
             assert!(in_bounds(&sizes), "extend accepted {sizes:?}");
             assert_eq!(lease.lease_until_ms(), now.saturating_add(by_ms));
         }
-        Err(e) => {
-            assert!(!in_bounds(&sizes), "extend refused {sizes:?}: {e:?}");
-            check_named(&e, &sizes);
-            assert_eq!(
-                footprint(&store, &scope, &key),
-                before,
-                "a rejected extend wrote"
-            );
-        }
+        Err(e) => check_refused(&store, (&scope, &key), &before, &e, &sizes, "extend"),
     }
 
     let outcome = {
@@ -496,15 +503,7 @@ pub fn validate_input(data: &[u8]) {
                 other => panic!("a completed request replays, got {other:?}"),
             }
         }
-        Err(e) => {
-            assert!(!in_bounds(&sizes), "complete refused {sizes:?}: {e:?}");
-            check_named(&e, &sizes);
-            assert_eq!(
-                footprint(&store, &scope, &key),
-                before,
-                "a rejected complete wrote"
-            );
-        }
+        Err(e) => check_refused(&store, (&scope, &key), &before, &e, &sizes, "complete"),
     }
 
     // A lease built from arbitrary parts is checked like any other.
