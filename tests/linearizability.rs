@@ -386,17 +386,7 @@ fn run_thread(
                     Ok(found) => Ret::Got(found.as_ref().map(MRecord::of)),
                     Err(e) => Ret::Unexpected(format!("{e} ({e:?})")),
                 };
-                out.push((
-                    key,
-                    Event {
-                        thread,
-                        invoked,
-                        returned,
-                        call: Call::Get,
-                        ret,
-                    },
-                ));
-                continue;
+                (Call::Get, (invoked, ret, returned))
             }
             (10..=13, _) => {
                 let invoked = ticket();
@@ -406,17 +396,7 @@ fn run_thread(
                     Ok(b) => Ret::Forgotten(b),
                     Err(e) => Ret::Unexpected(format!("{e} ({e:?})")),
                 };
-                out.push((
-                    key,
-                    Event {
-                        thread,
-                        invoked,
-                        returned,
-                        call: Call::Forget,
-                        ret,
-                    },
-                ));
-                continue;
+                (Call::Forget, (invoked, ret, returned))
             }
             (14..=33, Some(lease)) => {
                 let outcome = format!("outcome t{thread} n{n} s{seed}").into_bytes();
@@ -453,17 +433,7 @@ fn run_thread(
                     Err(Error::LeaseLost { .. }) => Ret::LeaseLost,
                     Err(e) => Ret::Unexpected(format!("{e} ({e:?})")),
                 };
-                out.push((
-                    key,
-                    Event {
-                        thread,
-                        invoked,
-                        returned,
-                        call,
-                        ret,
-                    },
-                ));
-                continue;
+                (call, (invoked, ret, returned))
             }
             (54..=63, Some(lease)) => {
                 let bytes = format!("cp t{thread} n{n}").into_bytes();
@@ -500,17 +470,7 @@ fn run_thread(
                         .or_default()
                         .push(lease.clone());
                 }
-                out.push((
-                    key,
-                    Event {
-                        thread,
-                        invoked,
-                        returned,
-                        call,
-                        ret: ret_of_claim(r),
-                    },
-                ));
-                continue;
+                (call, (invoked, ret_of_claim(r), returned))
             }
         };
         let (invoked, ret, returned) = timed;
