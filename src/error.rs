@@ -3,6 +3,7 @@
 use std::fmt;
 use std::io;
 use std::path::PathBuf;
+use std::sync::Arc;
 
 /// A specialised `Result` whose error is [`Error`].
 pub type Result<T, E = Error> = std::result::Result<T, E>;
@@ -50,21 +51,33 @@ impl fmt::Display for Input {
     }
 }
 
-/// Everything that can go wrong in idemstore.
+/// The source of an error reported by a storage engine or a remote store, shared so that an
+/// error can be cloned to every caller of a failed batch.
+pub type Source = Arc<dyn std::error::Error + Send + Sync + 'static>;
+
+/// Everything that can go wrong in idemstore, whichever backend raised it.
 ///
 /// Each variant says what state survives it:
 ///
 /// - Input errors ([`TooLarge`](Error::TooLarge), [`TooSmall`](Error::TooSmall),
 ///   [`LeaseExceedsRetention`](Error::LeaseExceedsRetention)) are raised before anything is
-///   queued or written: the store is unchanged.
+///   queued, written or sent: the store is unchanged.
 /// - [`LeaseLost`](Error::LeaseLost) is a fencing rejection: the operation changed nothing.
-/// - [`CommitOutcomeUnknown`](Error::CommitOutcomeUnknown) means the batch holding the
-///   operation failed to commit: it is either fully durable or fully absent, and the store
-///   refuses further writes ([`Poisoned`](Error::Poisoned)) until it is reopened, at which point
-///   a `get` tells which.
+/// - [`CommitOutcomeUnknown`](Error::CommitOutcomeUnknown) means the embedded engine's batch
+///   holding the operation failed to commit: it is either fully durable or fully absent, and
+///   the store refuses further writes ([`Poisoned`](Error::Poisoned)) until it is reopened, at
+///   which point a `get` tells which.
 /// - [`Corrupt`](Error::Corrupt) reports bytes on disk that failed their checks; nothing is
 ///   overwritten because of it.
-#[derive(Debug)]
+/// - [`Unavailable`](Error::Unavailable) and [`OutcomeUnknown`](Error::OutcomeUnknown) come from
+///   a remote store (a lost connection, a timeout): the first means the operation did not take
+///   effect, the second that it may have. Neither is fatal: retry the call (a claim retried
+///   after `OutcomeUnknown` answers from whatever state the first attempt left).
+/// - [`Internal`](Error::Internal) reports a broken invariant of idemstore itself: a bug.
+///
+/// Errors are cheap to clone (I/O errors and sources are shared), so a failed batch hands the
+/// same error to each of its callers.
+#[derive(Debug, Clone)]
 #[non_exhaustive]
 pub enum Error {
     /// An input is longer (bytes) or larger (milliseconds) than its limit.
@@ -129,11 +142,30 @@ pub enum Error {
     /// Another `Store` (in this or another process) holds the file.
     AlreadyOpen,
     /// The disk is full. The failed batch was not acknowledged; reads keep working.
-    StorageFull(io::Error),
+    StorageFull(Arc<io::Error>),
     /// An I/O error from the operating system.
-    Io(io::Error),
-    /// An error reported by the storage engine that is neither I/O nor corruption.
-    Storage(String),
+    Io(Arc<io::Error>),
+    /// The backend could not be reached (connection refused or lost before the request was
+    /// sent, pool exhausted): the operation did not take effect. Retryable; not fatal.
+    Unavailable {
+        /// What the backend's client reported.
+        source: Source,
+    },
+    /// A remote backend may or may not have applied the operation (the connection dropped or
+    /// timed out after the request was sent). Retryable and not fatal: a retried claim answers
+    /// from the state the first attempt left (a replay, in progress, or an acquisition of its
+    /// own), never a second execution under one lease.
+    OutcomeUnknown {
+        /// What the backend's client reported.
+        source: Source,
+    },
+    /// An error of the storage engine or remote store that is neither I/O, corruption nor a
+    /// lost connection (for the embedded engine: redb errors such as a value over its size
+    /// limit).
+    Backend {
+        /// The backend's own error.
+        source: Source,
+    },
     /// The commit of the batch holding this operation failed: it is durable in full or absent in
     /// full, and which one is unknown until the store is reopened. The store refuses writes from
     /// now on.
@@ -147,6 +179,10 @@ pub enum Error {
         /// The error that poisoned the store.
         cause: String,
     },
+    /// A broken invariant inside idemstore (a bug): for example the writer thread panicked, or
+    /// answered an operation with a reply of another kind. What it did to stored state is
+    /// described in the message; please report it.
+    Internal(String),
     /// The store has been closed.
     Closed,
 }
@@ -194,7 +230,15 @@ impl fmt::Display for Error {
             Error::AlreadyOpen => f.write_str("the database file is already open in another store"),
             Error::StorageFull(e) => write!(f, "storage full: {e}"),
             Error::Io(e) => write!(f, "I/O error: {e}"),
-            Error::Storage(msg) => write!(f, "storage error: {msg}"),
+            Error::Unavailable { source } => write!(
+                f,
+                "backend unavailable, the operation did not take effect: {source}"
+            ),
+            Error::OutcomeUnknown { source } => write!(
+                f,
+                "backend did not answer, the operation may or may not have taken effect: {source}"
+            ),
+            Error::Backend { source } => write!(f, "backend error: {source}"),
             Error::CommitOutcomeUnknown { source } => write!(
                 f,
                 "commit failed, outcome unknown until reopen ({source}); the store refuses writes"
@@ -203,6 +247,7 @@ impl fmt::Display for Error {
                 f,
                 "store refuses writes after a fatal error ({cause}); reopen it"
             ),
+            Error::Internal(message) => write!(f, "internal error (a bug in idemstore): {message}"),
             Error::Closed => f.write_str("the store is closed"),
         }
     }
@@ -211,7 +256,10 @@ impl fmt::Display for Error {
 impl std::error::Error for Error {
     fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
         match self {
-            Error::StorageFull(e) | Error::Io(e) => Some(e),
+            Error::StorageFull(e) | Error::Io(e) => Some(e.as_ref()),
+            Error::Unavailable { source }
+            | Error::OutcomeUnknown { source }
+            | Error::Backend { source } => Some(source.as_ref()),
             Error::CommitOutcomeUnknown { source } => Some(source.as_ref()),
             _ => None,
         }
@@ -228,6 +276,17 @@ impl Error {
         )
     }
 
+    /// Whether the same call may succeed if made again later without changing its input: a
+    /// remote backend that was unavailable or did not answer. Input errors, fencing
+    /// rejections, corruption and fatal errors are not retryable.
+    #[must_use]
+    pub fn is_retryable(&self) -> bool {
+        matches!(
+            self,
+            Error::Unavailable { .. } | Error::OutcomeUnknown { .. }
+        )
+    }
+
     pub(crate) fn corrupt(location: impl Into<String>, reason: impl Into<String>) -> Error {
         Error::Corrupt {
             location: location.into(),
@@ -241,72 +300,17 @@ impl Error {
             redb::Error::Io(io) => Error::from_io(io),
             redb::Error::Corrupted(reason) => Error::corrupt("database file", reason),
             redb::Error::DatabaseAlreadyOpen => Error::AlreadyOpen,
-            other => Error::Storage(other.to_string()),
+            other => Error::Backend {
+                source: Arc::new(other),
+            },
         }
     }
 
     pub(crate) fn from_io(e: io::Error) -> Error {
         if e.kind() == io::ErrorKind::StorageFull {
-            Error::StorageFull(e)
+            Error::StorageFull(Arc::new(e))
         } else {
-            Error::Io(e)
-        }
-    }
-
-    /// A copy of the error for fan-out to every caller of a failed batch. I/O errors are
-    /// not `Clone`, so the copy keeps their kind and message.
-    pub(crate) fn duplicate(&self) -> Error {
-        match self {
-            Error::TooLarge {
-                what,
-                actual,
-                limit,
-            } => Error::TooLarge {
-                what: *what,
-                actual: *actual,
-                limit: *limit,
-            },
-            Error::TooSmall {
-                what,
-                actual,
-                limit,
-            } => Error::TooSmall {
-                what: *what,
-                actual: *actual,
-                limit: *limit,
-            },
-            Error::LeaseExceedsRetention {
-                lease_ms,
-                retention_ms,
-            } => Error::LeaseExceedsRetention {
-                lease_ms: *lease_ms,
-                retention_ms: *retention_ms,
-            },
-            Error::LeaseLost { token } => Error::LeaseLost { token: *token },
-            Error::QuotaExceeded { limit } => Error::QuotaExceeded { limit: *limit },
-            Error::Corrupt { location, reason } => Error::Corrupt {
-                location: location.clone(),
-                reason: reason.clone(),
-            },
-            Error::NotAnIdemstoreFile { path, reason } => Error::NotAnIdemstoreFile {
-                path: path.clone(),
-                reason: reason.clone(),
-            },
-            Error::UnsupportedFormat { found, supported } => Error::UnsupportedFormat {
-                found: *found,
-                supported: *supported,
-            },
-            Error::AlreadyOpen => Error::AlreadyOpen,
-            Error::StorageFull(e) => Error::StorageFull(io::Error::new(e.kind(), e.to_string())),
-            Error::Io(e) => Error::Io(io::Error::new(e.kind(), e.to_string())),
-            Error::Storage(msg) => Error::Storage(msg.clone()),
-            Error::CommitOutcomeUnknown { source } => Error::CommitOutcomeUnknown {
-                source: Box::new(source.duplicate()),
-            },
-            Error::Poisoned { cause } => Error::Poisoned {
-                cause: cause.clone(),
-            },
-            Error::Closed => Error::Closed,
+            Error::Io(Arc::new(e))
         }
     }
 }

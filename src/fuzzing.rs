@@ -33,8 +33,8 @@ use crate::{
 #[must_use]
 pub fn decode_record(bytes: &[u8]) -> Option<crate::Record> {
     // The empty key: the checksum then covers the payload alone.
-    let record = crate::codec::decode(&[], bytes).ok()?;
-    let again = crate::codec::decode(&[], &crate::codec::encode(&[], &record));
+    let record = crate::engine::codec::decode(&[], bytes).ok()?;
+    let again = crate::engine::codec::decode(&[], &crate::engine::codec::encode(&[], &record));
     assert_eq!(
         again.as_ref(),
         Ok(&record),
@@ -766,7 +766,8 @@ fn is_storage_error(e: &Error) -> bool {
         Error::CommitOutcomeUnknown { .. }
             | Error::Io(_)
             | Error::StorageFull(_)
-            | Error::Storage(_)
+            | Error::Backend { .. }
+            | Error::Internal(_)
     )
 }
 

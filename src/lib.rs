@@ -45,41 +45,37 @@
 //! The engine makes that window visible and small; it cannot make it vanish.
 //!
 //! ## Layout
-//! [`transition`](crate) is the pure state machine; `commit` the group-commit writer; `codec`
-//! the record envelope; `schema` the redb tables; `sweep` the background sweeper.
+//! `core/` holds what every backend shares: the record, the claim types and the pure state
+//! machine (`core/transition.rs`). `engine/` is the embedded store: builder, queue, group-commit
+//! writer, reads, sweeper and the storage seam (`engine/storage/`, with redb behind it).
+//! `backend/` is the backend-neutral trait the HTTP layer (`http/`, feature `http`) uses.
 
 #![forbid(unsafe_code)]
 #![deny(missing_docs, clippy::unwrap_used, clippy::indexing_slicing)]
 
 mod backend;
-mod claim;
 mod clock;
-mod codec;
-mod commit;
+mod core;
+mod engine;
 mod error;
 mod limits;
-mod record;
-mod schema;
-mod store;
-mod sweep;
-mod transition;
-mod wait;
 
 #[cfg(feature = "http")]
 pub mod http;
 
 pub use backend::IdempotencyBackend;
-pub use claim::{Claim, ClaimOptions, Lease, Replay};
 pub use clock::{Clock, ManualClock, SystemClock};
-pub use commit::Durability;
-pub use error::{Error, Input, Result};
+pub use core::claim::{Claim, ClaimOptions, Lease, Replay};
+pub use core::record::{Record, RecordState};
+pub use engine::{
+    BATCH_OPS_MAX, Durability, FORMAT_VERSION, Orphan, QUEUE_CAPACITY_MAX, Stats, Store,
+    StoreBuilder, Swept,
+};
+pub use error::{Error, Input, Result, Source};
 pub use limits::{
     CHECKPOINT_LEN_MAX, FINGERPRINT_LEN_MAX, KEY_LEN_MAX, Limits, OUTCOME_LEN_MAX,
     RETENTION_MS_MAX, SCOPE_LEN_MAX, WAIT_MS_MAX,
 };
-pub use record::{Record, RecordState};
-pub use schema::FORMAT_VERSION;
-pub use store::{BATCH_OPS_MAX, Orphan, QUEUE_CAPACITY_MAX, Stats, Store, StoreBuilder, Swept};
 
 // The fuzz targets' entry points; documented in the module itself.
 #[doc(hidden)]

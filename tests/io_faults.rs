@@ -127,7 +127,8 @@ fn error_kind(e: &Error) -> String {
         Error::Io(_) => "Io".into(),
         Error::StorageFull(_) => "StorageFull".into(),
         Error::Poisoned { .. } => "Poisoned".into(),
-        Error::Storage(_) => "Storage".into(),
+        Error::Backend { .. } => "Backend".into(),
+        Error::Internal(_) => "Internal".into(),
         Error::Corrupt { .. } => "Corrupt".into(),
         other => format!("{other:?}"),
     }

@@ -11,8 +11,8 @@ use super::metrics::Metrics;
 use super::policy::{DefaultStorePolicy, StorePolicy};
 use super::scope::{GlobalScope, ScopeExtractor};
 use super::service::Idempotency;
+use crate::ClaimOptions;
 use crate::backend::IdempotencyBackend;
-use crate::claim::ClaimOptions;
 
 /// The request header that carries the idempotency key, unless configured otherwise.
 pub const IDEMPOTENCY_KEY: HeaderName = HeaderName::from_static("idempotency-key");

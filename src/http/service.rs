@@ -27,9 +27,9 @@ use super::policy::{StoreDecision, StorePolicy};
 use super::problem::{Problem, ProblemType};
 use super::scope::ScopeExtractor;
 use crate::backend::IdempotencyBackend;
-use crate::claim::{Claim, Lease};
 use crate::error::Error;
 use crate::limits::{KEY_LEN_MAX, SCOPE_LEN_MAX};
+use crate::{Claim, Lease};
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -431,7 +431,7 @@ async fn claim_detached<B: IdempotencyBackend, X, P>(
         }
     });
     task.await
-        .map_err(|e| Error::Storage(format!("the claim task failed: {e}")))?
+        .map_err(|e| Error::Internal(format!("the claim task failed: {e}")))?
 }
 
 /// `Retry-After` in whole seconds: the time left on the original's lease, capped, at least 1.

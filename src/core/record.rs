@@ -1,17 +1,16 @@
 //! Idempotency records and the scoped keys that name them.
 
-use serde::{Deserialize, Serialize};
-
-use crate::codec::bytes;
-
 /// One idempotency record as stored: what a `get` returns.
 ///
 /// Timestamps are milliseconds since the Unix epoch, read from the store's [`Clock`](crate::Clock).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+///
+/// This is the public view of a record, not its on-disk form: the engine persists a private,
+/// versioned struct and converts (`src/engine/codec/`), so a field added here never changes the
+/// file format by accident.
+#[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct Record {
     /// The fingerprint of the request that created the record.
-    #[serde(with = "bytes")]
     pub fingerprint: Vec<u8>,
     /// When the record was first claimed.
     pub created_at_ms: u64,
@@ -26,7 +25,7 @@ pub struct Record {
 }
 
 /// The state of a [`Record`].
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum RecordState {
     /// A caller holds a lease and is executing the request.
@@ -39,19 +38,16 @@ pub enum RecordState {
         /// When the lease ends unless extended.
         lease_until_ms: u64,
         /// The latest recovery point of the owner, handed to whoever takes the record over.
-        #[serde(with = "bytes::option")]
         checkpoint: Option<Vec<u8>>,
     },
     /// The request finished; its outcome is replayed to every duplicate.
     Completed {
         /// The stored outcome, replayed byte for byte.
-        #[serde(with = "bytes")]
         outcome: Vec<u8>,
     },
     /// The request failed retryably: the next claim with the same fingerprint runs it again.
     Failed {
         /// The recovery point of the failed attempt, handed to the next one.
-        #[serde(with = "bytes::option")]
         checkpoint: Option<Vec<u8>>,
     },
 }

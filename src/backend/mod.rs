@@ -11,9 +11,9 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::claim::{Claim, ClaimOptions, Lease};
+use crate::core::claim::{Claim, ClaimOptions, Lease};
+use crate::engine::Store;
 use crate::error::Result;
-use crate::store::Store;
 
 /// An idempotency store as middleware sees it: the state machine of DESIGN §2 behind async
 /// calls whose futures are `Send`, so they can run on a multi-threaded executor.

@@ -3,8 +3,7 @@
 use std::path::Path;
 
 use redb::{
-    Database, ReadTransaction, ReadableDatabase, ReadableTable, ReadableTableMetadata,
-    TableDefinition, TableHandle,
+    Database, ReadTransaction, ReadableDatabase, ReadableTable, TableDefinition, TableHandle,
 };
 
 use crate::error::{Error, Result};
@@ -147,20 +146,4 @@ pub(crate) fn adopt(db: &Database, path: &Path) -> Result<Adopted> {
     }
     txn.commit().map_err(Error::storage)?;
     Ok(adopted)
-}
-
-/// Counts of the tables, for `stats`.
-pub(crate) fn table_lens(db: &Database) -> Result<(u64, u64)> {
-    let read = db.begin_read().map_err(Error::storage)?;
-    let records = read
-        .open_table(RECORDS)
-        .map_err(Error::storage)?
-        .len()
-        .map_err(Error::storage)?;
-    let expiry = read
-        .open_table(EXPIRY)
-        .map_err(Error::storage)?
-        .len()
-        .map_err(Error::storage)?;
-    Ok((records, expiry))
 }

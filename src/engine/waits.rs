@@ -154,7 +154,11 @@ struct TimerState {
 
 impl Timer {
     /// Fires `signal` at `deadline` unless it has been dropped by then.
-    pub(crate) fn schedule(&self, deadline: Instant, signal: &Arc<Signal>) {
+    ///
+    /// # Errors
+    /// [`Error::Io`](crate::Error::Io) if the timer thread, started on first use, cannot be
+    /// spawned (a process or cgroup thread limit).
+    pub(crate) fn schedule(&self, deadline: Instant, signal: &Arc<Signal>) -> crate::Result<()> {
         {
             let mut thread = self.thread.lock();
             if thread.is_none() {
@@ -163,7 +167,7 @@ impl Timer {
                     std::thread::Builder::new()
                         .name("idemstore-timer".into())
                         .spawn(move || inner.run())
-                        .expect("spawning the timer thread needs only memory"),
+                        .map_err(crate::Error::from_io)?,
                 );
             }
         }
@@ -174,6 +178,7 @@ impl Timer {
         s.signals.insert(id, Arc::downgrade(signal));
         drop(s);
         self.inner.cv.notify_one();
+        Ok(())
     }
 
     pub(crate) fn stop(&self) {

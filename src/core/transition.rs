@@ -1,11 +1,17 @@
-//! The state machine: a pure function from `(stored record, operation, context)` to
-//! `(write, reply)`. It does no I/O; the commit writer applies its writes, and the tests and the
-//! fuzzer drive it directly. This is the one place that decides semantics (DESIGN §2).
+//! The state machine: a pure function from `(key, stored record, operation, context)` to
+//! `(write, reply)`. It does no I/O; the engine's writer applies its writes, the read path asks
+//! it whether a claim can be answered without one, and the unit tests drive it directly. This
+//! is the one place that decides semantics (DESIGN §2), and the one place that builds the
+//! public answers ([`Claim`], [`Lease`], [`Replay`]) from a record.
 
+use std::time::Duration;
+
+use crate::core::claim::{Claim, Lease, Replay};
+use crate::core::record::{Record, RecordState};
 use crate::error::Error;
-use crate::record::{Record, RecordState};
 
-/// What the writer knows when it applies one operation.
+/// What the state machine knows when it applies one operation. Built by
+/// [`Ctx::new`] and, for writes, completed with the next token and the quota state.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Ctx {
     /// The time of the operation.
@@ -17,6 +23,19 @@ pub(crate) struct Ctx {
     /// `Some(limit)` when the record's scope is at its quota: a claim that would create a new
     /// record is refused.
     pub scope_full: Option<u64>,
+}
+
+impl Ctx {
+    /// The context of a decision at `now_ms` in process epoch `epoch`: what a read-only
+    /// decision needs. The writer adds the next token and whether the scope is full.
+    pub(crate) fn new(now_ms: u64, epoch: u64) -> Ctx {
+        Ctx {
+            now_ms,
+            epoch,
+            next_token: 0,
+            scope_full: None,
+        }
+    }
 }
 
 /// One state-changing operation on one record.
@@ -46,31 +65,10 @@ pub(crate) enum Op {
     Forget,
 }
 
-/// The decision of a claim.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) enum ClaimDecision {
-    Acquired {
-        token: u64,
-        lease_until_ms: u64,
-        attempt: u32,
-        checkpoint: Option<Vec<u8>>,
-        takeover: bool,
-    },
-    Replay {
-        outcome: Vec<u8>,
-        completed_at_ms: u64,
-        attempt: u32,
-    },
-    InProgress {
-        lease_until_ms: u64,
-    },
-    Mismatch,
-}
-
 /// The successful answer of an operation.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum Reply {
-    Claim(ClaimDecision),
+    Claim(Claim),
     Done,
     Extended { lease_until_ms: u64 },
     Forgotten(bool),
@@ -127,14 +125,14 @@ pub(crate) fn owner_is_gone(state: &RecordState, ctx: &Ctx) -> bool {
 
 /// Applies `op` to the stored record (`None` when there is none). An expired record is treated
 /// as absent for every decision; only `Forget` removes it physically.
-pub(crate) fn apply(stored: Option<&Record>, op: Op, ctx: &Ctx) -> Step {
+pub(crate) fn apply(key: &[u8], stored: Option<&Record>, op: Op, ctx: &Ctx) -> Step {
     let live = stored.filter(|r| !r.is_expired(ctx.now_ms));
     match op {
         Op::Claim {
             fingerprint,
             lease_ms,
             retention_ms,
-        } => claim(live, fingerprint, lease_ms, retention_ms, ctx),
+        } => claim(key, live, fingerprint, lease_ms, retention_ms, ctx),
         Op::Complete {
             token,
             outcome,
@@ -193,6 +191,7 @@ pub(crate) fn apply(stored: Option<&Record>, op: Op, ctx: &Ctx) -> Step {
 }
 
 fn claim(
+    key: &[u8],
     live: Option<&Record>,
     fingerprint: Vec<u8>,
     lease_ms: u64,
@@ -218,25 +217,25 @@ fn claim(
                 checkpoint: None,
             },
         };
-        return acquired(record, None, false, ctx);
+        return acquired(key, record, None, false, ctx);
     };
     if !fingerprints_equal(&r.fingerprint, &fingerprint) {
-        return Step::keep(Ok(Reply::Claim(ClaimDecision::Mismatch)));
+        return Step::keep(Ok(Reply::Claim(Claim::Mismatch)));
     }
     let (checkpoint, takeover) = match &r.state {
         RecordState::Completed { outcome } => {
-            return Step::keep(Ok(Reply::Claim(ClaimDecision::Replay {
+            return Step::keep(Ok(Reply::Claim(Claim::Replay(Replay {
                 outcome: outcome.clone(),
                 completed_at_ms: r.updated_at_ms,
                 attempt: r.attempt,
-            })));
+            }))));
         }
         RecordState::InFlight {
             lease_until_ms: current_until,
             ..
         } if !owner_is_gone(&r.state, ctx) => {
-            return Step::keep(Ok(Reply::Claim(ClaimDecision::InProgress {
-                lease_until_ms: *current_until,
+            return Step::keep(Ok(Reply::Claim(Claim::InProgress {
+                retry_after: Duration::from_millis(current_until.saturating_sub(ctx.now_ms).max(1)),
             })));
         }
         RecordState::InFlight { checkpoint, .. } => (checkpoint.clone(), true),
@@ -255,21 +254,28 @@ fn claim(
             checkpoint: checkpoint.clone(),
         },
     };
-    acquired(record, checkpoint, takeover, ctx)
+    acquired(key, record, checkpoint, takeover, ctx)
 }
 
-fn acquired(record: Record, checkpoint: Option<Vec<u8>>, takeover: bool, ctx: &Ctx) -> Step {
+fn acquired(
+    key: &[u8],
+    record: Record,
+    checkpoint: Option<Vec<u8>>,
+    takeover: bool,
+    ctx: &Ctx,
+) -> Step {
     let lease_until_ms = match &record.state {
         RecordState::InFlight { lease_until_ms, .. } => *lease_until_ms,
         _ => ctx.now_ms,
     };
-    let decision = ClaimDecision::Acquired {
+    let decision = Claim::Acquired(Lease {
+        scoped_key: key.to_vec(),
         token: ctx.next_token,
         lease_until_ms,
         attempt: record.attempt,
         checkpoint,
         takeover,
-    };
+    });
     Step {
         write: Write::Put(record),
         reply: Ok(Reply::Claim(decision)),
@@ -300,6 +306,8 @@ fn with_lease(
 mod tests {
     use super::*;
 
+    const KEY: &[u8] = b"\x01sk";
+
     const CTX: Ctx = Ctx {
         now_ms: 1_000,
         epoch: 3,
@@ -324,28 +332,46 @@ mod tests {
 
     #[test]
     fn claim_of_nothing_acquires_attempt_one_with_the_next_token() {
-        let step = apply(None, claim_op(b"f"), &CTX);
+        let step = apply(KEY, None, claim_op(b"f"), &CTX);
         assert!(step.token_used);
-        assert!(matches!(
-            step.reply,
-            Ok(Reply::Claim(ClaimDecision::Acquired {
-                token: 50,
-                attempt: 1,
-                takeover: false,
-                lease_until_ms: 1_100,
-                ..
-            }))
-        ));
+        let Ok(Reply::Claim(Claim::Acquired(lease))) = &step.reply else {
+            panic!("expected an acquisition, got {:?}", step.reply);
+        };
+        assert_eq!(
+            (
+                lease.token,
+                lease.attempt,
+                lease.takeover,
+                lease.lease_until_ms
+            ),
+            (50, 1, false, 1_100)
+        );
+        assert_eq!(lease.scoped_key, KEY);
         let r = put(step);
         assert_eq!(r.expires_at_ms, 11_000);
     }
 
     #[test]
     fn a_write_with_a_foreign_token_changes_nothing() {
-        let r = put(apply(None, claim_op(b"f"), &CTX));
-        let step = apply(Some(&r), Op::Fail { token: 49 }, &CTX);
+        let r = put(apply(KEY, None, claim_op(b"f"), &CTX));
+        let step = apply(KEY, Some(&r), Op::Fail { token: 49 }, &CTX);
         assert_eq!(step.write, Write::Keep);
         assert!(matches!(step.reply, Err(Error::LeaseLost { token: 49 })));
+    }
+
+    #[test]
+    fn a_live_lease_answers_in_progress_with_the_time_it_has_left() {
+        let r = put(apply(KEY, None, claim_op(b"f"), &CTX));
+        let later = Ctx {
+            now_ms: 1_040,
+            ..CTX
+        };
+        let step = apply(KEY, Some(&r), claim_op(b"f"), &later);
+        assert_eq!(step.write, Write::Keep);
+        assert!(matches!(
+            step.reply,
+            Ok(Reply::Claim(Claim::InProgress { retry_after })) if retry_after == Duration::from_millis(60)
+        ));
     }
 
     #[test]

@@ -5,8 +5,13 @@
 //! 0       1     magic 0xD1
 //! 1       1     envelope format version (1)
 //! 2       4     CRC-32 (IEEE, crc32fast) of the scoped key followed by the payload, LE
-//! 6       n     payload: bincode 2 (standard config) of `Record`
+//! 6       n     payload: bincode 2 (standard config) of the persisted record of that version
 //! ```
+//!
+//! The payload is a private struct per envelope version ([`v1`]), converted to and from the
+//! public [`Record`]: the public type can grow without changing the file format, and `decode`
+//! dispatches on the version byte, so a later version adds a module and an arm, and files
+//! written by earlier builds keep decoding.
 //!
 //! The checksum covers the record's storage key although the key is not stored in the
 //! envelope: a record that a damaged B-tree page shows under another key fails its check
@@ -15,7 +20,9 @@
 //! Decoding checks every field and the exact payload length, and returns a typed corruption
 //! error for any byte string that is not a valid envelope; it never panics.
 
-use crate::record::Record;
+mod v1;
+
+use crate::core::record::Record;
 
 /// First byte of every record envelope.
 pub(crate) const ENVELOPE_MAGIC: u8 = 0xD1;
@@ -46,16 +53,16 @@ fn checksum(key: &[u8], payload: &[u8]) -> u32 {
 pub(crate) fn encode(key: &[u8], record: &Record) -> Vec<u8> {
     let mut out = Vec::with_capacity(HEADER_LEN + 64 + payload_hint(record));
     out.extend_from_slice(&[ENVELOPE_MAGIC, ENVELOPE_VERSION, 0, 0, 0, 0]);
-    // Writing into a Vec cannot fail, and every field of Record is encodable.
-    bincode::serde::encode_into_std_write(record, &mut out, config())
-        .expect("encoding a Record into a Vec is infallible");
+    // Writing into a Vec cannot fail, and every field of the persisted record is encodable.
+    bincode::serde::encode_into_std_write(v1::RecordV1::from(record), &mut out, config())
+        .expect("encoding a persisted record into a Vec is infallible");
     let crc = checksum(key, out.get(HEADER_LEN..).unwrap_or_default());
     out.splice(2..HEADER_LEN, crc.to_le_bytes());
     out
 }
 
 fn payload_hint(record: &Record) -> usize {
-    use crate::record::RecordState;
+    use crate::core::record::RecordState;
     record.fingerprint.len()
         + match &record.state {
             RecordState::Completed { outcome } => outcome.len(),
@@ -111,7 +118,7 @@ pub(crate) fn decode(key: &[u8], bytes: &[u8]) -> Result<Record, DecodeError> {
     if *magic != ENVELOPE_MAGIC {
         return Err(DecodeError::BadMagic(*magic));
     }
-    if *version != ENVELOPE_VERSION {
+    if !(1..=ENVELOPE_VERSION).contains(version) {
         return Err(DecodeError::UnknownVersion(*version));
     }
     if payload.len() > PAYLOAD_LIMIT {
@@ -122,95 +129,29 @@ pub(crate) fn decode(key: &[u8], bytes: &[u8]) -> Result<Record, DecodeError> {
     if stored != computed {
         return Err(DecodeError::Checksum { stored, computed });
     }
-    let (record, used): (Record, usize) = bincode::serde::decode_from_slice(payload, config())
+    match *version {
+        1 => {
+            let persisted: v1::RecordV1<'static> = decode_payload(payload)?;
+            Ok(persisted.into())
+        }
+        other => Err(DecodeError::UnknownVersion(other)),
+    }
+}
+
+/// Decodes one bincode payload, which must fill `payload` exactly.
+fn decode_payload<T: serde::de::DeserializeOwned>(payload: &[u8]) -> Result<T, DecodeError> {
+    let (value, used): (T, usize) = bincode::serde::decode_from_slice(payload, config())
         .map_err(|e| DecodeError::Payload(e.to_string()))?;
     if used != payload.len() {
         return Err(DecodeError::TrailingBytes(payload.len() - used));
     }
-    Ok(record)
-}
-
-/// Serde helpers that write byte vectors as one length-prefixed run instead of a sequence of
-/// single-byte elements.
-pub(crate) mod bytes {
-    use serde::de::{Deserializer, Error, SeqAccess, Visitor};
-    use serde::ser::Serializer;
-    use std::fmt;
-
-    pub(crate) fn serialize<S: Serializer>(v: &[u8], s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_bytes(v)
-    }
-
-    pub(crate) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
-        d.deserialize_byte_buf(BytesVisitor)
-    }
-
-    struct BytesVisitor;
-
-    impl<'de> Visitor<'de> for BytesVisitor {
-        type Value = Vec<u8>;
-
-        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-            f.write_str("a byte string")
-        }
-
-        fn visit_bytes<E: Error>(self, v: &[u8]) -> Result<Vec<u8>, E> {
-            Ok(v.to_vec())
-        }
-
-        fn visit_byte_buf<E: Error>(self, v: Vec<u8>) -> Result<Vec<u8>, E> {
-            Ok(v)
-        }
-
-        fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Vec<u8>, A::Error> {
-            // Bounded by the decoder's size check: the hint is capped to what was received.
-            let mut out = Vec::with_capacity(seq.size_hint().unwrap_or(0).min(4096));
-            while let Some(b) = seq.next_element()? {
-                out.push(b);
-            }
-            Ok(out)
-        }
-    }
-
-    pub(crate) mod option {
-        use serde::de::Deserializer;
-        use serde::ser::Serializer;
-        use serde::{Deserialize, Serialize};
-
-        struct Borrowed<'a>(&'a [u8]);
-
-        impl Serialize for Borrowed<'_> {
-            fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-                s.serialize_bytes(self.0)
-            }
-        }
-
-        #[derive(Deserialize)]
-        struct Owned(#[serde(with = "super")] Vec<u8>);
-
-        #[allow(clippy::ref_option)] // serde's `with` passes `&Option<T>`
-        pub(crate) fn serialize<S: Serializer>(
-            v: &Option<Vec<u8>>,
-            s: S,
-        ) -> Result<S::Ok, S::Error> {
-            match v {
-                Some(bytes) => s.serialize_some(&Borrowed(bytes)),
-                None => s.serialize_none(),
-            }
-        }
-
-        pub(crate) fn deserialize<'de, D: Deserializer<'de>>(
-            d: D,
-        ) -> Result<Option<Vec<u8>>, D::Error> {
-            Ok(Option::<Owned>::deserialize(d)?.map(|w| w.0))
-        }
-    }
+    Ok(value)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::record::RecordState;
+    use crate::core::record::RecordState;
 
     const KEY: &[u8] = b"\x05scopekey";
 
@@ -234,6 +175,35 @@ mod tests {
     fn round_trips() {
         let r = sample();
         assert_eq!(decode(KEY, &encode(KEY, &r)), Ok(r));
+    }
+
+    #[test]
+    fn version_one_lays_a_record_out_as_documented() {
+        // The layout of `v1.rs`'s docs, byte for byte: a change here changes the file format.
+        let mut payload = vec![32];
+        payload.extend_from_slice(&[7; 32]); // fingerprint
+        payload.extend_from_slice(&[1, 2, 3]); // created, updated, expires
+        payload.push(1); // attempt
+        payload.extend_from_slice(&[0, 9, 2, 5]); // InFlight: token, epoch, lease_until
+        payload.extend_from_slice(&[1, 6]); // checkpoint: Some, 6 bytes
+        payload.extend_from_slice(b"step-1");
+        let bytes = encode(KEY, &sample());
+        assert_eq!(bytes.get(..2), Some(&[ENVELOPE_MAGIC, 1][..]));
+        assert_eq!(bytes.get(HEADER_LEN..), Some(payload.as_slice()));
+        let crc = checksum(KEY, &payload).to_le_bytes();
+        assert_eq!(bytes.get(2..HEADER_LEN), Some(&crc[..]));
+    }
+
+    #[test]
+    fn an_unknown_envelope_version_is_refused() {
+        let mut bytes = encode(KEY, &sample());
+        if let Some(v) = bytes.get_mut(1) {
+            *v = ENVELOPE_VERSION + 1;
+        }
+        assert_eq!(
+            decode(KEY, &bytes),
+            Err(DecodeError::UnknownVersion(ENVELOPE_VERSION + 1))
+        );
     }
 
     #[test]

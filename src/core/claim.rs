@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use crate::record::split_scoped_key;
+use crate::core::record::split_scoped_key;
 
 /// How a claim behaves: lease length, record retention, and whether a duplicate waits.
 ///
@@ -171,7 +171,7 @@ impl Lease {
             });
         }
         Ok(Lease {
-            scoped_key: crate::record::scoped_key(scope, key),
+            scoped_key: crate::core::record::scoped_key(scope, key),
             token,
             lease_until_ms,
             attempt,

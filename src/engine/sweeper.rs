@@ -8,7 +8,9 @@ use std::time::{Duration, Instant};
 
 use parking_lot::{Condvar, Mutex};
 
-use crate::commit::{Answer, Command, Shared};
+use crate::engine::queue::Command;
+use crate::engine::shared::Shared;
+use crate::error::{Error, Result};
 
 /// The running sweeper thread; stopped and joined by [`Sweeper::stop`].
 pub(crate) struct Sweeper {
@@ -17,17 +19,21 @@ pub(crate) struct Sweeper {
 }
 
 impl Sweeper {
-    pub(crate) fn start(shared: Arc<Shared>, interval: Duration, batch: usize) -> Sweeper {
+    /// Starts the sweeper thread.
+    ///
+    /// # Errors
+    /// [`Error::Io`] if the thread cannot be spawned (a process or cgroup thread limit).
+    pub(crate) fn start(shared: Arc<Shared>, interval: Duration, batch: usize) -> Result<Sweeper> {
         let stop = Arc::new((Mutex::new(false), Condvar::new()));
         let flag = Arc::clone(&stop);
         let thread = std::thread::Builder::new()
             .name("idemstore-sweeper".into())
             .spawn(move || run(&shared, &flag, interval, batch))
-            .expect("spawning the sweeper thread needs only memory");
-        Sweeper {
+            .map_err(Error::from_io)?;
+        Ok(Sweeper {
             stop,
             thread: Some(thread),
-        }
+        })
     }
 
     pub(crate) fn stop(&mut self) {
@@ -62,19 +68,38 @@ fn run(shared: &Shared, stop: &(Mutex<bool>, Condvar), interval: Duration, batch
         // Keep going while whole batches come back due; each batch is one bounded commit that
         // shares the queue with callers.
         loop {
-            if *stop.0.lock() || shared.is_poisoned() {
-                break;
+            if *stop.0.lock() {
+                return;
             }
-            let more = match shared
+            if shared.is_poisoned() {
+                // The writer said why when it stopped; nothing can be swept until a reopen.
+                tracing::warn!(
+                    epoch = shared.epoch,
+                    "idemstore: the sweeper stops: the store refuses writes"
+                );
+                return;
+            }
+            let swept = shared
                 .queue
                 .submit(Command::Sweep { limit: batch })
                 .and_then(|slot| slot.wait())
-            {
-                Ok(Answer::Swept { more, .. }) => more,
-                _ => break,
-            };
-            if !more {
-                break;
+                .and_then(|answer| answer.into_swept());
+            match swept {
+                Ok(swept) if swept.more => {}
+                Ok(_) => break,
+                Err(Error::Closed) => return,
+                // A poisoned store is reported once, above, on the next turn.
+                Err(Error::Poisoned { .. } | Error::CommitOutcomeUnknown { .. }) => {}
+                Err(e) => {
+                    // Not fatal (a corrupt page met while sweeping, say): reported, then tried
+                    // again at the next interval.
+                    tracing::warn!(
+                        epoch = shared.epoch,
+                        error = %e,
+                        "idemstore: a sweep failed; retrying at the next interval"
+                    );
+                    break;
+                }
             }
         }
     }

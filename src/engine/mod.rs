@@ -1,0 +1,35 @@
+//! The embedded engine: a [`Store`] on a redb file (or in memory).
+//!
+//! A call passes through these modules:
+//!
+//! - [`builder`]: [`StoreBuilder`] opens the storage and starts the writer and the sweeper;
+//! - [`store`]: the [`Store`] API checks input against [`Limits`](crate::Limits), then
+//!   either answers from committed state through [`reads`] (replay, mismatch, in progress,
+//!   `get`, `orphans`, `stats`) or queues the operation ([`queue`]);
+//! - [`writer`]: the group-commit thread drains the queue and, per batch, runs the pure state
+//!   machine (`core::transition`) for each operation and applies its writes through [`apply`]
+//!   (which keeps the expiry index and scope counts in step, and holds the sweep algorithm);
+//! - [`storage`]: the seam; `storage::redb` stores records in redb tables, encoded by
+//!   [`codec`];
+//! - [`waits`] wakes duplicates that wait for their original; [`sweeper`] removes expired
+//!   records in bounded batches through the queue.
+
+pub(crate) mod apply;
+pub(crate) mod builder;
+pub(crate) mod codec;
+pub(crate) mod durability;
+pub(crate) mod queue;
+pub(crate) mod reads;
+pub(crate) mod shared;
+pub(crate) mod storage;
+pub(crate) mod store;
+pub(crate) mod sweeper;
+pub(crate) mod waits;
+pub(crate) mod writer;
+
+pub use apply::Swept;
+pub use builder::{BATCH_OPS_MAX, QUEUE_CAPACITY_MAX, StoreBuilder};
+pub use durability::Durability;
+pub use reads::{Orphan, Stats};
+pub use storage::redb::tables::FORMAT_VERSION;
+pub use store::Store;

@@ -1,0 +1,287 @@
+//! The bounded commit queue between callers and the writer thread, and the one-shot reply slot
+//! each caller waits on (blocking, or as a future). A full queue blocks blocking callers and
+//! parks async ones: back-pressure instead of unbounded memory.
+
+use std::collections::VecDeque;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll, Waker};
+use std::time::Instant;
+
+use parking_lot::{Condvar, Mutex};
+
+use crate::core::transition::{Op, Reply};
+use crate::engine::apply::Swept;
+use crate::error::{Error, Result};
+
+/// What a caller asks the writer for.
+#[derive(Debug)]
+pub(crate) enum Command {
+    Record { key: Vec<u8>, op: Op },
+    Sweep { limit: usize },
+    Flush,
+}
+
+/// The writer's answer to one command.
+#[derive(Debug)]
+pub(crate) enum Answer {
+    Reply(Reply),
+    Swept(Swept),
+    Flushed,
+}
+
+impl Answer {
+    /// The reply to a record operation; any other answer is a broken invariant.
+    pub(crate) fn into_reply(self) -> Result<Reply> {
+        match self {
+            Answer::Reply(reply) => Ok(reply),
+            other => Err(unexpected("a record operation", &other)),
+        }
+    }
+
+    /// The result of a sweep; any other answer is a broken invariant.
+    pub(crate) fn into_swept(self) -> Result<Swept> {
+        match self {
+            Answer::Swept(swept) => Ok(swept),
+            other => Err(unexpected("a sweep", &other)),
+        }
+    }
+}
+
+fn unexpected(command: &str, answer: &Answer) -> Error {
+    Error::Internal(format!("the writer answered {command} with {answer:?}"))
+}
+
+/// A one-shot reply slot, awaited by a blocking caller or a future.
+#[derive(Debug, Default)]
+pub(crate) struct Slot {
+    state: Mutex<SlotState>,
+    cv: Condvar,
+}
+
+#[derive(Debug, Default)]
+struct SlotState {
+    result: Option<Result<Answer>>,
+    waker: Option<Waker>,
+    /// Whether `set` ran (the result may have been taken since).
+    answered: bool,
+}
+
+impl Slot {
+    pub(crate) fn set(&self, result: Result<Answer>) {
+        let waker = {
+            let mut s = self.state.lock();
+            s.result = Some(result);
+            s.answered = true;
+            s.waker.take()
+        };
+        self.cv.notify_one();
+        if let Some(w) = waker {
+            w.wake();
+        }
+    }
+
+    pub(crate) fn wait(&self) -> Result<Answer> {
+        let mut s = self.state.lock();
+        loop {
+            if let Some(r) = s.result.take() {
+                return r;
+            }
+            self.cv.wait(&mut s);
+        }
+    }
+
+    fn poll_answer(&self, cx: &mut Context<'_>) -> Poll<Result<Answer>> {
+        let mut s = self.state.lock();
+        match s.result.take() {
+            Some(r) => Poll::Ready(r),
+            None => {
+                s.waker = Some(cx.waker().clone());
+                Poll::Pending
+            }
+        }
+    }
+}
+
+/// A queued command and the slot its answer goes to.
+pub(crate) struct Job {
+    pub(crate) command: Command,
+    pub(crate) slot: Arc<Slot>,
+}
+
+impl Drop for Job {
+    /// A job dropped unanswered — the writer panicked while applying its batch — tells its
+    /// caller so, instead of leaving it waiting forever. Whether the batch committed is unknown.
+    fn drop(&mut self) {
+        if !self.slot.state.lock().answered {
+            self.slot.set(Err(Error::CommitOutcomeUnknown {
+                source: Box::new(Error::Internal(
+                    "the writer thread panicked while applying this batch".into(),
+                )),
+            }));
+        }
+    }
+}
+
+/// The bounded commit queue: a full queue blocks blocking callers and parks async ones.
+pub(crate) struct Queue {
+    state: Mutex<QueueState>,
+    not_empty: Condvar,
+    not_full: Condvar,
+    capacity: usize,
+}
+
+struct QueueState {
+    jobs: VecDeque<Job>,
+    closed: bool,
+    space_wakers: Vec<Waker>,
+}
+
+/// What [`Queue::drain`] found.
+pub(crate) enum Drained {
+    Jobs(Vec<Job>),
+    TimedOut,
+    Closed,
+}
+
+impl Queue {
+    pub(crate) fn new(capacity: usize) -> Queue {
+        Queue {
+            state: Mutex::new(QueueState {
+                jobs: VecDeque::with_capacity(capacity.min(4096)),
+                closed: false,
+                space_wakers: Vec::new(),
+            }),
+            not_empty: Condvar::new(),
+            not_full: Condvar::new(),
+            capacity,
+        }
+    }
+
+    /// Queues `command`, blocking while the queue is full.
+    pub(crate) fn submit(&self, command: Command) -> Result<Arc<Slot>> {
+        let slot = Arc::new(Slot::default());
+        let mut s = self.state.lock();
+        loop {
+            if s.closed {
+                return Err(Error::Closed);
+            }
+            if s.jobs.len() < self.capacity {
+                s.jobs.push_back(Job {
+                    command,
+                    slot: Arc::clone(&slot),
+                });
+                drop(s);
+                self.not_empty.notify_one();
+                return Ok(slot);
+            }
+            self.not_full.wait(&mut s);
+        }
+    }
+
+    /// Queues `command` without blocking the thread: waits for space as a future.
+    pub(crate) fn submit_async(&self, command: Command) -> SubmitFuture<'_> {
+        SubmitFuture {
+            queue: self,
+            command: Some(command),
+            slot: None,
+        }
+    }
+
+    fn try_push(
+        &self,
+        command: &mut Option<Command>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Result<Arc<Slot>>> {
+        let mut s = self.state.lock();
+        if s.closed {
+            return Poll::Ready(Err(Error::Closed));
+        }
+        if s.jobs.len() < self.capacity {
+            let slot = Arc::new(Slot::default());
+            if let Some(command) = command.take() {
+                s.jobs.push_back(Job {
+                    command,
+                    slot: Arc::clone(&slot),
+                });
+            }
+            drop(s);
+            self.not_empty.notify_one();
+            return Poll::Ready(Ok(slot));
+        }
+        s.space_wakers.push(cx.waker().clone());
+        Poll::Pending
+    }
+
+    /// Takes up to `max` queued jobs, waiting for the first until `deadline` (forever if
+    /// `None`).
+    pub(crate) fn drain(&self, max: usize, deadline: Option<Instant>) -> Drained {
+        let mut s = self.state.lock();
+        while s.jobs.is_empty() {
+            if s.closed {
+                return Drained::Closed;
+            }
+            match deadline {
+                Some(d) => {
+                    if self.not_empty.wait_until(&mut s, d).timed_out() && s.jobs.is_empty() {
+                        return Drained::TimedOut;
+                    }
+                }
+                None => self.not_empty.wait(&mut s),
+            }
+        }
+        let n = s.jobs.len().min(max);
+        let jobs: Vec<Job> = s.jobs.drain(..n).collect();
+        let wakers = std::mem::take(&mut s.space_wakers);
+        drop(s);
+        self.not_full.notify_all();
+        for w in wakers {
+            w.wake();
+        }
+        Drained::Jobs(jobs)
+    }
+
+    pub(crate) fn close(&self) {
+        let wakers = {
+            let mut s = self.state.lock();
+            s.closed = true;
+            std::mem::take(&mut s.space_wakers)
+        };
+        self.not_empty.notify_all();
+        self.not_full.notify_all();
+        for w in wakers {
+            w.wake();
+        }
+    }
+
+    pub(crate) fn len(&self) -> usize {
+        self.state.lock().jobs.len()
+    }
+}
+
+/// Waits for queue space, then for the writer's answer.
+pub(crate) struct SubmitFuture<'a> {
+    queue: &'a Queue,
+    command: Option<Command>,
+    slot: Option<Arc<Slot>>,
+}
+
+impl Future for SubmitFuture<'_> {
+    type Output = Result<Answer>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<Answer>> {
+        let this = self.get_mut();
+        if this.slot.is_none() {
+            match this.queue.try_push(&mut this.command, cx) {
+                Poll::Ready(Ok(slot)) => this.slot = Some(slot),
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                Poll::Pending => return Poll::Pending,
+            }
+        }
+        match &this.slot {
+            Some(slot) => slot.poll_answer(cx),
+            None => Poll::Ready(Err(Error::Closed)),
+        }
+    }
+}

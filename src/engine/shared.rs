@@ -1,0 +1,125 @@
+//! The state one open store shares between its handle, the writer thread and the sweeper:
+//! storage, clock, process epoch, queue, waiters, counters, and whether a fatal error has
+//! stopped the writer.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+use parking_lot::Mutex;
+
+use crate::clock::Clock;
+use crate::core::transition::Ctx;
+use crate::engine::durability::Durability;
+use crate::engine::queue::Queue;
+use crate::engine::storage::Storage;
+use crate::engine::waits::Waiters;
+use crate::error::{Error, Result};
+use std::sync::Arc;
+
+/// Counters kept by the writer, read by `stats`.
+#[derive(Debug, Default)]
+pub(crate) struct Counters {
+    pub commits: AtomicU64,
+    pub operations: AtomicU64,
+    pub largest_batch: AtomicU64,
+    pub swept: AtomicU64,
+    pub next_token: AtomicU64,
+}
+
+/// State shared by the store handle, the writer and the sweeper.
+pub(crate) struct Shared {
+    pub storage: Box<dyn Storage>,
+    clock: Arc<dyn Clock>,
+    /// The latest time any decision was made at: time never runs backwards inside one open
+    /// store, whatever the wall clock does, for the writer and readers alike.
+    last_now_ms: AtomicU64,
+    pub epoch: u64,
+    pub durability: Durability,
+    /// The per-scope record quota, if any.
+    pub quota: Option<u64>,
+    pub queue: Queue,
+    pub waiters: Waiters,
+    pub counters: Counters,
+    poisoned: AtomicBool,
+    poison_cause: Mutex<Option<String>>,
+}
+
+impl Shared {
+    pub(crate) fn new(
+        storage: Box<dyn Storage>,
+        clock: Arc<dyn Clock>,
+        epoch: u64,
+        next_token: u64,
+        durability: Durability,
+        queue_capacity: usize,
+        quota: Option<u64>,
+    ) -> Shared {
+        let counters = Counters::default();
+        counters.next_token.store(next_token, Ordering::SeqCst);
+        Shared {
+            storage,
+            clock,
+            last_now_ms: AtomicU64::new(0),
+            epoch,
+            durability,
+            quota,
+            queue: Queue::new(queue_capacity),
+            waiters: Waiters::default(),
+            counters,
+            poisoned: AtomicBool::new(false),
+            poison_cause: Mutex::new(None),
+        }
+    }
+
+    /// The time of a decision made now: the clock, never earlier than an earlier decision.
+    pub(crate) fn now_ms(&self) -> u64 {
+        let now = self.clock.now_ms();
+        self.last_now_ms.fetch_max(now, Ordering::SeqCst).max(now)
+    }
+
+    /// The clock's reading as it is, unclamped.
+    pub(crate) fn clock_ms(&self) -> u64 {
+        self.clock.now_ms()
+    }
+
+    /// The context of a state-machine decision made now (the one place a context is built
+    /// from the store's state; the writer adds the next token and the quota state).
+    pub(crate) fn ctx(&self) -> Ctx {
+        Ctx::new(self.now_ms(), self.epoch)
+    }
+
+    /// `Err(Poisoned)` once a fatal error has stopped the writer.
+    pub(crate) fn check_writable(&self) -> Result<()> {
+        if self.poisoned.load(Ordering::SeqCst) {
+            return Err(self.poisoned_error());
+        }
+        Ok(())
+    }
+
+    pub(crate) fn is_poisoned(&self) -> bool {
+        self.poisoned.load(Ordering::SeqCst)
+    }
+
+    pub(crate) fn poisoned_error(&self) -> Error {
+        Error::Poisoned {
+            cause: self
+                .poison_cause
+                .lock()
+                .clone()
+                .unwrap_or_else(|| "unknown".into()),
+        }
+    }
+
+    /// Stops all writes after a fatal error; says so once, through `tracing`.
+    pub(crate) fn poison(&self, cause: &Error) {
+        let mut c = self.poison_cause.lock();
+        if c.is_none() {
+            tracing::error!(
+                epoch = self.epoch,
+                cause = %cause,
+                "idemstore: the store refuses writes from now on; reopen it"
+            );
+            *c = Some(cause.to_string());
+        }
+        self.poisoned.store(true, Ordering::SeqCst);
+    }
+}

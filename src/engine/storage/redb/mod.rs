@@ -1,0 +1,152 @@
+//! The redb implementation of the storage seam: the tables and meta keys ([`tables`]), opening
+//! a file safely ([`open`]), and the batch that applies one commit ([`batch`]).
+//!
+//! Reads share one snapshot of the records table as of the latest commit, so that a read needs
+//! no transaction of its own; [`Storage::write`] replaces it after each commit, before it
+//! returns, so a read that starts after an acknowledgement sees the acknowledged state or a
+//! newer one.
+
+mod batch;
+pub(crate) mod open;
+pub(crate) mod tables;
+
+use std::path::Path;
+use std::sync::Arc;
+
+use parking_lot::RwLock;
+use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata};
+
+use crate::engine::codec;
+use crate::engine::storage::{Batch, Counts, Storage, Stored};
+use crate::error::{Error, Result};
+
+pub(crate) use open::Options;
+pub(crate) use tables::Adopted;
+use tables::{EXPIRY, META, META_NEXT_TOKEN, RECORDS, SCOPES};
+
+/// The records table of one committed state, readable from any thread.
+type RecordsSnapshot = redb::ReadOnlyTable<&'static [u8], &'static [u8]>;
+
+/// An idemstore database in redb.
+pub(crate) struct RedbStorage {
+    /// The records table as of the latest commit, shared by every reader. `None` (readers open
+    /// their own transaction) until the first refresh and after a failed commit or refresh.
+    /// Declared before `db` so that it is dropped first.
+    snapshot: RwLock<Option<Arc<RecordsSnapshot>>>,
+    db: Database,
+    two_phase_commit: bool,
+}
+
+impl RedbStorage {
+    /// Adopts `db` as an idemstore database (initialising an empty one, refusing a foreign
+    /// one, bumping the process epoch durably) and serves it.
+    pub(crate) fn adopt(db: Database, path: &Path, options: &Options) -> Result<(Self, Adopted)> {
+        let adopted = tables::adopt(&db, path)?;
+        let storage = RedbStorage {
+            snapshot: RwLock::new(None),
+            db,
+            two_phase_commit: options.two_phase_commit,
+        };
+        storage.refresh_snapshot();
+        Ok((storage, adopted))
+    }
+
+    /// Replaces the shared snapshot with the latest committed state; clears it if that cannot
+    /// be read (readers then open their own transactions, and see the error themselves).
+    fn refresh_snapshot(&self) {
+        let open = std::panic::AssertUnwindSafe(|| {
+            let read = self.db.begin_read().ok()?;
+            read.open_table(RECORDS).ok().map(Arc::new)
+        });
+        let fresh = std::panic::catch_unwind(open).ok().flatten();
+        *self.snapshot.write() = fresh;
+    }
+
+    fn read_txn(&self) -> Result<redb::ReadTransaction> {
+        self.db.begin_read().map_err(Error::storage)
+    }
+}
+
+fn decoded(key: &[u8], bytes: &[u8]) -> Stored {
+    codec::decode(key, bytes)
+}
+
+impl Storage for RedbStorage {
+    fn read(&self, key: &[u8]) -> Result<Option<Stored>> {
+        let snapshot = self.snapshot.read().clone();
+        if let Some(table) = snapshot {
+            let value = table.get(key).map_err(Error::storage)?;
+            return Ok(value.map(|guard| decoded(key, guard.value())));
+        }
+        let read = self.read_txn()?;
+        let table = read.open_table(RECORDS).map_err(Error::storage)?;
+        let value = table.get(key).map_err(Error::storage)?;
+        Ok(value.map(|guard| decoded(key, guard.value())))
+    }
+
+    fn scan(&self, visit: &mut dyn FnMut(&[u8], Stored) -> bool) -> Result<()> {
+        let read = self.read_txn()?;
+        let table = read.open_table(RECORDS).map_err(Error::storage)?;
+        for entry in table.iter().map_err(Error::storage)? {
+            let (k, v) = entry.map_err(Error::storage)?;
+            if !visit(k.value(), decoded(k.value(), v.value())) {
+                break;
+            }
+        }
+        Ok(())
+    }
+
+    fn scope_records(&self, scope: &[u8]) -> Result<u64> {
+        let read = self.read_txn()?;
+        let table = read.open_table(SCOPES).map_err(Error::storage)?;
+        let count = table.get(scope).map_err(Error::storage)?;
+        Ok(count.map_or(0, |g| g.value()))
+    }
+
+    fn counts(&self) -> Result<Counts> {
+        let read = self.read_txn()?;
+        let records = read.open_table(RECORDS).map_err(Error::storage)?;
+        let expiry = read.open_table(EXPIRY).map_err(Error::storage)?;
+        Ok(Counts {
+            records: records.len().map_err(Error::storage)?,
+            expiry_entries: expiry.len().map_err(Error::storage)?,
+        })
+    }
+
+    fn write(
+        &self,
+        durable: bool,
+        apply: &mut dyn FnMut(&mut dyn Batch) -> Result<()>,
+    ) -> Result<()> {
+        let mut txn = self.db.begin_write().map_err(Error::storage)?;
+        txn.set_durability(if durable {
+            redb::Durability::Immediate
+        } else {
+            redb::Durability::None
+        })
+        .map_err(Error::storage)?;
+        txn.set_two_phase_commit(self.two_phase_commit);
+        let next_token = {
+            let mut batch = batch::RedbBatch::open(&txn)?;
+            apply(&mut batch)?;
+            batch.next_token()
+        };
+        if let Some(token) = next_token {
+            let mut meta = txn.open_table(META).map_err(Error::storage)?;
+            tables::put_u64(&mut meta, META_NEXT_TOKEN, token)?;
+        }
+        if let Err(e) = txn.commit() {
+            self.release_reads();
+            return Err(Error::CommitOutcomeUnknown {
+                source: Box::new(Error::storage(e)),
+            });
+        }
+        // Readers must see this commit before any of its callers hears of it.
+        self.refresh_snapshot();
+        Ok(())
+    }
+
+    fn release_reads(&self) {
+        *self.snapshot.write() = None;
+    }
+}
