@@ -86,6 +86,53 @@ fn opening_a_file_that_is_not_a_database_is_refused_and_leaves_it_untouched() ->
     Ok(())
 }
 
+/// Set by `a_foreign_redb_database_left_unclean_by_a_crash_is_refused_untouched` for its child.
+const FOREIGN_CHILD_ENV: &str = "IDEMSTORE_FOREIGN_CHILD_DB";
+
+/// The child process: writes a foreign redb database and dies without closing it, so that the
+/// file needs redb's repair before it can be opened. A no-op test unless the parent set it up.
+#[test]
+fn foreign_crash_child() -> TestResult {
+    let Ok(path) = std::env::var(FOREIGN_CHILD_ENV) else {
+        return Ok(());
+    };
+    const THEIRS: redb::TableDefinition<u64, u64> = redb::TableDefinition::new("theirs");
+    let db = redb::Database::create(&path)?;
+    let txn = db.begin_write()?;
+    txn.open_table(THEIRS)?.insert(1, 2)?;
+    txn.commit()?;
+    std::process::abort();
+}
+
+#[test]
+fn a_foreign_redb_database_left_unclean_by_a_crash_is_refused_untouched() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let path = dir.path().join("other.redb");
+    let status = std::process::Command::new(std::env::current_exe()?)
+        .args(["--exact", "foreign_crash_child", "--nocapture"])
+        .env(FOREIGN_CHILD_ENV, &path)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()?;
+    assert!(
+        !status.success(),
+        "the child dies without closing the database"
+    );
+    let before = std::fs::read(&path)?;
+    // The file really needs repair: redb refuses a read-only open of it.
+    assert!(matches!(
+        redb::ReadOnlyDatabase::open(&path),
+        Err(redb::DatabaseError::RepairAborted)
+    ));
+    let result = Store::open(&path);
+    assert!(
+        matches!(result, Err(Error::NotAnIdemstoreFile { .. })),
+        "{result:?}"
+    );
+    assert!(std::fs::read(&path)? == before, "the file was modified");
+    Ok(())
+}
+
 #[test]
 fn opening_a_foreign_redb_database_is_refused_and_leaves_it_untouched() -> TestResult {
     let dir = tempfile::tempdir()?;

@@ -1,5 +1,6 @@
 //! The redb implementation of the storage seam: the tables and meta keys ([`tables`]), opening
-//! a file safely ([`open`]), and the batch that applies one commit ([`batch`]).
+//! a file safely ([`open`], with [`overlay`] to inspect a file that needs repair without
+//! writing to it), and the batch that applies one commit ([`batch`]).
 //!
 //! Reads share one snapshot of the records table as of the latest commit, so that a read needs
 //! no transaction of its own; [`Storage::write`] replaces it after each commit, before it
@@ -8,6 +9,7 @@
 
 mod batch;
 pub(crate) mod open;
+mod overlay;
 pub(crate) mod tables;
 
 use std::path::Path;

@@ -8,6 +8,7 @@ use std::path::Path;
 use redb::backends::InMemoryBackend;
 use redb::{Database, ReadableDatabase};
 
+use super::overlay::Overlay;
 use super::tables;
 use crate::error::{Error, Result};
 
@@ -70,10 +71,11 @@ pub(crate) fn file(path: &Path, options: &Options) -> Result<Database> {
     if existing_len == 0 {
         return builder.create(path).map_err(Error::storage);
     }
-    // A writable open marks the file's header, so a foreign database is inspected through a
-    // read-only open first and refused untouched. A file that needs crash recovery cannot be
-    // opened read-only; the writable open repairs it and `adopt` checks it before writing.
-    // redb never verifies checksums on a read-only open (`verify_on_open` applies to the
+    // A writable open marks the file's header (and repairs a file left unclean by a crash),
+    // so a foreign database is inspected first and refused untouched: through a read-only
+    // open, or, for a file that needs repair (which a read-only open cannot do), through a
+    // view whose writes stay in memory (`Overlay`), where redb repairs it without touching the
+    // file. redb never verifies checksums on a read-only open (`verify_on_open` applies to the
     // writable open below), and its reads may panic on a file damaged outside redb: such a
     // panic here means the file is corrupt, and nothing has been written to it yet.
     let inspect = || match builder.open_read_only(path) {
@@ -81,7 +83,14 @@ pub(crate) fn file(path: &Path, options: &Options) -> Result<Database> {
             let read = ro.begin_read().map_err(Error::storage)?;
             tables::inspect(&read, path).map(|_| ())
         }
-        Err(redb::DatabaseError::RepairAborted) => Ok(()),
+        Err(redb::DatabaseError::RepairAborted) => {
+            let view = Overlay::open(path).map_err(Error::from_io)?;
+            let db = redb::Builder::new()
+                .create_with_backend(view)
+                .map_err(Error::storage)?;
+            let read = db.begin_read().map_err(Error::storage)?;
+            tables::inspect(&read, path).map(|_| ())
+        }
         Err(e) => Err(Error::storage(e)),
     };
     std::panic::catch_unwind(std::panic::AssertUnwindSafe(inspect)).unwrap_or_else(|_| {
