@@ -246,6 +246,41 @@ fn corrupt_envelope_is_reported_never_replayed_and_forget_clears_it() -> TestRes
 }
 
 #[test]
+fn a_corrupt_record_past_its_retention_is_swept_and_frees_its_quota() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let path = dir.path().join("idem.redb");
+    let clock = clock();
+    let builder = || {
+        Store::builder()
+            .clock(clock.clone())
+            .sweep_interval(None)
+            .limits(idemstore::Limits::default().max_records_per_scope(1))
+    };
+    {
+        let store = builder().open(&path)?;
+        let lease = acquired(store.claim("s", "bad", "fp", &opts(1_000))?);
+        store.complete(&lease, b"the real outcome", Duration::from_secs(60))?;
+    }
+    overwrite_envelope(&path, b"s", b"bad", |b| {
+        let last = b.len() - 1;
+        b[last] ^= 0x04;
+    })?;
+    let store = builder().open(&path)?;
+    assert!(matches!(store.get("s", "bad"), Err(Error::Corrupt { .. })));
+    // Before its retention ends the damaged record stays (reported, never replayed).
+    assert_eq!(store.sweep(100)?.removed, 0);
+    assert_eq!(store.scope_records("s")?, 1);
+    clock.advance(Duration::from_secs(61));
+    let swept = store.sweep(100)?;
+    assert_eq!((swept.visited, swept.removed), (1, 1));
+    assert_eq!(store.scope_records("s")?, 0);
+    assert_eq!(store.stats()?.records, 0);
+    // The quota it held is free again.
+    acquired(store.claim("s", "new", "fp", &opts(1_000))?);
+    Ok(())
+}
+
+#[test]
 fn every_truncation_of_a_stored_envelope_is_a_typed_corruption_error() -> TestResult {
     let dir = tempfile::tempdir()?;
     let path = dir.path().join("idem.redb");

@@ -4,7 +4,8 @@
 //!
 //! Invariants kept here, for every record stored under key `k`:
 //! - exactly one expiry-index entry `(expires_at_ms, k)` (an entry whose record is gone or
-//!   has another expiry is stale: the sweep drops it);
+//!   has another expiry is stale: the sweep drops it; `forget` of a record whose bytes fail
+//!   their checks cannot know its expiry and leaves its entry stale);
 //! - the record is counted once in its scope's count.
 
 use std::collections::BTreeMap;
@@ -12,7 +13,7 @@ use std::collections::BTreeMap;
 use crate::core::record::{Record, split_scoped_key};
 use crate::core::transition::{self, Ctx, Op, Reply, Write};
 use crate::engine::codec::DecodeError;
-use crate::engine::storage::Batch;
+use crate::engine::storage::{Batch, Stored};
 use crate::error::{Error, Result};
 
 /// The result of one [`Store::sweep`](crate::Store::sweep).
@@ -159,17 +160,35 @@ impl Apply<'_> {
     }
 
     /// Removes up to `limit` expiry-index entries that are due at `now_ms`, oldest first, with
-    /// the records they name. Only a record that is itself due goes; a stale index entry is
-    /// dropped, and a corrupt record (reported by reads, removed by `forget`) stays in place.
+    /// the records they name. A record goes if it is itself due, or if its bytes fail their
+    /// checks: the index says its retention is over (each record has exactly one entry, for its
+    /// current expiry), and a record nobody can read would otherwise hold its scope's quota
+    /// forever. Such a removal is reported through `tracing`. A stale index entry (its record
+    /// gone, or carrying another expiry) is dropped.
     pub(crate) fn sweep(&mut self, now_ms: u64, limit: usize) -> Result<Swept> {
         let due = self.batch.due(now_ms, limit)?;
         let mut removed = 0;
         for (at, key) in &due {
             self.batch.unindex(*at, key)?;
-            let mut goes = |stored: &crate::engine::storage::Stored| matches!(stored, Ok(r) if r.expires_at_ms == *at && r.is_expired(now_ms));
+            let mut damage = None;
+            let mut goes = |stored: &Stored| match stored {
+                Ok(r) => r.expires_at_ms == *at && r.is_expired(now_ms),
+                Err(e) => {
+                    damage = Some(e.to_string());
+                    true
+                }
+            };
             if self.batch.remove_if(key, &mut goes)? {
                 self.scopes.adjust(self.batch, key, false)?;
                 removed += 1;
+            }
+            if let Some(reason) = damage {
+                tracing::warn!(
+                    key = %crate::core::record::display_key(key),
+                    expired_at_ms = at,
+                    %reason,
+                    "idemstore: swept a record that failed its checks; its retention was over"
+                );
             }
         }
         let more = self.batch.any_due(now_ms)?;
