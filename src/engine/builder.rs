@@ -10,6 +10,7 @@ use crate::engine::shared::Shared;
 use crate::engine::storage::redb::{RedbStorage, open};
 use crate::engine::store::Store;
 use crate::engine::sweeper::Sweeper;
+use crate::engine::waits::Timer;
 use crate::engine::writer;
 use crate::error::{Error, Input, Result};
 use crate::limits::Limits;
@@ -18,6 +19,8 @@ use crate::limits::Limits;
 pub const QUEUE_CAPACITY_MAX: usize = 1 << 20;
 /// Hard cap on the operations applied in one transaction.
 pub const BATCH_OPS_MAX: usize = 1 << 16;
+/// Hard cap on the bytes the commit queue may hold ([`StoreBuilder::queue_capacity_bytes`]).
+pub const QUEUE_BYTES_MAX: usize = 1 << 30;
 
 /// Configures and opens a [`Store`]. Obtained from [`Store::builder`].
 ///
@@ -42,6 +45,7 @@ pub struct StoreBuilder {
     sweep_batch: usize,
     two_phase_commit: bool,
     queue_capacity: usize,
+    queue_capacity_bytes: usize,
     max_batch_ops: usize,
     cache_size_bytes: Option<usize>,
     verify_on_open: bool,
@@ -57,6 +61,7 @@ impl Default for StoreBuilder {
             sweep_batch: 1024,
             two_phase_commit: false,
             queue_capacity: 16 * 1024,
+            queue_capacity_bytes: 64 * 1024 * 1024,
             max_batch_ops: 4096,
             cache_size_bytes: None,
             verify_on_open: true,
@@ -109,6 +114,16 @@ impl StoreBuilder {
     /// Default: 16384, at most [`QUEUE_CAPACITY_MAX`].
     pub fn queue_capacity(mut self, operations: usize) -> Self {
         self.queue_capacity = operations;
+        self
+    }
+
+    /// The most bytes the commit queue holds: the keys, fingerprints, outcomes and checkpoints
+    /// of its operations, plus 128 bytes each. A caller whose operation would pass it waits
+    /// (back-pressure), so memory stays bounded however large the outcomes; an empty queue
+    /// takes any one operation. The batch the writer is applying comes on top of this.
+    /// Default: 64 MiB, at most [`QUEUE_BYTES_MAX`].
+    pub fn queue_capacity_bytes(mut self, bytes: usize) -> Self {
+        self.queue_capacity_bytes = bytes;
         self
     }
 
@@ -187,6 +202,11 @@ impl StoreBuilder {
         self.limits.validate()?;
         let checks = [
             ("queue_capacity", self.queue_capacity, QUEUE_CAPACITY_MAX),
+            (
+                "queue_capacity_bytes",
+                self.queue_capacity_bytes,
+                QUEUE_BYTES_MAX,
+            ),
             ("max_batch_ops", self.max_batch_ops, BATCH_OPS_MAX),
             ("sweep_batch", self.sweep_batch, BATCH_OPS_MAX),
         ];
@@ -227,8 +247,12 @@ impl StoreBuilder {
             adopted.next_token,
             self.durability,
             self.queue_capacity,
+            self.queue_capacity_bytes,
             self.limits.records_per_scope(),
         ));
+        // Threads that can fail to start come before the writer, which must not be left
+        // running without a store to stop it.
+        let timer = Timer::start()?;
         let writer_shared = Arc::clone(&shared);
         let max_batch = self.max_batch_ops;
         let writer = std::thread::Builder::new()
@@ -237,7 +261,7 @@ impl StoreBuilder {
             .map_err(Error::from_io)?;
         // From here on the writer runs: the store must be built (and dropped on error) so that
         // the writer is stopped and joined.
-        let mut store = Store::from_parts(shared, self.limits, writer);
+        let mut store = Store::from_parts(shared, self.limits, writer, timer);
         if let Some(interval) = self.sweep_interval {
             let sweeper = Sweeper::start(Arc::clone(&store.shared), interval, self.sweep_batch)?;
             store.sweeper = Some(sweeper);

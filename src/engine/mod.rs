@@ -28,7 +28,7 @@ pub(crate) mod waits;
 pub(crate) mod writer;
 
 pub use apply::Swept;
-pub use builder::{BATCH_OPS_MAX, QUEUE_CAPACITY_MAX, StoreBuilder};
+pub use builder::{BATCH_OPS_MAX, QUEUE_BYTES_MAX, QUEUE_CAPACITY_MAX, StoreBuilder};
 pub use durability::Durability;
 pub use reads::{Orphan, Stats};
 pub use storage::redb::tables::FORMAT_VERSION;

@@ -108,6 +108,31 @@ impl Slot {
 pub(crate) struct Job {
     pub(crate) command: Command,
     pub(crate) slot: Arc<Slot>,
+    /// What the command weighs in the queue's byte budget.
+    weight: usize,
+}
+
+/// The fixed cost counted for each queued command besides its byte fields.
+const JOB_OVERHEAD_BYTES: usize = 128;
+
+impl Command {
+    /// The bytes the command holds: its key and the byte fields of its operation, plus a fixed
+    /// overhead.
+    fn weight(&self) -> usize {
+        let payload = match self {
+            Command::Record { key, op } => {
+                key.len()
+                    + match op {
+                        Op::Claim { fingerprint, .. } => fingerprint.len(),
+                        Op::Complete { outcome, .. } => outcome.len(),
+                        Op::Checkpoint { checkpoint, .. } => checkpoint.len(),
+                        Op::Fail { .. } | Op::Extend { .. } | Op::Forget => 0,
+                    }
+            }
+            Command::Sweep { .. } | Command::Flush => 0,
+        };
+        payload + JOB_OVERHEAD_BYTES
+    }
 }
 
 impl Drop for Job {
@@ -124,18 +149,42 @@ impl Drop for Job {
     }
 }
 
-/// The bounded commit queue: a full queue blocks blocking callers and parks async ones.
+/// The bounded commit queue: a full queue blocks blocking callers and parks async ones. It is
+/// full when it holds `capacity` commands or when the next one would take its bytes past
+/// `capacity_bytes` (an empty queue takes any one command, so that no single operation within
+/// the input limits waits forever).
 pub(crate) struct Queue {
     state: Mutex<QueueState>,
     not_empty: Condvar,
     not_full: Condvar,
     capacity: usize,
+    capacity_bytes: usize,
 }
 
 struct QueueState {
     jobs: VecDeque<Job>,
+    /// The summed weight of `jobs`.
+    bytes: usize,
     closed: bool,
     space_wakers: Vec<Waker>,
+}
+
+impl QueueState {
+    fn has_room(&self, weight: usize, capacity: usize, capacity_bytes: usize) -> bool {
+        self.jobs.is_empty()
+            || (self.jobs.len() < capacity && self.bytes.saturating_add(weight) <= capacity_bytes)
+    }
+
+    fn push(&mut self, command: Command, weight: usize) -> Arc<Slot> {
+        let slot = Arc::new(Slot::default());
+        self.bytes = self.bytes.saturating_add(weight);
+        self.jobs.push_back(Job {
+            command,
+            slot: Arc::clone(&slot),
+            weight,
+        });
+        slot
+    }
 }
 
 /// What [`Queue::drain`] found.
@@ -146,32 +195,31 @@ pub(crate) enum Drained {
 }
 
 impl Queue {
-    pub(crate) fn new(capacity: usize) -> Queue {
+    pub(crate) fn new(capacity: usize, capacity_bytes: usize) -> Queue {
         Queue {
             state: Mutex::new(QueueState {
                 jobs: VecDeque::with_capacity(capacity.min(4096)),
+                bytes: 0,
                 closed: false,
                 space_wakers: Vec::new(),
             }),
             not_empty: Condvar::new(),
             not_full: Condvar::new(),
             capacity,
+            capacity_bytes,
         }
     }
 
     /// Queues `command`, blocking while the queue is full.
     pub(crate) fn submit(&self, command: Command) -> Result<Arc<Slot>> {
-        let slot = Arc::new(Slot::default());
+        let weight = command.weight();
         let mut s = self.state.lock();
         loop {
             if s.closed {
                 return Err(Error::Closed);
             }
-            if s.jobs.len() < self.capacity {
-                s.jobs.push_back(Job {
-                    command,
-                    slot: Arc::clone(&slot),
-                });
+            if s.has_room(weight, self.capacity, self.capacity_bytes) {
+                let slot = s.push(command, weight);
                 drop(s);
                 self.not_empty.notify_one();
                 return Ok(slot);
@@ -198,14 +246,14 @@ impl Queue {
         if s.closed {
             return Poll::Ready(Err(Error::Closed));
         }
-        if s.jobs.len() < self.capacity {
-            let slot = Arc::new(Slot::default());
-            if let Some(command) = command.take() {
-                s.jobs.push_back(Job {
-                    command,
-                    slot: Arc::clone(&slot),
-                });
-            }
+        let weight = command.as_ref().map_or(0, Command::weight);
+        if s.has_room(weight, self.capacity, self.capacity_bytes) {
+            let Some(command) = command.take() else {
+                return Poll::Ready(Err(Error::Internal(
+                    "a submit future was polled again after queueing its command".into(),
+                )));
+            };
+            let slot = s.push(command, weight);
             drop(s);
             self.not_empty.notify_one();
             return Poll::Ready(Ok(slot));
@@ -233,6 +281,8 @@ impl Queue {
         }
         let n = s.jobs.len().min(max);
         let jobs: Vec<Job> = s.jobs.drain(..n).collect();
+        let drained: usize = jobs.iter().map(|j| j.weight).sum();
+        s.bytes = s.bytes.saturating_sub(drained);
         let wakers = std::mem::take(&mut s.space_wakers);
         drop(s);
         self.not_full.notify_all();
@@ -257,6 +307,11 @@ impl Queue {
 
     pub(crate) fn len(&self) -> usize {
         self.state.lock().jobs.len()
+    }
+
+    /// The bytes the queued commands hold.
+    pub(crate) fn bytes(&self) -> usize {
+        self.state.lock().bytes
     }
 }
 
@@ -283,5 +338,62 @@ impl Future for SubmitFuture<'_> {
             Some(slot) => slot.poll_answer(cx),
             None => Poll::Ready(Err(Error::Closed)),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn complete(key: &[u8], outcome_len: usize) -> Command {
+        Command::Record {
+            key: key.to_vec(),
+            op: Op::Complete {
+                token: 1,
+                outcome: vec![0; outcome_len],
+                retention_ms: 1,
+            },
+        }
+    }
+
+    fn poll_push(queue: &Queue, command: &mut Option<Command>) -> Poll<Result<Arc<Slot>>> {
+        let mut cx = Context::from_waker(Waker::noop());
+        queue.try_push(command, &mut cx)
+    }
+
+    #[test]
+    fn a_command_that_would_pass_the_byte_budget_waits_for_room() {
+        let queue = Queue::new(100, 10_000);
+        let mut first = Some(complete(b"a", 9_000));
+        assert!(matches!(poll_push(&queue, &mut first), Poll::Ready(Ok(_))));
+        let mut second = Some(complete(b"b", 2_000));
+        assert!(poll_push(&queue, &mut second).is_pending());
+        assert!(queue.bytes() > 9_000);
+        let Drained::Jobs(jobs) = queue.drain(10, None) else {
+            panic!("one job is queued");
+        };
+        assert_eq!((jobs.len(), queue.bytes()), (1, 0));
+        assert!(matches!(poll_push(&queue, &mut second), Poll::Ready(Ok(_))));
+        drop(jobs);
+    }
+
+    #[test]
+    fn an_empty_queue_takes_one_command_larger_than_its_budget() {
+        let queue = Queue::new(100, 1_000);
+        let mut big = Some(complete(b"a", 5_000));
+        assert!(matches!(poll_push(&queue, &mut big), Poll::Ready(Ok(_))));
+        let mut small = Some(complete(b"b", 1));
+        assert!(poll_push(&queue, &mut small).is_pending());
+    }
+
+    #[test]
+    fn the_operation_count_still_bounds_the_queue() {
+        let queue = Queue::new(2, usize::MAX);
+        for key in [b"a", b"b"] {
+            let mut c = Some(complete(key, 1));
+            assert!(matches!(poll_push(&queue, &mut c), Poll::Ready(Ok(_))));
+        }
+        let mut third = Some(complete(b"c", 1));
+        assert!(poll_push(&queue, &mut third).is_pending());
     }
 }

@@ -48,6 +48,9 @@ pub struct Stats {
     pub swept: u64,
     /// Operations waiting in the commit queue.
     pub queue_depth: usize,
+    /// Bytes held by the operations waiting in the commit queue (see
+    /// [`StoreBuilder::queue_capacity_bytes`](crate::StoreBuilder::queue_capacity_bytes)).
+    pub queue_bytes: usize,
     /// Duplicate claims currently waiting for their original ([`ClaimOptions::wait`](crate::ClaimOptions::wait)).
     pub waiting: usize,
     /// Whether a fatal error has stopped writes until reopen.
@@ -143,6 +146,7 @@ impl Reader<'_> {
             largest_batch: c.largest_batch.load(Relaxed),
             swept: c.swept.load(Relaxed),
             queue_depth: self.shared.queue.len(),
+            queue_bytes: self.shared.queue.bytes(),
             waiting: self.shared.waiters.len(),
             poisoned: self.shared.is_poisoned(),
         })

@@ -44,6 +44,7 @@ pub(crate) struct Shared {
 }
 
 impl Shared {
+    #[allow(clippy::too_many_arguments)]
     pub(crate) fn new(
         storage: Box<dyn Storage>,
         clock: Arc<dyn Clock>,
@@ -51,6 +52,7 @@ impl Shared {
         next_token: u64,
         durability: Durability,
         queue_capacity: usize,
+        queue_capacity_bytes: usize,
         quota: Option<u64>,
     ) -> Shared {
         let counters = Counters::default();
@@ -62,7 +64,7 @@ impl Shared {
             epoch,
             durability,
             quota,
-            queue: Queue::new(queue_capacity),
+            queue: Queue::new(queue_capacity, queue_capacity_bytes),
             waiters: Waiters::default(),
             counters,
             poisoned: AtomicBool::new(false),

@@ -79,11 +79,16 @@ impl Drop for Registration<'_> {
 
 impl Store {
     /// A store around a running writer thread; the builder adds the sweeper.
-    pub(crate) fn from_parts(shared: Arc<Shared>, limits: Limits, writer: JoinHandle<()>) -> Store {
+    pub(crate) fn from_parts(
+        shared: Arc<Shared>,
+        limits: Limits,
+        writer: JoinHandle<()>,
+        timer: Timer,
+    ) -> Store {
         Store {
             shared,
             limits,
-            timer: Timer::default(),
+            timer,
             writer: Some(writer),
             sweeper: None,
         }
@@ -192,9 +197,9 @@ impl Store {
                 return Ok(result);
             };
             let now = Instant::now();
-            if now >= deadline {
+            let Some(registration) = registration.filter(|_| now < deadline) else {
                 return Ok(result);
-            }
+            };
             registration
                 .signal
                 .wait_until(deadline.min(now + retry_after));
@@ -226,21 +231,24 @@ impl Store {
                 return Ok(result);
             };
             let now = Instant::now();
-            if now >= deadline {
+            let Some(registration) = registration.filter(|_| now < deadline) else {
                 return Ok(result);
-            }
-            self.timer
-                .schedule(deadline.min(now + retry_after), &registration.signal)?;
+            };
+            let _wake_up = self
+                .timer
+                .schedule(deadline.min(now + retry_after), &registration.signal);
             registration.signal.fired().await;
         }
     }
 
-    fn register<'a>(&'a self, sk: &'a [u8]) -> Registration<'a> {
-        Registration {
+    /// Registers a waiter for `sk`; `None` when the store's waiters are at their cap (the
+    /// claim then answers at once instead of waiting).
+    fn register<'a>(&'a self, sk: &'a [u8]) -> Option<Registration<'a>> {
+        Some(Registration {
             waiters: &self.shared.waiters,
             key: sk,
-            signal: self.shared.waiters.register(sk),
-        }
+            signal: self.shared.waiters.register(sk)?,
+        })
     }
 
     fn claim_once(&self, sk: &[u8], op: &Op) -> Result<Claim> {

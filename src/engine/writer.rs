@@ -70,7 +70,7 @@ impl Writer<'_> {
     }
 
     /// Applies one batch in one commit; an empty batch is a durable flush.
-    fn process(&mut self, jobs: Vec<Job>) {
+    fn process(&mut self, mut jobs: Vec<Job>) {
         if self.shared.is_poisoned() {
             for job in jobs {
                 job.slot.set(Err(self.shared.poisoned_error()));
@@ -88,8 +88,14 @@ impl Writer<'_> {
             }
         };
         let token_before = self.next_token;
-        let mut changed: Vec<usize> = Vec::new();
-        match self.commit(&jobs, durable, &mut changed) {
+        // The commands move into the batch (an outcome is never copied); each job keeps its
+        // reply slot.
+        let commands: Vec<Command> = jobs
+            .iter_mut()
+            .map(|job| std::mem::replace(&mut job.command, Command::Flush))
+            .collect();
+        let mut changed: Vec<Vec<u8>> = Vec::new();
+        match self.commit(commands, durable, &mut changed) {
             Ok(answers) => {
                 self.unsynced_since = if durable {
                     None
@@ -111,14 +117,8 @@ impl Writer<'_> {
                 // Checked after the commit: a waiter that read the old state registered before
                 // this commit became visible, so it is seen here.
                 if !self.shared.waiters.is_empty() {
-                    for i in changed {
-                        if let Some(Job {
-                            command: Command::Record { key, .. },
-                            ..
-                        }) = jobs.get(i)
-                        {
-                            self.shared.waiters.notify(key);
-                        }
+                    for key in &changed {
+                        self.shared.waiters.notify(key);
                     }
                 }
             }
@@ -133,41 +133,45 @@ impl Writer<'_> {
         }
     }
 
-    /// Applies every job to one storage batch and commits it. Returns each job's answer; an
-    /// `Err` is a storage failure that fails the whole batch.
+    /// Applies every command to one storage batch and commits it. Returns each command's
+    /// answer and, in `changed`, the keys of the records that changed; an `Err` is a storage
+    /// failure that fails the whole batch.
     fn commit(
         &mut self,
-        jobs: &[Job],
+        commands: Vec<Command>,
         durable: bool,
-        changed: &mut Vec<usize>,
+        changed: &mut Vec<Vec<u8>>,
     ) -> Result<Vec<Result<Answer>>> {
         let shared = self.shared;
-        let mut answers = Vec::with_capacity(jobs.len());
+        let n = commands.len();
+        let mut commands = Some(commands);
+        let mut answers = Vec::with_capacity(n);
         let mut next_token = self.next_token;
         shared.storage.write(durable, &mut |batch| {
-            answers.clear();
-            changed.clear();
+            let commands = commands
+                .take()
+                .ok_or_else(|| Error::Internal("a storage batch was applied twice".into()))?;
             let mut apply = Apply {
                 batch,
                 scopes: ScopeCounts::default(),
                 next_token: self.next_token,
                 quota: shared.quota,
             };
-            for (i, job) in jobs.iter().enumerate() {
-                let answer = match &job.command {
+            for command in commands {
+                let answer = match command {
                     Command::Record { key, op } => {
-                        let (reply, wrote) = apply.record(key, op.clone(), shared.ctx())?;
+                        let (reply, wrote) = apply.record(&key, op, shared.ctx())?;
                         if wrote {
-                            changed.push(i);
+                            changed.push(key);
                         }
                         reply.map(Answer::Reply)
                     }
                     Command::Sweep { limit } => {
                         // Sharing the commit with callers, a sweep takes a bounded share of it.
-                        let limit = if jobs.len() > 1 {
-                            (*limit).min(SWEEP_SHARED_MAX)
+                        let limit = if n > 1 {
+                            limit.min(SWEEP_SHARED_MAX)
                         } else {
-                            *limit
+                            limit
                         };
                         Ok(Answer::Swept(apply.sweep(shared.now_ms(), limit)?))
                     }
