@@ -12,6 +12,9 @@ use axum::http::{HeaderValue, Method, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
+use base64::Engine as _;
+use base64::alphabet;
+use base64::engine::general_purpose::{GeneralPurpose, PAD_INDIFFERENT};
 use bytes::Bytes;
 use idemstore::Store;
 use idemstore::http::{IdempotencyLayer, IdempotentRequest};
@@ -21,7 +24,6 @@ use sha2::{Digest, Sha256};
 use crate::errors::{api_error, invalid_param, stripe_error, unknown_param};
 use crate::ledger::Ledger;
 use crate::params::ChargeParams;
-use crate::plumbing::{base64_decode, form_pairs};
 use crate::rng::Rng;
 
 /// What every handler shares.
@@ -102,12 +104,27 @@ async fn authenticate(mut request: Request, next: Next) -> Response {
     next.run(request).await
 }
 
+/// Basic-auth credentials as clients send them: the standard alphabet, padded or not. (The
+/// URL-safe alphabet is accepted too.)
+const BASIC_AUTH: GeneralPurpose = GeneralPurpose::new(
+    &alphabet::STANDARD,
+    PAD_INDIFFERENT.with_decode_allow_trailing_bits(true),
+);
+const BASIC_AUTH_URL_SAFE: GeneralPurpose = GeneralPurpose::new(
+    &alphabet::URL_SAFE,
+    PAD_INDIFFERENT.with_decode_allow_trailing_bits(true),
+);
+
 /// The API key of a bearer or basic `Authorization` header (basic: the user name).
 fn api_key(header: &str) -> Option<String> {
     if let Some(token) = header.strip_prefix("Bearer ") {
         return Some(token.trim().to_owned());
     }
-    let decoded = base64_decode(header.strip_prefix("Basic ")?.trim())?;
+    let encoded = header.strip_prefix("Basic ")?.trim();
+    let decoded = BASIC_AUTH
+        .decode(encoded)
+        .or_else(|_| BASIC_AUTH_URL_SAFE.decode(encoded))
+        .ok()?;
     let decoded = String::from_utf8(decoded).ok()?;
     Some(decoded.split(':').next()?.to_owned())
 }
@@ -211,8 +228,8 @@ async fn list_charges(
 ) -> Response {
     let mut limit = 10;
     let mut starting_after = None;
-    for (name, value) in form_pairs(query.unwrap_or_default().as_bytes()) {
-        match name.as_str() {
+    for (name, value) in form_urlencoded::parse(query.unwrap_or_default().as_bytes()) {
+        match name.as_ref() {
             "limit" => match value.parse::<usize>() {
                 Ok(n) if (1..=100).contains(&n) => limit = n,
                 _ => {
@@ -223,7 +240,7 @@ async fn list_charges(
                     );
                 }
             },
-            "starting_after" => starting_after = Some(value),
+            "starting_after" => starting_after = Some(value.into_owned()),
             other => return unknown_param(other),
         }
     }

@@ -2,7 +2,6 @@
 //! mid-flight and retried, concurrent duplicate storms, keys reused with other parameters,
 //! invalid parameters — and counts every answer.
 
-use std::io::Write;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -14,6 +13,7 @@ use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
+use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::Value;
 
 use crate::rng::Rng;
@@ -276,13 +276,15 @@ pub async fn drive(
     let total = payments.len();
     let next = Arc::new(AtomicUsize::new(0));
     let done = Arc::new(AtomicBool::new(false));
+    let bar = progress_bar(total);
     let monkey = tokio::spawn(supervisor::crash_monkey(
         supervisor,
         Arc::clone(&chaos),
         crashes,
         total,
+        bar.clone(),
     ));
-    let progress = tokio::spawn(progress_bar(Arc::clone(&chaos), total, Arc::clone(&done)));
+    let progress = tokio::spawn(follow(Arc::clone(&chaos), bar, Arc::clone(&done)));
     let results = Arc::new(Mutex::new(vec![None; total]));
     let workers: Vec<_> = (0..concurrency)
         .map(|_| {
@@ -315,23 +317,31 @@ pub async fn drive(
     results.lock().map(|r| r.clone()).unwrap_or_default()
 }
 
-/// A one-line progress bar on stderr.
-async fn progress_bar(chaos: Arc<Chaos>, total: usize, done: Arc<AtomicBool>) {
-    const WIDTH: usize = 30;
+/// A one-line progress bar on stderr; hidden when stderr is not a terminal.
+fn progress_bar(total: usize) -> ProgressBar {
+    let style = ProgressStyle::with_template("  [{bar:30}] {pos:>5}/{len} payments  {msg}")
+        .expect("the template is a constant that parses")
+        .progress_chars("#.");
+    ProgressBar::new(total as u64).with_style(style)
+}
+
+/// Keeps the bar up to date with the tally until `done`, then finishes it.
+async fn follow(chaos: Arc<Chaos>, bar: ProgressBar, done: Arc<AtomicBool>) {
     loop {
         let finished = done.load(Ordering::Relaxed);
-        let n = chaos.tally.payments_done.load(Ordering::Relaxed);
-        let filled = WIDTH * n / total.max(1);
-        eprint!(
-            "\r  [{}{}] {n:>5}/{total} payments  {:>6} requests  {} restarts ",
-            "#".repeat(filled),
-            ".".repeat(WIDTH - filled),
+        bar.set_position(chaos.tally.payments_done.load(Ordering::Relaxed) as u64);
+        bar.set_message(format!(
+            "{:>6} requests  {} restarts",
             load(&chaos.tally.requests),
             load(&chaos.tally.restarts),
-        );
-        let _ = std::io::stderr().flush();
+        ));
         if finished {
-            eprintln!();
+            bar.finish();
+            if !bar.is_hidden() {
+                // The bar leaves the cursor at the end of its line: end it, so the summary
+                // starts after a blank line.
+                eprintln!();
+            }
             return;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;

@@ -30,14 +30,13 @@
 //! (its request parameters and Stripe-shaped errors), [`ledger`] (the charges executed, and
 //! their audit), [`workload`] and [`chaos`] (the payments and the client that sends them),
 //! [`supervisor`] (the service as a child process, and the crashes), [`report`] (the summary),
-//! [`rng`] (ids and jitter), [`plumbing`] (form encoding, base64).
+//! [`rng`] (ids and jitter).
 
 mod api;
 mod chaos;
 mod errors;
 mod ledger;
 mod params;
-mod plumbing;
 mod report;
 mod rng;
 mod supervisor;

@@ -5,7 +5,6 @@ use axum::response::Response;
 use serde_json::Value;
 
 use crate::errors::{invalid_param, missing_param, unknown_param};
-use crate::plumbing::form_pairs;
 
 /// The most metadata keys a charge carries.
 const METADATA_KEYS_MAX: usize = 50;
@@ -43,8 +42,9 @@ impl ChargeParams {
             description: None,
             metadata: serde_json::Map::new(),
         };
-        for (name, value) in form_pairs(body) {
-            match name.as_str() {
+        for (name, value) in form_urlencoded::parse(body) {
+            let value = value.into_owned();
+            match name.as_ref() {
                 "amount" => amount = Some(value),
                 "currency" => currency = Some(value),
                 "source" => params.source = Some(value),

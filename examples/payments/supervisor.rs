@@ -9,6 +9,8 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use indicatif::ProgressBar;
+
 use crate::BoxError;
 use crate::chaos::{Chaos, add};
 
@@ -106,6 +108,7 @@ pub async fn crash_monkey(
     chaos: Arc<Chaos>,
     crashes: usize,
     total: usize,
+    bar: ProgressBar,
 ) {
     for n in 1..=crashes {
         let at = total * n / (crashes + 1);
@@ -114,10 +117,14 @@ pub async fn crash_monkey(
         }
         let supervisor = Arc::clone(&supervisor);
         let restarted = tokio::task::spawn_blocking(move || supervisor.crash_and_restart()).await;
-        match restarted {
-            Ok(Ok(())) => add(&chaos.tally().restarts),
-            Ok(Err(error)) => eprintln!("\npayments: restart failed: {error}"),
-            Err(error) => eprintln!("\npayments: restart failed: {error}"),
-        }
+        let error = match restarted {
+            Ok(Ok(())) => {
+                add(&chaos.tally().restarts);
+                continue;
+            }
+            Ok(Err(error)) => error.to_string(),
+            Err(error) => error.to_string(),
+        };
+        bar.suspend(|| eprintln!("payments: restart failed: {error}"));
     }
 }

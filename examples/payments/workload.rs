@@ -2,7 +2,9 @@
 
 use std::sync::Arc;
 
-use crate::plumbing::{base64_encode, percent_encode};
+use base64::Engine as _;
+use base64::engine::general_purpose::STANDARD as BASE64;
+
 use crate::rng::Rng;
 
 /// The tenants' API keys (the idempotency scopes).
@@ -62,12 +64,13 @@ impl Payment {
         } else {
             "usd"
         };
-        format!(
-            "amount={amount}&currency={currency}&source=tok_visa&description={}&{}={}",
-            percent_encode(&format!("Order {}", self.order_id)),
-            percent_encode("metadata[order_id]"),
-            self.order_id
-        )
+        form_urlencoded::Serializer::new(String::new())
+            .append_pair("amount", &amount.to_string())
+            .append_pair("currency", currency)
+            .append_pair("source", "tok_visa")
+            .append_pair("description", &format!("Order {}", self.order_id))
+            .append_pair("metadata[order_id]", &self.order_id)
+            .finish()
     }
 
     /// The `Authorization` header: bearer for even tenants, basic (key as user name) for odd.
@@ -76,7 +79,7 @@ impl Payment {
         if self.tenant.is_multiple_of(2) {
             format!("Bearer {key}")
         } else {
-            format!("Basic {}", base64_encode(format!("{key}:").as_bytes()))
+            format!("Basic {}", BASE64.encode(format!("{key}:")))
         }
     }
 }
