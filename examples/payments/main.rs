@@ -1,0 +1,249 @@
+//! A Stripe-compatible mini payment API on idemstore, and a chaos client that proves its
+//! charges run exactly once.
+//!
+//! ```sh
+//! cargo run --release --example payments --features http
+//! cargo run --release --example payments --features http -- --serve --addr 127.0.0.1:4242 --data ./payments-data
+//! ```
+//!
+//! With no arguments it starts the service as a child process on a temporary data directory and
+//! drives it with a chaos client: thousands of requests from four tenants, responses dropped
+//! mid-flight and retried, concurrent duplicate storms, keys reused with other parameters,
+//! invalid parameters, and the service killed with SIGKILL and restarted on the same data
+//! mid-run. Then it audits the ledger and prints a summary; "duplicates executed" must be 0.
+//!
+//! `--serve` keeps serving for real clients: point an official Stripe SDK at it with its API
+//! base URL (`http://127.0.0.1:4242`) and any `sk_test_...` key.
+//!
+//! The API: `POST /v1/charges` (form-encoded `amount`, `currency`, optional `source`,
+//! `customer`, `description`, `metadata[...]`) -> a charge object; `GET /v1/charges/{id}`;
+//! `GET /v1/charges` (newest first, `limit`, `starting_after`, `has_more`). The API key
+//! (bearer, or basic-auth user name) is the idempotency scope, so tenants never share keys.
+//!
+//! Exactly-once, honestly: the idempotency layer runs each `(API key, Idempotency-Key)` once
+//! and replays its response. The one window it cannot close is a crash (or a dropped request)
+//! after the charge was written but before the response was stored; the layer then lets the
+//! retry run as attempt 2, and the handler reconciles: on `attempt() > 1` it looks the charge
+//! up in the ledger by its key before charging again.
+//!
+//! The modules: [`api`] (the HTTP API behind the idempotency layer), [`params`] and [`errors`]
+//! (its request parameters and Stripe-shaped errors), [`ledger`] (the charges executed, and
+//! their audit), [`workload`] and [`chaos`] (the payments and the client that sends them),
+//! [`supervisor`] (the service as a child process, and the crashes), [`report`] (the summary),
+//! [`rng`] (ids and jitter).
+
+mod api;
+mod chaos;
+mod errors;
+mod ledger;
+mod params;
+mod report;
+mod rng;
+mod supervisor;
+mod workload;
+
+use std::error::Error;
+use std::io::{Read, Write};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Instant;
+
+use idemstore::Store;
+
+use crate::chaos::Chaos;
+use crate::ledger::Ledger;
+use crate::rng::Rng;
+use crate::supervisor::Supervisor;
+
+/// The error type of everything the example does outside a request handler.
+type BoxError = Box<dyn Error + Send + Sync>;
+
+fn main() -> ExitCode {
+    if std::env::args().any(|a| a == "-h" || a == "--help") {
+        println!("{USAGE}");
+        return ExitCode::SUCCESS;
+    }
+    let args = match Args::parse(std::env::args().skip(1)) {
+        Ok(args) => args,
+        Err(message) => {
+            eprintln!("{message}\n\n{USAGE}");
+            return ExitCode::from(2);
+        }
+    };
+    let result = if args.serve {
+        serve_main(&args)
+    } else {
+        chaos_main(&args)
+    };
+    match result {
+        Ok(code) => code,
+        Err(error) => {
+            eprintln!("payments: {error}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+const USAGE: &str = "usage:
+  payments                                   chaos run on a temporary store, then a summary
+  payments --payments N --concurrency N --crashes N --seed N
+  payments --serve [--addr 127.0.0.1:4242] [--data DIR]   serve real clients
+                                             (default data directory: ./payments-data)";
+
+/// The command line.
+struct Args {
+    serve: bool,
+    addr: SocketAddr,
+    data: Option<PathBuf>,
+    payments: usize,
+    concurrency: usize,
+    crashes: usize,
+    seed: u64,
+    /// Set by the chaos run on its child: shut down when stdin closes (the parent is done or
+    /// gone).
+    parent_pipe: bool,
+}
+
+impl Args {
+    fn parse(mut args: impl Iterator<Item = String>) -> Result<Args, String> {
+        let mut parsed = Args {
+            serve: false,
+            addr: SocketAddr::from(([127, 0, 0, 1], 4242)),
+            data: None,
+            payments: 2000,
+            concurrency: 48,
+            crashes: 2,
+            seed: 42,
+            parent_pipe: false,
+        };
+        while let Some(arg) = args.next() {
+            let mut value = |name: &str| args.next().ok_or(format!("{name} needs a value"));
+            match arg.as_str() {
+                "--serve" => parsed.serve = true,
+                "--parent-pipe" => parsed.parent_pipe = true,
+                "--addr" => {
+                    parsed.addr = value("--addr")?
+                        .parse()
+                        .map_err(|e| format!("--addr: {e}"))?;
+                }
+                "--data" => parsed.data = Some(PathBuf::from(value("--data")?)),
+                "--payments" => parsed.payments = number(&value("--payments")?)?,
+                "--concurrency" => parsed.concurrency = number(&value("--concurrency")?)?.max(1),
+                "--crashes" => parsed.crashes = number(&value("--crashes")?)?,
+                "--seed" => parsed.seed = number(&value("--seed")?)? as u64,
+                other => return Err(format!("unknown argument {other}")),
+            }
+        }
+        Ok(parsed)
+    }
+}
+
+fn number(s: &str) -> Result<usize, String> {
+    s.parse().map_err(|e| format!("{s}: {e}"))
+}
+
+/// `--serve`: the API on `--addr` until Ctrl-C (or, under `--parent-pipe`, until stdin closes).
+fn serve_main(args: &Args) -> Result<ExitCode, BoxError> {
+    let data = args
+        .data
+        .clone()
+        .unwrap_or_else(|| PathBuf::from("payments-data"));
+    std::fs::create_dir_all(&data)?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(async {
+        let store = Store::open(data.join("idempotency.redb"))?;
+        let orphans = store.orphans(10_000)?.len();
+        let ledger = Arc::new(Ledger::open(&data.join("ledger.redb"))?);
+        let listener = tokio::net::TcpListener::bind(args.addr).await?;
+        // The supervisor reads this line for the address (the port may have been 0).
+        println!(
+            "payments: listening on http://{} (data in {}; {orphans} requests in flight when the \
+             last process died, reconciled on retry)",
+            listener.local_addr()?,
+            data.display()
+        );
+        std::io::stdout().flush()?;
+        let parent_pipe = args.parent_pipe;
+        let shutdown = async move {
+            if parent_pipe {
+                let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+                std::thread::spawn(move || {
+                    let mut buf = [0u8; 64];
+                    while matches!(std::io::stdin().read(&mut buf), Ok(n) if n > 0) {}
+                    let _ = tx.send(());
+                });
+                let _ = rx.await;
+            } else {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        };
+        axum::serve(listener, api::app(store, ledger))
+            .with_graceful_shutdown(shutdown)
+            .await?;
+        Ok::<_, BoxError>(())
+    })?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// No `--serve`: the service as a child process, the chaos client against it, the audit.
+fn chaos_main(args: &Args) -> Result<ExitCode, BoxError> {
+    let temp = tempfile::tempdir()?;
+    let data = args
+        .data
+        .clone()
+        .unwrap_or_else(|| temp.path().to_path_buf());
+    std::fs::create_dir_all(&data)?;
+    let started = Instant::now();
+    let supervisor = Arc::new(Supervisor::start(data.clone())?);
+    eprintln!(
+        "payments: service on http://{} (child process, data in {})",
+        supervisor.addr(),
+        data.display()
+    );
+
+    let rng = Rng::new(args.seed);
+    let payments = workload::workload(args.payments, &rng);
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    let chaos = Arc::new(Chaos::new(
+        supervisor.addr(),
+        args.concurrency,
+        Rng::new(args.seed ^ 0x5EED),
+    ));
+    let outcomes = runtime.block_on(chaos::drive(
+        Arc::clone(&chaos),
+        &payments,
+        args.concurrency,
+        Arc::clone(&supervisor),
+        args.crashes,
+    ));
+    let elapsed = started.elapsed();
+
+    // Stop the service cleanly (close its stdin), then audit what it left on disk.
+    supervisor.stop()?;
+    let audit = Ledger::open(&data.join("ledger.redb"))?.audit()?;
+    let store = Store::open(data.join("idempotency.redb"))?;
+    let orphans = store.orphans(100_000)?.len();
+    drop(store);
+
+    let healthy = report::print(&report::Report {
+        payments: &payments,
+        outcomes: &outcomes,
+        audit: &audit,
+        tally: chaos.tally(),
+        orphans,
+        elapsed,
+    });
+    if !healthy {
+        eprintln!("server log: {}", data.join("server.log").display());
+        // Keep the data for inspection.
+        let _ = temp.keep();
+        return Ok(ExitCode::FAILURE);
+    }
+    Ok(ExitCode::SUCCESS)
+}

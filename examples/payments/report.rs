@@ -1,0 +1,141 @@
+//! The chaos run's summary: what the client saw, what the ledger holds, and whether they agree.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::api::Principal;
+use crate::chaos::{Tally, load};
+use crate::ledger::Audit;
+use crate::workload::{Kind, Payment, TENANTS};
+
+/// Client/ledger disagreements printed in full; the rest are only counted.
+const DISAGREEMENTS_SHOWN_MAX: u64 = 10;
+
+/// Everything the summary is made of.
+pub struct Report<'a> {
+    /// The workload, in order.
+    pub payments: &'a [Arc<Payment>],
+    /// The charge id the client ended up with for each payment.
+    pub outcomes: &'a [Option<String>],
+    /// The ledger's audit after the run.
+    pub audit: &'a Audit,
+    /// What the client counted.
+    pub tally: &'a Tally,
+    /// In-flight claims left in the idempotency store.
+    pub orphans: usize,
+    /// The run's wall time.
+    pub elapsed: Duration,
+}
+
+/// Compares the client's outcomes with the ledger, prints the summary on stdout (the first ten
+/// disagreements on stderr) and returns whether the run was healthy: every payment charged
+/// exactly once, and the client got that charge.
+pub fn print(report: &Report<'_>) -> bool {
+    let Report {
+        payments,
+        outcomes,
+        audit,
+        tally: t,
+        orphans,
+        elapsed,
+    } = *report;
+    let mut disagreements = 0u64;
+    let mut expected = 0u64;
+    for (payment, outcome) in payments.iter().zip(outcomes) {
+        if payment.kind == Kind::Invalid {
+            continue;
+        }
+        expected += 1;
+        let account = Principal::of_key(TENANTS[payment.tenant]).account;
+        let in_ledger = audit.by_order.get(&(account, payment.order_id.clone()));
+        let agrees = matches!((outcome, in_ledger), (Some(id), Some(ids)) if ids.len() == 1 && ids.first() == Some(id));
+        if !agrees {
+            disagreements += 1;
+            if disagreements <= DISAGREEMENTS_SHOWN_MAX {
+                eprintln!(
+                    "disagreement: {} ({}) client got {outcome:?}, ledger has {in_ledger:?}",
+                    payment.order_id,
+                    payment.kind.name()
+                );
+            }
+        }
+    }
+
+    let rows: Vec<(&str, String)> = vec![
+        ("logical payments (4 tenants)", payments.len().to_string()),
+        (
+            "idempotency keys shared by two tenants",
+            payments.iter().filter(|p| p.shares_key).count().to_string(),
+        ),
+        ("requests sent", load(&t.requests).to_string()),
+        (
+            "responses dropped by the client",
+            load(&t.dropped).to_string(),
+        ),
+        (
+            "connection errors (service down)",
+            load(&t.connection_errors).to_string(),
+        ),
+        (
+            "service crashes (SIGKILL) + restarts",
+            load(&t.restarts).to_string(),
+        ),
+        ("", String::new()),
+        ("charges expected", expected.to_string()),
+        ("charges executed (ledger)", audit.charges.to_string()),
+        ("200 answers", load(&t.ok).to_string()),
+        (
+            "replays (Idempotent-Replayed: true)",
+            load(&t.replays).to_string(),
+        ),
+        ("409 original in flight", load(&t.conflicts).to_string()),
+        (
+            "422 key reused with other params",
+            load(&t.mismatches).to_string(),
+        ),
+        (
+            "400 invalid params (stored, replayed)",
+            load(&t.invalid).to_string(),
+        ),
+        ("5xx (retried)", load(&t.server_errors).to_string()),
+        (
+            "retries reconciled from the ledger",
+            audit.reconciled.to_string(),
+        ),
+        ("orphaned claims left in the store", orphans.to_string()),
+        (
+            "client/ledger disagreements",
+            (disagreements + load(&t.storm_disagreements) + load(&t.unexpected)).to_string(),
+        ),
+        ("payments given up", load(&t.gave_up).to_string()),
+        ("duplicates executed", audit.duplicates.to_string()),
+    ];
+    println!();
+    println!("idemstore payments demo: chaos run against a Stripe-compatible API");
+    println!();
+    for (name, value) in &rows {
+        if name.is_empty() {
+            println!("  {}", "-".repeat(48));
+        } else {
+            println!("  {name:<38} {value:>9}");
+        }
+    }
+    println!();
+    let healthy = audit.duplicates == 0
+        && audit.charges == expected
+        && disagreements == 0
+        && load(&t.storm_disagreements) == 0
+        && load(&t.unexpected) == 0
+        && load(&t.gave_up) == 0;
+    println!(
+        "  {} in {:.1} s: {}",
+        if healthy { "PASS" } else { "FAIL" },
+        elapsed.as_secs_f64(),
+        if healthy {
+            "every payment charged exactly once"
+        } else {
+            "see the counts above"
+        }
+    );
+    healthy
+}
