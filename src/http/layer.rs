@@ -1,68 +1,18 @@
-//! [`IdempotencyLayer`]: the configuration, and the tower `Layer` that applies it.
+//! [`IdempotencyLayer`]: the builder of the configuration, and the tower `Layer` that applies
+//! it.
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use http::header::{DATE, SET_COOKIE};
 use http::{HeaderName, Method};
 use tower::Layer;
 
+use super::config::Config;
 use super::metrics::Metrics;
 use super::policy::{DefaultStorePolicy, StorePolicy};
 use super::scope::{GlobalScope, ScopeExtractor};
 use super::service::Idempotency;
-use crate::backend::IdempotencyBackend;
-use crate::claim::ClaimOptions;
-
-/// The request header that carries the idempotency key, unless configured otherwise.
-pub const IDEMPOTENCY_KEY: HeaderName = HeaderName::from_static("idempotency-key");
-/// The response header that marks a replay: `Idempotent-Replayed: true`.
-pub const IDEMPOTENT_REPLAYED: HeaderName = HeaderName::from_static("idempotent-replayed");
-/// Default lease of a running request (extended every third of it while the handler runs).
-pub const DEFAULT_LEASE: Duration = Duration::from_secs(30);
-/// Default retention of a completed request's response: 24 hours, as Stripe keeps keys.
-pub const DEFAULT_RETENTION: Duration = Duration::from_secs(24 * 3600);
-/// Default limit of a covered request's body: 1 MiB.
-pub const DEFAULT_REQUEST_BODY_LIMIT_BYTES: usize = 1024 * 1024;
-/// Default limit of a stored response (status, headers and body as encoded): 1 MiB, the
-/// engine's default outcome limit.
-pub const DEFAULT_STORED_RESPONSE_LIMIT_BYTES: usize = 1024 * 1024;
-/// Default cap of the `Retry-After` of a 409: 1 second.
-pub const DEFAULT_RETRY_AFTER_MAX: Duration = Duration::from_secs(1);
-
-/// The settings of a layer that are plain values.
-#[derive(Debug, Clone)]
-pub(crate) struct Config {
-    pub(crate) methods: Vec<Method>,
-    pub(crate) require_key: bool,
-    pub(crate) key_header: HeaderName,
-    pub(crate) fingerprint_headers: Vec<HeaderName>,
-    pub(crate) claim: ClaimOptions,
-    pub(crate) retention: Duration,
-    pub(crate) retry_after_max: Duration,
-    pub(crate) request_body_limit_bytes: usize,
-    pub(crate) stored_response_limit_bytes: usize,
-    pub(crate) deny_headers: Vec<HeaderName>,
-}
-
-impl Default for Config {
-    fn default() -> Self {
-        Config {
-            methods: vec![Method::POST, Method::PATCH],
-            require_key: false,
-            key_header: IDEMPOTENCY_KEY,
-            fingerprint_headers: Vec::new(),
-            claim: ClaimOptions::default()
-                .lease(DEFAULT_LEASE)
-                .retention(DEFAULT_RETENTION),
-            retention: DEFAULT_RETENTION,
-            retry_after_max: DEFAULT_RETRY_AFTER_MAX,
-            request_body_limit_bytes: DEFAULT_REQUEST_BODY_LIMIT_BYTES,
-            stored_response_limit_bytes: DEFAULT_STORED_RESPONSE_LIMIT_BYTES,
-            deny_headers: vec![DATE, SET_COOKIE],
-        }
-    }
-}
+use crate::IdempotencyBackend;
 
 /// Makes the requests of a service idempotent: wraps it in [`Idempotency`].
 ///
@@ -150,7 +100,8 @@ impl<B, X, P> IdempotencyLayer<B, X, P> {
         self.with_config(|c| c.require_key = required)
     }
 
-    /// The request header that carries the key. Default: [`IDEMPOTENCY_KEY`].
+    /// The request header that carries the key.
+    /// Default: [`IDEMPOTENCY_KEY`](super::IDEMPOTENCY_KEY).
     pub fn key_header(self, name: HeaderName) -> Self {
         self.with_config(|c| c.key_header = name)
     }
@@ -166,12 +117,13 @@ impl<B, X, P> IdempotencyLayer<B, X, P> {
     /// lease is extended every third of it, so a live request is never taken over.
     /// Must lie within the store's lease limits and not exceed the retention: otherwise every
     /// covered request is answered 503 (with an `error` event naming the cause).
-    /// Default: [`DEFAULT_LEASE`].
+    /// Default: [`DEFAULT_LEASE`](super::DEFAULT_LEASE).
     pub fn lease(self, lease: Duration) -> Self {
         self.with_config(|c| c.claim = c.claim.clone().lease(lease))
     }
 
-    /// How long a completed request's response is replayed. Default: [`DEFAULT_RETENTION`].
+    /// How long a completed request's response is replayed.
+    /// Default: [`DEFAULT_RETENTION`](super::DEFAULT_RETENTION).
     pub fn retention(self, retention: Duration) -> Self {
         self.with_config(|c| {
             c.retention = retention;
@@ -187,14 +139,16 @@ impl<B, X, P> IdempotencyLayer<B, X, P> {
     }
 
     /// The largest `Retry-After` of a 409: it is the time left on the original's lease, at
-    /// most this, at least 1 second. Default: [`DEFAULT_RETRY_AFTER_MAX`].
+    /// most this, at least 1 second.
+    /// Default: [`DEFAULT_RETRY_AFTER_MAX`](super::DEFAULT_RETRY_AFTER_MAX).
     pub fn retry_after_max(self, max: Duration) -> Self {
         self.with_config(|c| c.retry_after_max = max)
     }
 
     /// The largest body of a covered request; a larger one gets 413
     /// ([`ProblemType::BodyTooLarge`](super::ProblemType::BodyTooLarge)) before anything is
-    /// claimed. Default: [`DEFAULT_REQUEST_BODY_LIMIT_BYTES`].
+    /// claimed.
+    /// Default: [`DEFAULT_REQUEST_BODY_LIMIT_BYTES`](super::DEFAULT_REQUEST_BODY_LIMIT_BYTES).
     pub fn request_body_limit(self, bytes: usize) -> Self {
         self.with_config(|c| c.request_body_limit_bytes = bytes)
     }
@@ -204,7 +158,8 @@ impl<B, X, P> IdempotencyLayer<B, X, P> {
     /// and the claim is completed without the body: every retry with the key then gets 410
     /// ([`ProblemType::ResponseNotStored`](super::ProblemType::ResponseNotStored), with the
     /// original status in `original_status`) and the request never runs again.
-    /// Default: [`DEFAULT_STORED_RESPONSE_LIMIT_BYTES`].
+    /// Default:
+    /// [`DEFAULT_STORED_RESPONSE_LIMIT_BYTES`](super::DEFAULT_STORED_RESPONSE_LIMIT_BYTES).
     pub fn stored_response_limit(self, bytes: usize) -> Self {
         self.with_config(|c| c.stored_response_limit_bytes = bytes)
     }

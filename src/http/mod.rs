@@ -105,25 +105,35 @@
 //! hand-written service names them: `Request<RequestBody<hyper::body::Incoming>>`.
 
 mod body;
+mod claim;
+mod config;
+mod extension;
 mod fingerprint;
 mod future;
+mod key;
 mod layer;
+mod lease;
 mod metrics;
 mod outcome;
 mod policy;
 mod problem;
+mod replay;
 mod scope;
 mod service;
 
 pub use body::{RequestBody, ResponseBody};
+pub use config::{
+    DEFAULT_LEASE, DEFAULT_REQUEST_BODY_LIMIT_BYTES, DEFAULT_RETENTION, DEFAULT_RETRY_AFTER_MAX,
+    DEFAULT_STORED_RESPONSE_LIMIT_BYTES,
+};
+pub use extension::IdempotentRequest;
 pub use fingerprint::FINGERPRINT_LEN;
 pub use future::ResponseFuture;
-pub use layer::{
-    DEFAULT_LEASE, DEFAULT_REQUEST_BODY_LIMIT_BYTES, DEFAULT_RETENTION, DEFAULT_RETRY_AFTER_MAX,
-    DEFAULT_STORED_RESPONSE_LIMIT_BYTES, IDEMPOTENCY_KEY, IDEMPOTENT_REPLAYED, IdempotencyLayer,
-};
+pub use key::IDEMPOTENCY_KEY;
+pub use layer::IdempotencyLayer;
 pub use metrics::{Metrics, MetricsSnapshot};
 pub use policy::{DefaultStorePolicy, StoreDecision, StorePolicy};
 pub use problem::{PROBLEM_JSON, ProblemType};
+pub use replay::IDEMPOTENT_REPLAYED;
 pub use scope::{GlobalScope, HeaderScope, ScopeExtractor};
-pub use service::{Idempotency, IdempotentRequest};
+pub use service::Idempotency;

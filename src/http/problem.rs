@@ -4,8 +4,12 @@
 use bytes::Bytes;
 use http::header::{CONTENT_TYPE, HeaderValue, RETRY_AFTER};
 use http::{Response, StatusCode};
+use http_body::Body;
 use serde::Serialize;
 use serde_json::{Map, Value};
+
+use super::body::ResponseBody;
+use super::metrics::{Counter, Metrics};
 
 /// The media type of problem bodies.
 pub const PROBLEM_JSON: &str = "application/problem+json";
@@ -171,4 +175,17 @@ impl Problem {
         }
         response
     }
+}
+
+/// A problem as a response of the layer.
+pub(crate) fn problem_response<B: Body>(problem: Problem) -> Response<ResponseBody<B>> {
+    problem.into_response().map(ResponseBody::full)
+}
+
+/// Answers a request the client got wrong with a problem, without running it, counting it as
+/// a rejection.
+pub(crate) fn reject<B: Body>(metrics: &Metrics, problem: Problem) -> Response<ResponseBody<B>> {
+    metrics.inc(Counter::Rejected);
+    tracing::debug!(problem = problem.kind().uri(), "rejected");
+    problem_response(problem)
 }

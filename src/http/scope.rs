@@ -3,6 +3,9 @@
 use http::HeaderName;
 use http::request::Parts;
 
+use super::problem::{Problem, ProblemType};
+use crate::SCOPE_LEN_MAX;
+
 /// Extracts the scope of a request: who owns its idempotency key (tenant, account, API
 /// principal). Keys never collide across scopes, and one scope can never replay another's
 /// record, so the scope must identify the caller, not anything the caller chooses freely.
@@ -78,4 +81,26 @@ impl ScopeExtractor for HeaderScope {
         }
         Some(value.as_bytes().to_vec())
     }
+}
+
+/// The scope of a request, or the problem that refuses it: none found, or longer than any
+/// store accepts.
+pub(crate) fn read_scope<X: ScopeExtractor>(
+    extractor: &X,
+    request: &Parts,
+) -> Result<Vec<u8>, Problem> {
+    let Some(scope) = extractor.scope(request) else {
+        return Err(Problem::new(
+            ProblemType::InvalidScope,
+            "the request has no scope (for example no authenticated principal), so it cannot be \
+             made idempotent",
+        ));
+    };
+    if scope.len() > SCOPE_LEN_MAX {
+        return Err(Problem::new(
+            ProblemType::InvalidScope,
+            format!("the request's scope is longer than {SCOPE_LEN_MAX} bytes"),
+        ));
+    }
+    Ok(scope)
 }
