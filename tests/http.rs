@@ -20,7 +20,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use idemstore::http::{
     HeaderScope, IdempotencyLayer, IdempotentRequest, Metrics, RequestBody, StoreDecision,
 };
-use idemstore::{Claim, ClaimOptions, IdempotencyBackend, Lease, Store};
+use idemstore::{Claim, ClaimOptions, IdempotencyBackend, Lease, Limits, Store};
 use tokio::net::TcpListener;
 use tokio::sync::{Notify, oneshot};
 use tokio::task::JoinHandle;
@@ -355,6 +355,67 @@ async fn invalid_keys_are_rejected_with_400() {
         "255 characters is a valid key"
     );
     assert_eq!(runs.get(), 1);
+    server.stop().await;
+}
+
+/// A store whose limits are lower than the layer's.
+fn store_with_limits(limits: Limits) -> Store {
+    Store::builder()
+        .limits(limits)
+        .open_in_memory()
+        .expect("an in-memory store opens")
+}
+
+#[tokio::test]
+async fn a_key_over_the_store_key_limit_is_400_not_a_store_error() {
+    let runs = Counter::default();
+    let layer = IdempotencyLayer::new(store_with_limits(Limits::default().max_key_len(64)));
+    let metrics = layer.metrics();
+    let server = serve(charge_route(&runs).layer(layer)).await;
+    let reply = post_with_key("/charges", &"k".repeat(100))
+        .send(&client(), server.addr)
+        .await;
+    reply.assert_problem(StatusCode::BAD_REQUEST, "invalid-key");
+    assert_eq!(reply.json()["max_length"], 64, "the store's limit, not 255");
+    assert_eq!(runs.get(), 0);
+    let m = metrics.snapshot();
+    assert_eq!((m.store_errors, m.rejected), (0, 1));
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn a_scope_over_the_store_scope_limit_is_400_not_a_store_error() {
+    let runs = Counter::default();
+    let layer = IdempotencyLayer::new(store_with_limits(Limits::default().max_scope_len(8)))
+        .scope(HeaderScope::new(HeaderName::from_static("x-tenant")));
+    let metrics = layer.metrics();
+    let server = serve(charge_route(&runs).layer(layer)).await;
+    let reply = post_with_key("/charges", "k")
+        .header("x-tenant", "a-tenant-name-of-30-characters")
+        .send(&client(), server.addr)
+        .await;
+    reply.assert_problem(StatusCode::BAD_REQUEST, "invalid-scope");
+    assert_eq!(runs.get(), 0);
+    let m = metrics.snapshot();
+    assert_eq!((m.store_errors, m.rejected), (0, 1));
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn a_store_that_refuses_the_layer_fingerprint_is_a_server_error() {
+    // The fingerprint is the layer's own (32 bytes): a store that refuses it is misconfigured,
+    // not the client's fault, so it stays a 503 with a store error counted.
+    let runs = Counter::default();
+    let layer = IdempotencyLayer::new(store_with_limits(Limits::default().max_fingerprint_len(16)));
+    let metrics = layer.metrics();
+    let server = serve(charge_route(&runs).layer(layer)).await;
+    let reply = post_with_key("/charges", "k")
+        .send(&client(), server.addr)
+        .await;
+    reply.assert_problem(StatusCode::SERVICE_UNAVAILABLE, "store-unavailable");
+    assert_eq!(runs.get(), 0);
+    let m = metrics.snapshot();
+    assert_eq!((m.store_errors, m.rejected), (1, 0));
     server.stop().await;
 }
 

@@ -1,5 +1,6 @@
 //! Claiming a covered request in the store, and the answers to a claim that does not run it:
-//! 409 in flight, 422 mismatch, 429 over quota, 503 for a failing store.
+//! 409 in flight, 422 mismatch, 429 over quota, 400 for a key or scope the store refuses, 503
+//! for a failing store.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -12,7 +13,7 @@ use super::fingerprint::FINGERPRINT_LEN;
 use super::lease::ReleaseGuard;
 use super::metrics::{Counter, Metrics};
 use super::problem::{Problem, ProblemType, problem_response, reject};
-use crate::{Claim, ClaimOptions, Error, IdempotencyBackend, Lease};
+use crate::{Claim, ClaimOptions, Error, IdempotencyBackend, Input, Lease};
 
 /// A claim's answer, with an acquired lease already in the guard that releases it.
 pub(crate) enum Claimed<B: IdempotencyBackend> {
@@ -84,8 +85,11 @@ pub(crate) fn mismatch<ResBody: Body>(metrics: &Metrics) -> Response<ResponseBod
     ))
 }
 
-/// The answer to a claim the store refused: 429 for a scope over its record quota, otherwise
-/// 503 with an `error` event and a store error counted.
+/// The answer to a claim the store refused. What the client sent (a key or scope over the
+/// store's limits, a scope over its record quota) is the client's to fix: a 4xx rejection.
+/// Anything else is the server's: 503 with an `error` event and a store error counted. That
+/// includes a fingerprint over the store's limit: the layer computes it (always
+/// [`FINGERPRINT_LEN`] bytes), so only a store configured below that refuses it.
 pub(crate) fn refused<ResBody: Body>(
     metrics: &Metrics,
     error: &Error,
@@ -98,6 +102,52 @@ pub(crate) fn refused<ResBody: Body>(
                 format!("the scope already holds its maximum of {limit} idempotency records"),
             )
             .member("limit", limit),
+        ),
+        Error::TooLarge {
+            what: Input::Key,
+            limit,
+            ..
+        } => reject(
+            metrics,
+            Problem::new(
+                ProblemType::InvalidKey,
+                format!("the idempotency key is longer than {limit} characters"),
+            )
+            .member("max_length", limit),
+        ),
+        Error::TooSmall {
+            what: Input::Key,
+            limit,
+            ..
+        } => reject(
+            metrics,
+            Problem::new(
+                ProblemType::InvalidKey,
+                format!("the idempotency key is shorter than {limit} characters"),
+            )
+            .member("min_length", limit),
+        ),
+        Error::TooLarge {
+            what: Input::Scope,
+            limit,
+            ..
+        } => reject(
+            metrics,
+            Problem::new(
+                ProblemType::InvalidScope,
+                format!("the request's scope is longer than {limit} bytes"),
+            ),
+        ),
+        Error::TooSmall {
+            what: Input::Scope,
+            limit,
+            ..
+        } => reject(
+            metrics,
+            Problem::new(
+                ProblemType::InvalidScope,
+                format!("the request's scope is shorter than {limit} bytes"),
+            ),
         ),
         _ => {
             metrics.inc(Counter::StoreError);

@@ -17,6 +17,9 @@ pub(crate) enum KeyHeader {
 /// Reads the key: 1 to 255 visible ASCII characters (`!` to `~`), once. The IETF draft sends
 /// it as a structured-field string (`"..."`); the quotes are removed, so `"k"` and `k` are
 /// the same key.
+///
+/// A backend may accept shorter keys only: its refusal of a longer one is a 400 too, decided
+/// when the claim is refused (see `claim::refused`).
 pub(crate) fn read_key(headers: &HeaderMap, name: &HeaderName) -> KeyHeader {
     let mut values = headers.get_all(name).iter();
     let Some(value) = values.next() else {

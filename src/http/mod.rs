@@ -42,10 +42,11 @@
 //!    `Idempotency-Key` header passes through too, or gets 400 if
 //!    [keys are required](IdempotencyLayer::require_key).
 //! 2. **Key.** 1 to 255 visible ASCII characters, sent once; the draft's quoted form `"..."`
-//!    is accepted. Otherwise 400.
+//!    is accepted. Otherwise 400, as for a key longer than the store's
+//!    [key limit](crate::Limits::max_key_len) when the claim is refused for it.
 //! 3. **Scope.** The [`ScopeExtractor`] names whose key it is (for example the authenticated
 //!    principal an auth middleware put in the request extensions); tenants never share records.
-//!    No scope: 400.
+//!    No scope, or one longer than the store accepts: 400.
 //! 4. **Body.** Read in full, up to the [limit](IdempotencyLayer::request_body_limit): 413
 //!    above it, before anything is claimed.
 //! 5. **Fingerprint.** SHA-256 over the method, path and query, the
@@ -65,7 +66,8 @@
 //!    - *mismatch* (same key, other fingerprint): 422.
 //!
 //! The layer's own answers are `application/problem+json` (RFC 9457) with a stable `type` per
-//! condition: see [`ProblemType`]. A failing store answers 503 and runs nothing.
+//! condition: see [`ProblemType`]. What the client got wrong is a 4xx, never a store error; a
+//! failing store answers 503 and runs nothing.
 //!
 //! # Edge cases, decided
 //!

@@ -24,10 +24,12 @@ pub const PROBLEM_JSON: &str = "application/problem+json";
 pub enum ProblemType {
     /// 400: a covered request has no idempotency key and keys are required.
     MissingKey,
-    /// 400: the key is empty, longer than 255 bytes, not visible ASCII, or sent more than once.
+    /// 400: the key is empty, longer than 255 bytes (or than the store's
+    /// [key limit](crate::Limits::max_key_len)), not visible ASCII, or sent more than once.
     InvalidKey,
     /// 400: the scope extractor found no scope for the request (for example no authenticated
-    /// principal), or the scope is longer than [`SCOPE_LEN_MAX`](crate::SCOPE_LEN_MAX) bytes.
+    /// principal), or the scope is longer than [`SCOPE_LEN_MAX`](crate::SCOPE_LEN_MAX) bytes
+    /// (or than the store's [scope limit](crate::Limits::max_scope_len)).
     InvalidScope,
     /// 400: the request body could not be read.
     UnreadableBody,

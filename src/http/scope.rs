@@ -12,8 +12,9 @@ use crate::SCOPE_LEN_MAX;
 ///
 /// Returning `None` answers the request with a 400 problem
 /// ([`ProblemType::InvalidScope`](super::ProblemType::InvalidScope)) without running it. A scope
-/// is at most [`SCOPE_LEN_MAX`](crate::SCOPE_LEN_MAX) bytes; hash longer identities (and
-/// secrets such as API keys, which should not be stored in clear).
+/// is at most [`SCOPE_LEN_MAX`](crate::SCOPE_LEN_MAX) bytes (or the store's
+/// [scope limit](crate::Limits::max_scope_len), if lower; a longer one is a 400 too); hash
+/// longer identities (and secrets such as API keys, which should not be stored in clear).
 ///
 /// Implemented by [`GlobalScope`] (the default), [`HeaderScope`], and every closure
 /// `Fn(&http::request::Parts) -> Option<Vec<u8>>`, for example one that reads the principal an
@@ -84,7 +85,8 @@ impl ScopeExtractor for HeaderScope {
 }
 
 /// The scope of a request, or the problem that refuses it: none found, or longer than any
-/// store accepts.
+/// store accepts. A store may accept shorter scopes only: its refusal is a 400 too, decided
+/// when the claim is refused.
 pub(crate) fn read_scope<X: ScopeExtractor>(
     extractor: &X,
     request: &Parts,
