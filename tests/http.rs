@@ -18,7 +18,8 @@ use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use idemstore::http::{
-    HeaderScope, IdempotencyLayer, IdempotentRequest, Metrics, RequestBody, StoreDecision,
+    ConfigError, HeaderScope, IdempotencyLayer, IdempotentRequest, Metrics, RequestBody,
+    StoreDecision,
 };
 use idemstore::{Claim, ClaimOptions, IdempotencyBackend, Lease, Limits, Store};
 use tokio::net::TcpListener;
@@ -209,6 +210,66 @@ fn charge_route(runs: &Counter) -> Router {
             }
         }),
     )
+}
+
+// ----- configuration -----
+
+#[test]
+fn a_configuration_that_cannot_work_is_refused_when_the_layer_is_built() {
+    let layer = || IdempotencyLayer::new(memory_store());
+    let lease_over_retention = layer()
+        .lease(Duration::from_secs(120))
+        .retention(Duration::from_secs(60))
+        .build();
+    assert_eq!(
+        lease_over_retention.err(),
+        Some(ConfigError::LeaseExceedsRetention {
+            lease: Duration::from_secs(120),
+            retention: Duration::from_secs(60),
+        })
+    );
+    let zero_lease = layer().lease(Duration::ZERO).build();
+    assert!(matches!(
+        zero_lease,
+        Err(ConfigError::TooShort {
+            setting: "lease",
+            ..
+        })
+    ));
+    let zero_retention = layer().retention(Duration::ZERO).build();
+    assert!(matches!(
+        zero_retention,
+        Err(ConfigError::TooShort {
+            setting: "retention",
+            ..
+        })
+    ));
+    let endless_wait = layer().wait_for_original(Duration::from_secs(7200)).build();
+    assert!(matches!(
+        endless_wait,
+        Err(ConfigError::TooLong {
+            setting: "wait_for_original",
+            ..
+        })
+    ));
+}
+
+#[test]
+fn a_valid_configuration_builds_in_any_order_of_settings() {
+    // The lease is checked against the retention only once both are set.
+    let layer = IdempotencyLayer::new(memory_store())
+        .lease(Duration::from_secs(48 * 3600))
+        .retention(Duration::from_secs(72 * 3600))
+        .build();
+    assert!(layer.is_ok(), "{:?}", layer.err());
+    assert!(IdempotencyLayer::new(memory_store()).build().is_ok());
+}
+
+#[test]
+#[should_panic(expected = "invalid IdempotencyLayer configuration")]
+fn applying_a_layer_that_cannot_work_panics_at_start_up() {
+    let layer = IdempotencyLayer::new(memory_store()).lease(Duration::ZERO);
+    let _app: Router = charge_route(&Counter::default()).layer(layer);
 }
 
 // ----- replay -----

@@ -69,6 +69,15 @@
 //! condition: see [`ProblemType`]. What the client got wrong is a 4xx, never a store error; a
 //! failing store answers 503 and runs nothing.
 //!
+//! # Configuration
+//!
+//! A configuration that cannot work (a lease or retention under 1 ms, a lease longer than the
+//! retention, a value above the crate's hard caps) is refused before the layer serves:
+//! [`IdempotencyLayer::build`] returns a [`ConfigError`], and applying the layer without it
+//! panics with the same error. A backend's own, lower [`Limits`](crate::Limits) are known only
+//! to the backend: a lease, retention or wait above them is answered 503 on every covered
+//! request, with an `error` event naming the cause.
+//!
 //! # Edge cases, decided
 //!
 //! - **Responses too large to store** (over
@@ -125,8 +134,8 @@ mod service;
 
 pub use body::{RequestBody, ResponseBody};
 pub use config::{
-    DEFAULT_LEASE, DEFAULT_REQUEST_BODY_LIMIT_BYTES, DEFAULT_RETENTION, DEFAULT_RETRY_AFTER_MAX,
-    DEFAULT_STORED_RESPONSE_LIMIT_BYTES,
+    ConfigError, DEFAULT_LEASE, DEFAULT_REQUEST_BODY_LIMIT_BYTES, DEFAULT_RETENTION,
+    DEFAULT_RETRY_AFTER_MAX, DEFAULT_STORED_RESPONSE_LIMIT_BYTES,
 };
 pub use extension::IdempotentRequest;
 pub use fingerprint::FINGERPRINT_LEN;
