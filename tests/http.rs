@@ -18,9 +18,10 @@ use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use idemstore::http::{
-    HeaderScope, IdempotencyLayer, IdempotentRequest, Metrics, RequestBody, StoreDecision,
+    ConfigError, HeaderScope, IdempotencyLayer, IdempotentRequest, Metrics, RequestBody,
+    StoreDecision,
 };
-use idemstore::{Claim, ClaimOptions, IdempotencyBackend, Lease, Store};
+use idemstore::{Claim, ClaimOptions, IdempotencyBackend, Lease, Limits, Store};
 use tokio::net::TcpListener;
 use tokio::sync::{Notify, oneshot};
 use tokio::task::JoinHandle;
@@ -211,6 +212,66 @@ fn charge_route(runs: &Counter) -> Router {
     )
 }
 
+// ----- configuration -----
+
+#[test]
+fn a_configuration_that_cannot_work_is_refused_when_the_layer_is_built() {
+    let layer = || IdempotencyLayer::new(memory_store());
+    let lease_over_retention = layer()
+        .lease(Duration::from_secs(120))
+        .retention(Duration::from_secs(60))
+        .build();
+    assert_eq!(
+        lease_over_retention.err(),
+        Some(ConfigError::LeaseExceedsRetention {
+            lease: Duration::from_secs(120),
+            retention: Duration::from_secs(60),
+        })
+    );
+    let zero_lease = layer().lease(Duration::ZERO).build();
+    assert!(matches!(
+        zero_lease,
+        Err(ConfigError::TooShort {
+            setting: "lease",
+            ..
+        })
+    ));
+    let zero_retention = layer().retention(Duration::ZERO).build();
+    assert!(matches!(
+        zero_retention,
+        Err(ConfigError::TooShort {
+            setting: "retention",
+            ..
+        })
+    ));
+    let endless_wait = layer().wait_for_original(Duration::from_secs(7200)).build();
+    assert!(matches!(
+        endless_wait,
+        Err(ConfigError::TooLong {
+            setting: "wait_for_original",
+            ..
+        })
+    ));
+}
+
+#[test]
+fn a_valid_configuration_builds_in_any_order_of_settings() {
+    // The lease is checked against the retention only once both are set.
+    let layer = IdempotencyLayer::new(memory_store())
+        .lease(Duration::from_secs(48 * 3600))
+        .retention(Duration::from_secs(72 * 3600))
+        .build();
+    assert!(layer.is_ok(), "{:?}", layer.err());
+    assert!(IdempotencyLayer::new(memory_store()).build().is_ok());
+}
+
+#[test]
+#[should_panic(expected = "invalid IdempotencyLayer configuration")]
+fn applying_a_layer_that_cannot_work_panics_at_start_up() {
+    let layer = IdempotencyLayer::new(memory_store()).lease(Duration::ZERO);
+    let _app: Router = charge_route(&Counter::default()).layer(layer);
+}
+
 // ----- replay -----
 
 #[tokio::test]
@@ -355,6 +416,67 @@ async fn invalid_keys_are_rejected_with_400() {
         "255 characters is a valid key"
     );
     assert_eq!(runs.get(), 1);
+    server.stop().await;
+}
+
+/// A store whose limits are lower than the layer's.
+fn store_with_limits(limits: Limits) -> Store {
+    Store::builder()
+        .limits(limits)
+        .open_in_memory()
+        .expect("an in-memory store opens")
+}
+
+#[tokio::test]
+async fn a_key_over_the_store_key_limit_is_400_not_a_store_error() {
+    let runs = Counter::default();
+    let layer = IdempotencyLayer::new(store_with_limits(Limits::default().max_key_len(64)));
+    let metrics = layer.metrics();
+    let server = serve(charge_route(&runs).layer(layer)).await;
+    let reply = post_with_key("/charges", &"k".repeat(100))
+        .send(&client(), server.addr)
+        .await;
+    reply.assert_problem(StatusCode::BAD_REQUEST, "invalid-key");
+    assert_eq!(reply.json()["max_length"], 64, "the store's limit, not 255");
+    assert_eq!(runs.get(), 0);
+    let m = metrics.snapshot();
+    assert_eq!((m.store_errors, m.rejected), (0, 1));
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn a_scope_over_the_store_scope_limit_is_400_not_a_store_error() {
+    let runs = Counter::default();
+    let layer = IdempotencyLayer::new(store_with_limits(Limits::default().max_scope_len(8)))
+        .scope(HeaderScope::new(HeaderName::from_static("x-tenant")));
+    let metrics = layer.metrics();
+    let server = serve(charge_route(&runs).layer(layer)).await;
+    let reply = post_with_key("/charges", "k")
+        .header("x-tenant", "a-tenant-name-of-30-characters")
+        .send(&client(), server.addr)
+        .await;
+    reply.assert_problem(StatusCode::BAD_REQUEST, "invalid-scope");
+    assert_eq!(runs.get(), 0);
+    let m = metrics.snapshot();
+    assert_eq!((m.store_errors, m.rejected), (0, 1));
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn a_store_that_refuses_the_layer_fingerprint_is_a_server_error() {
+    // The fingerprint is the layer's own (32 bytes): a store that refuses it is misconfigured,
+    // not the client's fault, so it stays a 503 with a store error counted.
+    let runs = Counter::default();
+    let layer = IdempotencyLayer::new(store_with_limits(Limits::default().max_fingerprint_len(16)));
+    let metrics = layer.metrics();
+    let server = serve(charge_route(&runs).layer(layer)).await;
+    let reply = post_with_key("/charges", "k")
+        .send(&client(), server.addr)
+        .await;
+    reply.assert_problem(StatusCode::SERVICE_UNAVAILABLE, "store-unavailable");
+    assert_eq!(runs.get(), 0);
+    let m = metrics.snapshot();
+    assert_eq!((m.store_errors, m.rejected), (1, 0));
     server.stop().await;
 }
 

@@ -1,4 +1,4 @@
-//! The request and response bodies of the layer.
+//! The request and response bodies of the layer, and their collection.
 //!
 //! A covered request's body is read in full before anything else happens (it is part of the
 //! fingerprint), so the inner service receives it buffered; every other request streams
@@ -6,12 +6,18 @@
 //! through, or a live one whose first bytes were read while trying to store it.
 
 use std::fmt;
-use std::pin::Pin;
+use std::pin::{Pin, pin};
 use std::task::{Context, Poll};
 
-use bytes::{Buf, Bytes};
+use bytes::{Buf, Bytes, BytesMut};
+use http::HeaderMap;
+use http::header::CONTENT_LENGTH;
 use http_body::{Body, Frame, SizeHint};
+use http_body_util::BodyExt;
 use pin_project_lite::pin_project;
+
+/// The error of a request body, as the inner service's bounds require it.
+pub(crate) type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 fn into_bytes<D: Buf>(mut data: D) -> Bytes {
     data.copy_to_bytes(data.remaining())
@@ -229,6 +235,119 @@ impl<B: Body> Body for ResponseBody<B> {
                 out
             }
             ResponseKind::Failed { .. } => SizeHint::default(),
+        }
+    }
+}
+
+/// Why a covered request's body was not read.
+pub(crate) enum ReadError {
+    /// It is over the limit (declared or read).
+    TooLarge,
+    /// The body failed.
+    Read(BoxError),
+}
+
+/// Reads a request body in full, refusing one over `limit` as early as its declared length
+/// allows.
+pub(crate) async fn read_request_body<B>(
+    headers: &HeaderMap,
+    body: B,
+    limit: usize,
+) -> Result<Bytes, ReadError>
+where
+    B: Body,
+    B::Error: Into<BoxError>,
+{
+    let limit_u64 = limit as u64;
+    let declared = headers
+        .get(CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|len| len > limit_u64) || body.size_hint().lower() > limit_u64 {
+        return Err(ReadError::TooLarge);
+    }
+    let mut body = pin!(body);
+    let mut chunks = Chunks::default();
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(|e| ReadError::Read(e.into()))?;
+        if let Ok(mut data) = frame.into_data() {
+            chunks.push(data.copy_to_bytes(data.remaining()));
+            if chunks.len > limit {
+                return Err(ReadError::TooLarge);
+            }
+        }
+    }
+    Ok(chunks.concat())
+}
+
+/// Body chunks read so far, joined without a copy when there is only one.
+#[derive(Default)]
+struct Chunks {
+    parts: Vec<Bytes>,
+    len: usize,
+}
+
+impl Chunks {
+    fn push(&mut self, bytes: Bytes) {
+        self.len = self.len.saturating_add(bytes.len());
+        if !bytes.is_empty() {
+            self.parts.push(bytes);
+        }
+    }
+
+    fn concat(mut self) -> Bytes {
+        if self.parts.len() <= 1 {
+            return self.parts.pop().unwrap_or_default();
+        }
+        let mut out = BytesMut::with_capacity(self.len);
+        for part in self.parts {
+            out.extend_from_slice(&part);
+        }
+        out.freeze()
+    }
+}
+
+/// A response body after the attempt to read it for storing.
+pub(crate) enum Collected<B: Body> {
+    /// Read in full, within the limit.
+    Complete(Bytes),
+    /// Over the limit: what was read, and the rest still to stream.
+    TooLarge { prefix: Bytes, rest: Pin<Box<B>> },
+    /// The body failed after `prefix`.
+    Failed { prefix: Bytes, error: B::Error },
+}
+
+/// Reads a response body for storing, up to `limit` bytes.
+pub(crate) async fn collect_response<B: Body>(body: B, limit: usize) -> Collected<B> {
+    let mut body = Box::pin(body);
+    if body.size_hint().lower() > limit as u64 {
+        return Collected::TooLarge {
+            prefix: Bytes::new(),
+            rest: body,
+        };
+    }
+    let mut chunks = Chunks::default();
+    loop {
+        match body.frame().await {
+            None => return Collected::Complete(chunks.concat()),
+            Some(Err(error)) => {
+                return Collected::Failed {
+                    prefix: chunks.concat(),
+                    error,
+                };
+            }
+            Some(Ok(frame)) => {
+                // Trailers are neither stored nor forwarded for a stored response.
+                if let Ok(mut data) = frame.into_data() {
+                    chunks.push(data.copy_to_bytes(data.remaining()));
+                    if chunks.len > limit {
+                        return Collected::TooLarge {
+                            prefix: chunks.concat(),
+                            rest: body,
+                        };
+                    }
+                }
+            }
         }
     }
 }

@@ -1,68 +1,18 @@
-//! [`IdempotencyLayer`]: the configuration, and the tower `Layer` that applies it.
+//! [`IdempotencyLayer`]: the builder of the configuration, its check, and the tower `Layer`
+//! that applies it.
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use http::header::{DATE, SET_COOKIE};
 use http::{HeaderName, Method};
 use tower::Layer;
 
+use super::config::{Config, ConfigError};
 use super::metrics::Metrics;
 use super::policy::{DefaultStorePolicy, StorePolicy};
 use super::scope::{GlobalScope, ScopeExtractor};
 use super::service::Idempotency;
-use crate::ClaimOptions;
-use crate::backend::IdempotencyBackend;
-
-/// The request header that carries the idempotency key, unless configured otherwise.
-pub const IDEMPOTENCY_KEY: HeaderName = HeaderName::from_static("idempotency-key");
-/// The response header that marks a replay: `Idempotent-Replayed: true`.
-pub const IDEMPOTENT_REPLAYED: HeaderName = HeaderName::from_static("idempotent-replayed");
-/// Default lease of a running request (extended every third of it while the handler runs).
-pub const DEFAULT_LEASE: Duration = Duration::from_secs(30);
-/// Default retention of a completed request's response: 24 hours, as Stripe keeps keys.
-pub const DEFAULT_RETENTION: Duration = Duration::from_secs(24 * 3600);
-/// Default limit of a covered request's body: 1 MiB.
-pub const DEFAULT_REQUEST_BODY_LIMIT_BYTES: usize = 1024 * 1024;
-/// Default limit of a stored response (status, headers and body as encoded): 1 MiB, the
-/// engine's default outcome limit.
-pub const DEFAULT_STORED_RESPONSE_LIMIT_BYTES: usize = 1024 * 1024;
-/// Default cap of the `Retry-After` of a 409: 1 second.
-pub const DEFAULT_RETRY_AFTER_MAX: Duration = Duration::from_secs(1);
-
-/// The settings of a layer that are plain values.
-#[derive(Debug, Clone)]
-pub(crate) struct Config {
-    pub(crate) methods: Vec<Method>,
-    pub(crate) require_key: bool,
-    pub(crate) key_header: HeaderName,
-    pub(crate) fingerprint_headers: Vec<HeaderName>,
-    pub(crate) claim: ClaimOptions,
-    pub(crate) retention: Duration,
-    pub(crate) retry_after_max: Duration,
-    pub(crate) request_body_limit_bytes: usize,
-    pub(crate) stored_response_limit_bytes: usize,
-    pub(crate) deny_headers: Vec<HeaderName>,
-}
-
-impl Default for Config {
-    fn default() -> Self {
-        Config {
-            methods: vec![Method::POST, Method::PATCH],
-            require_key: false,
-            key_header: IDEMPOTENCY_KEY,
-            fingerprint_headers: Vec::new(),
-            claim: ClaimOptions::default()
-                .lease(DEFAULT_LEASE)
-                .retention(DEFAULT_RETENTION),
-            retention: DEFAULT_RETENTION,
-            retry_after_max: DEFAULT_RETRY_AFTER_MAX,
-            request_body_limit_bytes: DEFAULT_REQUEST_BODY_LIMIT_BYTES,
-            stored_response_limit_bytes: DEFAULT_STORED_RESPONSE_LIMIT_BYTES,
-            deny_headers: vec![DATE, SET_COOKIE],
-        }
-    }
-}
+use crate::IdempotencyBackend;
 
 /// Makes the requests of a service idempotent: wraps it in [`Idempotency`].
 ///
@@ -85,6 +35,10 @@ impl Default for Config {
 /// | [`stored_response_limit`](Self::stored_response_limit) | 1 MiB |
 /// | [`deny_headers`](Self::deny_headers) (not replayed) | `Date`, `Set-Cookie` |
 /// | [`store_policy`](Self::store_policy) | [`DefaultStorePolicy`]: all but 5xx, 408, 429 |
+///
+/// The configuration is checked once, before the layer serves: [`build`](Self::build)
+/// returns a [`ConfigError`] for one that cannot work, and [`Layer::layer`] panics with it, so
+/// a layer applied without `build` is refused at start-up too, never on a request.
 ///
 /// Cloning is cheap and shares the [`metrics`](Self::metrics).
 #[must_use]
@@ -117,8 +71,8 @@ impl<B, X, P> std::fmt::Debug for IdempotencyLayer<B, X, P> {
 }
 
 impl<B: IdempotencyBackend> IdempotencyLayer<B> {
-    /// A layer on `backend` with the defaults above: the embedded [`Store`](crate::Store) (on
-    /// a file or in memory), an `Arc` of one, or any other backend.
+    /// A layer on `backend` with the defaults above (a valid configuration): the embedded
+    /// [`Store`](crate::Store) (on a file or in memory), an `Arc` of one, or any other backend.
     pub fn new(backend: B) -> Self {
         IdempotencyLayer {
             backend: Arc::new(backend),
@@ -150,7 +104,8 @@ impl<B, X, P> IdempotencyLayer<B, X, P> {
         self.with_config(|c| c.require_key = required)
     }
 
-    /// The request header that carries the key. Default: [`IDEMPOTENCY_KEY`].
+    /// The request header that carries the key.
+    /// Default: [`IDEMPOTENCY_KEY`](super::IDEMPOTENCY_KEY).
     pub fn key_header(self, name: HeaderName) -> Self {
         self.with_config(|c| c.key_header = name)
     }
@@ -164,14 +119,21 @@ impl<B, X, P> IdempotencyLayer<B, X, P> {
     /// The lease of a running request: if its process dies, a retry may take it over after
     /// this long (at once after a restart of the embedded store). While the handler runs, the
     /// lease is extended every third of it, so a live request is never taken over.
-    /// Must lie within the store's lease limits and not exceed the retention: otherwise every
-    /// covered request is answered 503 (with an `error` event naming the cause).
-    /// Default: [`DEFAULT_LEASE`].
+    ///
+    /// At least 1 ms and at most the [retention](Self::retention), or [`build`](Self::build)
+    /// refuses it. It must also lie within the backend's own lease limit
+    /// ([`Limits::max_lease`](crate::Limits::max_lease), 1 hour by default), which only the
+    /// backend knows: above it, every covered request is answered 503 (with an `error` event
+    /// naming the cause). Default: [`DEFAULT_LEASE`](super::DEFAULT_LEASE).
     pub fn lease(self, lease: Duration) -> Self {
         self.with_config(|c| c.claim = c.claim.clone().lease(lease))
     }
 
-    /// How long a completed request's response is replayed. Default: [`DEFAULT_RETENTION`].
+    /// How long a completed request's response is replayed. At least 1 ms and at most
+    /// [`RETENTION_MS_MAX`](crate::RETENTION_MS_MAX), or [`build`](Self::build) refuses it;
+    /// above the backend's own limit ([`Limits::max_retention`](crate::Limits::max_retention),
+    /// 30 days by default) every covered request is answered 503.
+    /// Default: [`DEFAULT_RETENTION`](super::DEFAULT_RETENTION).
     pub fn retention(self, retention: Duration) -> Self {
         self.with_config(|c| {
             c.retention = retention;
@@ -181,30 +143,38 @@ impl<B, X, P> IdempotencyLayer<B, X, P> {
 
     /// Lets a duplicate of a running request wait up to `wait` for the original and replay its
     /// response, instead of an immediate 409. If the original is still running after `wait`,
-    /// the duplicate gets the 409. Default: no waiting.
+    /// the duplicate gets the 409. At most [`WAIT_MS_MAX`](crate::WAIT_MS_MAX), or
+    /// [`build`](Self::build) refuses it; above the backend's own limit
+    /// ([`Limits::max_wait`](crate::Limits::max_wait), 60 s by default) every covered request
+    /// is answered 503. Default: no waiting.
     pub fn wait_for_original(self, wait: Duration) -> Self {
         self.with_config(|c| c.claim = c.claim.clone().wait(wait))
     }
 
     /// The largest `Retry-After` of a 409: it is the time left on the original's lease, at
-    /// most this, at least 1 second. Default: [`DEFAULT_RETRY_AFTER_MAX`].
+    /// most this, at least 1 second.
+    /// Default: [`DEFAULT_RETRY_AFTER_MAX`](super::DEFAULT_RETRY_AFTER_MAX).
     pub fn retry_after_max(self, max: Duration) -> Self {
         self.with_config(|c| c.retry_after_max = max)
     }
 
     /// The largest body of a covered request; a larger one gets 413
     /// ([`ProblemType::BodyTooLarge`](super::ProblemType::BodyTooLarge)) before anything is
-    /// claimed. Default: [`DEFAULT_REQUEST_BODY_LIMIT_BYTES`].
+    /// claimed.
+    /// Default: [`DEFAULT_REQUEST_BODY_LIMIT_BYTES`](super::DEFAULT_REQUEST_BODY_LIMIT_BYTES).
     pub fn request_body_limit(self, bytes: usize) -> Self {
         self.with_config(|c| c.request_body_limit_bytes = bytes)
     }
 
     /// The largest response stored for replay (status, headers and body as encoded). Keep it
-    /// within the store's outcome limit. A larger response still goes to its caller in full,
-    /// and the claim is completed without the body: every retry with the key then gets 410
+    /// within the store's outcome limit; above [`OUTCOME_LEN_MAX`](crate::OUTCOME_LEN_MAX),
+    /// which no store exceeds, [`build`](Self::build) refuses it. A larger response still goes
+    /// to its caller in full, and the claim is completed without the body: every retry with the
+    /// key then gets 410
     /// ([`ProblemType::ResponseNotStored`](super::ProblemType::ResponseNotStored), with the
     /// original status in `original_status`) and the request never runs again.
-    /// Default: [`DEFAULT_STORED_RESPONSE_LIMIT_BYTES`].
+    /// Default:
+    /// [`DEFAULT_STORED_RESPONSE_LIMIT_BYTES`](super::DEFAULT_STORED_RESPONSE_LIMIT_BYTES).
     pub fn stored_response_limit(self, bytes: usize) -> Self {
         self.with_config(|c| c.stored_response_limit_bytes = bytes)
     }
@@ -252,12 +222,48 @@ impl<B, X, P> IdempotencyLayer<B, X, P> {
     pub fn backend(&self) -> &Arc<B> {
         &self.backend
     }
+
+    /// Checks the configuration and returns the layer, ready to apply: a configuration that
+    /// cannot work is refused here, at start-up, instead of answering every covered request
+    /// with 503.
+    ///
+    /// ```
+    /// use idemstore::http::IdempotencyLayer;
+    /// use std::time::Duration;
+    ///
+    /// let store = idemstore::Store::in_memory()?;
+    /// let layer = IdempotencyLayer::new(store)
+    ///     .lease(Duration::from_secs(10))
+    ///     .retention(Duration::from_secs(3600))
+    ///     .build()?;
+    /// # let _ = layer;
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    ///
+    /// # Errors
+    /// [`ConfigError`] naming the first setting that no backend accepts: a
+    /// [`lease`](Self::lease) or [`retention`](Self::retention) under 1 ms, a lease longer than
+    /// the retention, a retention, [`wait`](Self::wait_for_original) or
+    /// [`stored_response_limit`](Self::stored_response_limit) above the crate's hard caps.
+    /// Limits that a backend sets lower than its hard caps are not known to the layer: those
+    /// are still found by the backend, on the first request.
+    pub fn build(self) -> Result<Self, ConfigError> {
+        self.config.validate()?;
+        Ok(self)
+    }
 }
 
+/// # Panics
+/// If the configuration is one that [`IdempotencyLayer::build`] refuses, with its
+/// [`ConfigError`]: the layer is applied when the service stack is built, so a configuration
+/// that cannot work stops the program at start-up rather than failing every request.
 impl<S, B, X, P> Layer<S> for IdempotencyLayer<B, X, P> {
     type Service = Idempotency<S, B, X, P>;
 
     fn layer(&self, inner: S) -> Self::Service {
+        if let Err(error) = self.config.validate() {
+            panic!("invalid IdempotencyLayer configuration: {error}");
+        }
         Idempotency::new(inner, self.clone())
     }
 }

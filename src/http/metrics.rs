@@ -54,8 +54,8 @@ pub struct MetricsSnapshot {
     pub in_flight: u64,
     /// 422 answers: the key was reused for another request.
     pub mismatched: u64,
-    /// Requests rejected before a claim: missing or invalid key, no scope, unreadable body,
-    /// body too large, scope over its record quota.
+    /// Requests rejected without running: missing or invalid key, no scope, unreadable body,
+    /// body too large, a key or scope over the store's limits, scope over its record quota.
     pub rejected: u64,
     /// Responses stored for replay.
     pub stored: u64,

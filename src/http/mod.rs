@@ -42,10 +42,11 @@
 //!    `Idempotency-Key` header passes through too, or gets 400 if
 //!    [keys are required](IdempotencyLayer::require_key).
 //! 2. **Key.** 1 to 255 visible ASCII characters, sent once; the draft's quoted form `"..."`
-//!    is accepted. Otherwise 400.
+//!    is accepted. Otherwise 400, as for a key longer than the store's
+//!    [key limit](crate::Limits::max_key_len) when the claim is refused for it.
 //! 3. **Scope.** The [`ScopeExtractor`] names whose key it is (for example the authenticated
 //!    principal an auth middleware put in the request extensions); tenants never share records.
-//!    No scope: 400.
+//!    No scope, or one longer than the store accepts: 400.
 //! 4. **Body.** Read in full, up to the [limit](IdempotencyLayer::request_body_limit): 413
 //!    above it, before anything is claimed.
 //! 5. **Fingerprint.** SHA-256 over the method, path and query, the
@@ -65,7 +66,17 @@
 //!    - *mismatch* (same key, other fingerprint): 422.
 //!
 //! The layer's own answers are `application/problem+json` (RFC 9457) with a stable `type` per
-//! condition: see [`ProblemType`]. A failing store answers 503 and runs nothing.
+//! condition: see [`ProblemType`]. What the client got wrong is a 4xx, never a store error; a
+//! failing store answers 503 and runs nothing.
+//!
+//! # Configuration
+//!
+//! A configuration that cannot work (a lease or retention under 1 ms, a lease longer than the
+//! retention, a value above the crate's hard caps) is refused before the layer serves:
+//! [`IdempotencyLayer::build`] returns a [`ConfigError`], and applying the layer without it
+//! panics with the same error. A backend's own, lower [`Limits`](crate::Limits) are known only
+//! to the backend: a lease, retention or wait above them is answered 503 on every covered
+//! request, with an `error` event naming the cause.
 //!
 //! # Edge cases, decided
 //!
@@ -105,25 +116,35 @@
 //! hand-written service names them: `Request<RequestBody<hyper::body::Incoming>>`.
 
 mod body;
+mod claim;
+mod config;
+mod extension;
 mod fingerprint;
 mod future;
+mod key;
 mod layer;
+mod lease;
 mod metrics;
 mod outcome;
 mod policy;
 mod problem;
+mod replay;
 mod scope;
 mod service;
 
 pub use body::{RequestBody, ResponseBody};
+pub use config::{
+    ConfigError, DEFAULT_LEASE, DEFAULT_REQUEST_BODY_LIMIT_BYTES, DEFAULT_RETENTION,
+    DEFAULT_RETRY_AFTER_MAX, DEFAULT_STORED_RESPONSE_LIMIT_BYTES,
+};
+pub use extension::IdempotentRequest;
 pub use fingerprint::FINGERPRINT_LEN;
 pub use future::ResponseFuture;
-pub use layer::{
-    DEFAULT_LEASE, DEFAULT_REQUEST_BODY_LIMIT_BYTES, DEFAULT_RETENTION, DEFAULT_RETRY_AFTER_MAX,
-    DEFAULT_STORED_RESPONSE_LIMIT_BYTES, IDEMPOTENCY_KEY, IDEMPOTENT_REPLAYED, IdempotencyLayer,
-};
+pub use key::IDEMPOTENCY_KEY;
+pub use layer::IdempotencyLayer;
 pub use metrics::{Metrics, MetricsSnapshot};
 pub use policy::{DefaultStorePolicy, StoreDecision, StorePolicy};
 pub use problem::{PROBLEM_JSON, ProblemType};
+pub use replay::IDEMPOTENT_REPLAYED;
 pub use scope::{GlobalScope, HeaderScope, ScopeExtractor};
-pub use service::{Idempotency, IdempotentRequest};
+pub use service::Idempotency;

@@ -4,8 +4,12 @@
 use bytes::Bytes;
 use http::header::{CONTENT_TYPE, HeaderValue, RETRY_AFTER};
 use http::{Response, StatusCode};
+use http_body::Body;
 use serde::Serialize;
 use serde_json::{Map, Value};
+
+use super::body::ResponseBody;
+use super::metrics::{Counter, Metrics};
 
 /// The media type of problem bodies.
 pub const PROBLEM_JSON: &str = "application/problem+json";
@@ -20,10 +24,12 @@ pub const PROBLEM_JSON: &str = "application/problem+json";
 pub enum ProblemType {
     /// 400: a covered request has no idempotency key and keys are required.
     MissingKey,
-    /// 400: the key is empty, longer than 255 bytes, not visible ASCII, or sent more than once.
+    /// 400: the key is empty, longer than 255 bytes (or than the store's
+    /// [key limit](crate::Limits::max_key_len)), not visible ASCII, or sent more than once.
     InvalidKey,
     /// 400: the scope extractor found no scope for the request (for example no authenticated
-    /// principal), or the scope is longer than [`SCOPE_LEN_MAX`](crate::SCOPE_LEN_MAX) bytes.
+    /// principal), or the scope is longer than [`SCOPE_LEN_MAX`](crate::SCOPE_LEN_MAX) bytes
+    /// (or than the store's [scope limit](crate::Limits::max_scope_len)).
     InvalidScope,
     /// 400: the request body could not be read.
     UnreadableBody,
@@ -171,4 +177,17 @@ impl Problem {
         }
         response
     }
+}
+
+/// A problem as a response of the layer.
+pub(crate) fn problem_response<B: Body>(problem: Problem) -> Response<ResponseBody<B>> {
+    problem.into_response().map(ResponseBody::full)
+}
+
+/// Answers a request the client got wrong with a problem, without running it, counting it as
+/// a rejection.
+pub(crate) fn reject<B: Body>(metrics: &Metrics, problem: Problem) -> Response<ResponseBody<B>> {
+    metrics.inc(Counter::Rejected);
+    tracing::debug!(problem = problem.kind().uri(), "rejected");
+    problem_response(problem)
 }

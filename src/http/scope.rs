@@ -3,14 +3,18 @@
 use http::HeaderName;
 use http::request::Parts;
 
+use super::problem::{Problem, ProblemType};
+use crate::SCOPE_LEN_MAX;
+
 /// Extracts the scope of a request: who owns its idempotency key (tenant, account, API
 /// principal). Keys never collide across scopes, and one scope can never replay another's
 /// record, so the scope must identify the caller, not anything the caller chooses freely.
 ///
 /// Returning `None` answers the request with a 400 problem
 /// ([`ProblemType::InvalidScope`](super::ProblemType::InvalidScope)) without running it. A scope
-/// is at most [`SCOPE_LEN_MAX`](crate::SCOPE_LEN_MAX) bytes; hash longer identities (and
-/// secrets such as API keys, which should not be stored in clear).
+/// is at most [`SCOPE_LEN_MAX`](crate::SCOPE_LEN_MAX) bytes (or the store's
+/// [scope limit](crate::Limits::max_scope_len), if lower; a longer one is a 400 too); hash
+/// longer identities (and secrets such as API keys, which should not be stored in clear).
 ///
 /// Implemented by [`GlobalScope`] (the default), [`HeaderScope`], and every closure
 /// `Fn(&http::request::Parts) -> Option<Vec<u8>>`, for example one that reads the principal an
@@ -78,4 +82,27 @@ impl ScopeExtractor for HeaderScope {
         }
         Some(value.as_bytes().to_vec())
     }
+}
+
+/// The scope of a request, or the problem that refuses it: none found, or longer than any
+/// store accepts. A store may accept shorter scopes only: its refusal is a 400 too, decided
+/// when the claim is refused.
+pub(crate) fn read_scope<X: ScopeExtractor>(
+    extractor: &X,
+    request: &Parts,
+) -> Result<Vec<u8>, Problem> {
+    let Some(scope) = extractor.scope(request) else {
+        return Err(Problem::new(
+            ProblemType::InvalidScope,
+            "the request has no scope (for example no authenticated principal), so it cannot be \
+             made idempotent",
+        ));
+    };
+    if scope.len() > SCOPE_LEN_MAX {
+        return Err(Problem::new(
+            ProblemType::InvalidScope,
+            format!("the request's scope is longer than {SCOPE_LEN_MAX} bytes"),
+        ));
+    }
+    Ok(scope)
 }
