@@ -81,9 +81,11 @@ pub use record::{Record, RecordState};
 pub use schema::FORMAT_VERSION;
 pub use store::{BATCH_OPS_MAX, Orphan, QUEUE_CAPACITY_MAX, Stats, Store, StoreBuilder, Swept};
 
-// The fuzz targets' entry points; documented in the module itself.
+// Test-only code (reference model, fuzz entry points) behind the internal
+// feature `__testkit`; documented in the module itself.
+#[cfg(feature = "__testkit")]
 #[doc(hidden)]
-pub mod fuzzing;
+pub mod testkit;
 
 /// The README's examples, compiled and run as doctests.
 #[cfg(doctest)]
