@@ -81,7 +81,7 @@ pub use record::{Record, RecordState};
 pub use schema::FORMAT_VERSION;
 pub use store::{BATCH_OPS_MAX, Orphan, QUEUE_CAPACITY_MAX, Stats, Store, StoreBuilder, Swept};
 
-// Test-only code (reference model, fuzz entry points) behind the internal
+// Test-only code (simulated disk, reference model, fuzz entry points) behind the internal
 // feature `__testkit`; documented in the module itself.
 #[cfg(feature = "__testkit")]
 #[doc(hidden)]

@@ -1,19 +1,19 @@
-//! The `ops` target's harness: one store over a fault-injecting in-memory backend, the
-//! reference model beside it, and the checks after every operation.
+//! The `ops` target's harness: one store over a [`SimDisk`], the reference model beside it,
+//! and the checks after every operation.
 
 use std::time::Duration;
 
 use super::T0_MS;
-use super::memory::FaultyMemory;
 use super::ops::{
     FINGERPRINTS, KEYS, Op, OpsSummary, SCOPES, Slot, fenced_result, is_storage_error, name, slots,
 };
+use crate::testkit::SimDisk;
 use crate::testkit::model::{Expected, MRecord, MState, Model};
 use crate::{Claim, ClaimOptions, Error, Lease, ManualClock, Record, RecordState, Store};
 
 pub(super) struct Harness {
     summary: OpsSummary,
-    backend: FaultyMemory,
+    disk: SimDisk,
     clock: ManualClock,
     store: Option<Store>,
     model: Model,
@@ -23,11 +23,11 @@ pub(super) struct Harness {
 }
 
 impl Harness {
-    /// A new store over an empty backend, checked against an empty model.
+    /// A new store over an empty disk, checked against an empty model.
     pub(super) fn start() -> Harness {
         let mut harness = Harness {
             summary: OpsSummary::default(),
-            backend: FaultyMemory::default(),
+            disk: SimDisk::new(),
             clock: ManualClock::new(T0_MS),
             store: None,
             model: Model::new(T0_MS, 0),
@@ -44,11 +44,11 @@ impl Harness {
     /// Disarms the faults, checks that whatever was acknowledged survives a clean reopen, and
     /// reports what the run did (`ops` operations).
     pub(super) fn finish(mut self, ops: usize) -> OpsSummary {
-        self.backend.disarm();
+        self.disk.set_fault(None);
         self.step(&Op::Reopen);
         self.check_everything();
         self.summary.ops = ops;
-        self.summary.faults_fired = self.backend.fired();
+        self.summary.faults_fired = self.disk.injected();
         self.summary
     }
 
@@ -56,7 +56,7 @@ impl Harness {
         Store::builder()
             .clock(self.clock.clone())
             .sweep_interval(None)
-            .open_with_backend(self.backend.clone())
+            .open_with_backend(self.disk.clone())
     }
 
     fn store(&self) -> &Store {
@@ -164,7 +164,7 @@ impl Harness {
     /// acknowledged, the store must refuse writes, and after a reopen every record must be
     /// exactly as before the operation or exactly as after it (its batch is atomic).
     fn recover(&mut self, op: &Op, before: Model, mut after: Model) {
-        self.backend.disarm();
+        self.disk.set_fault(None);
         let store = self.store.take().expect("store");
         assert!(
             matches!(store.flush(), Err(Error::Poisoned { .. })),
@@ -219,10 +219,10 @@ impl Harness {
     /// fired inside it, checks that it failed and recovers by a reopen. Panics on any
     /// divergence.
     pub(super) fn step(&mut self, op: &Op) {
-        let fired_before = self.backend.fired();
+        let fired_before = self.disk.injected();
         let before = self.model.clone();
         let result = self.apply(op);
-        let fired = self.backend.fired() > fired_before;
+        let fired = self.disk.injected() > fired_before;
         match (result, fired) {
             (Ok(()), false) => {}
             (Ok(()), true) => {
@@ -379,10 +379,10 @@ impl Harness {
                         // A fault during the open: nothing was acknowledged, so open again
                         // without faults; the state must be unchanged.
                         assert!(
-                            self.backend.fired() > 0,
+                            self.disk.injected() > 0,
                             "open failed without a fault: {e:?}"
                         );
-                        self.backend.disarm();
+                        self.disk.set_fault(None);
                         self.open().expect("a reopen without faults")
                     }
                 };
@@ -394,7 +394,7 @@ impl Harness {
                 self.store = Some(store);
                 self.summary.reopens += 1;
             }
-            Op::Fault(plan) => self.backend.arm(*plan),
+            Op::Fault(plan) => plan.arm(&self.disk),
         }
         Ok(())
     }

@@ -9,12 +9,11 @@
 //!   re-encodes to itself.
 //! - [`validate_input`]: arbitrary limits, scope, key, fingerprint, outcome, checkpoint and
 //!   durations against the store's input validation.
-//! - [`run_ops`]: arbitrary operation sequences against the reference model of DESIGN §2, on an
-//!   in-memory backend that fails writes, syncs or resizes at fuzzer-chosen points.
+//! - [`run_ops`]: arbitrary operation sequences against the reference model of DESIGN §2, on a
+//!   [`SimDisk`](super::SimDisk) that fails writes, syncs or resizes at fuzzer-chosen points.
 
 mod decode;
 mod harness;
-mod memory;
 mod ops;
 mod reader;
 mod validate;

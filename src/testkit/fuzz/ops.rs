@@ -4,9 +4,35 @@
 //! the store and to the model and checks the answers.
 
 use super::harness::Harness;
-use super::memory::{FaultOn, FaultPlan};
 use super::reader::Reader;
 use crate::Error;
+use crate::testkit::{Call, Fault, SimDisk, Target};
+
+/// An I/O fault as an input plans it: relative to the calls the disk has seen when armed.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct FaultPlan {
+    on: Target,
+    /// Matching calls to let through before failing.
+    skip: u32,
+    /// Fail every matching call from then on, not just one.
+    persistent: bool,
+    /// Fail with `StorageFull` rather than a plain I/O error.
+    full: bool,
+}
+
+impl FaultPlan {
+    /// Plans the fault on `disk`, replacing any earlier plan: the `skip + 1`-th matching call
+    /// from now on fails.
+    pub(super) fn arm(self, disk: &SimDisk) {
+        let nth = disk.counts().of(self.on) + u64::from(self.skip) + 1;
+        disk.set_fault(Some(Fault {
+            on: self.on,
+            nth,
+            persistent: self.persistent,
+            full: self.full,
+        }));
+    }
+}
 
 pub(super) const SCOPES: [&[u8]; 2] = [b"s0", b"s1"];
 pub(super) const KEYS: [&[u8]; 3] = [b"k0", b"k1", b"k2"];
@@ -101,10 +127,10 @@ fn read_op(r: &mut Reader<'_>) -> Op {
         13 => Op::Reopen,
         _ => Op::Fault(FaultPlan {
             on: match r.u8() % 4 {
-                0 => FaultOn::Write,
-                1 => FaultOn::Sync,
-                2 => FaultOn::SetLen,
-                _ => FaultOn::Any,
+                0 => Target::Only(Call::Write),
+                1 => Target::Only(Call::Sync),
+                2 => Target::Only(Call::SetLen),
+                _ => Target::Any,
             },
             skip: u32::from(r.u8() % 16),
             persistent: r.bool(),
@@ -151,9 +177,8 @@ pub struct OpsSummary {
 
 /// Decodes arbitrary bytes into up to 96 operations (claim, complete, fail, extend,
 /// checkpoint, forget, sweep, clock advance, reopen, and "arm an I/O fault") on two scopes
-/// × three keys, and runs them on an in-memory store over a backend that fails writes,
-/// syncs or resizes at fuzzer-chosen points (once or from then on, as an I/O error or a
-/// full disk).
+/// × three keys, and runs them on a store over a [`SimDisk`] that fails writes, syncs or
+/// resizes at fuzzer-chosen points (once or from then on, as an I/O error or a full disk).
 ///
 /// The oracle is the reference model of DESIGN §2 in [`model`](crate::testkit::model) (shared
 /// with `tests/model.rs` and `tests/linearizability.rs`, written apart from `transition.rs`):
