@@ -42,7 +42,7 @@ impl DiskOp {
     pub fn apply_to(&self, image: &mut Vec<u8>) {
         match self {
             DiskOp::Write { offset, data } => write_into(image, *offset, data),
-            DiskOp::SetLen(len) => image.resize(to_usize(*len), 0),
+            DiskOp::SetLen(len) => set_len_of(image, to_usize(*len)),
         }
     }
 }
@@ -52,6 +52,18 @@ pub(super) fn to_usize(v: u64) -> usize {
     usize::try_from(v).expect("the simulated disk fits in memory")
 }
 
+/// Truncates `image` to `len` bytes or grows it with zeros. Growth appends a zeroed
+/// allocation rather than calling `Vec::resize`, which fills byte by byte in the unoptimised
+/// builds the tests run in: redb grows its file by whole regions, and every image is grown
+/// twice (live and durable).
+fn set_len_of(image: &mut Vec<u8>, len: usize) {
+    match len.checked_sub(image.len()) {
+        Some(0) => {}
+        Some(extra) => image.extend_from_slice(&vec![0; extra]),
+        None => image.truncate(len),
+    }
+}
+
 /// Copies `data` into `image` at `offset`, growing the image (zero-filled) if it is shorter.
 pub(super) fn write_into(image: &mut Vec<u8>, offset: u64, data: &[u8]) {
     let start = to_usize(offset);
@@ -59,7 +71,7 @@ pub(super) fn write_into(image: &mut Vec<u8>, offset: u64, data: &[u8]) {
         .checked_add(data.len())
         .expect("the simulated disk fits in memory");
     if image.len() < end {
-        image.resize(end, 0);
+        set_len_of(image, end);
     }
     if let Some(dst) = image.get_mut(start..end) {
         dst.copy_from_slice(data);
