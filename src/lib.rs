@@ -77,9 +77,11 @@ pub use limits::{
     RETENTION_MS_MAX, SCOPE_LEN_MAX, WAIT_MS_MAX,
 };
 
-// The fuzz targets' entry points; documented in the module itself.
+// Test-only code (simulated disk, reference model, fuzz entry points) behind the internal
+// feature `__testkit`; documented in the module itself.
+#[cfg(feature = "__testkit")]
 #[doc(hidden)]
-pub mod fuzzing;
+pub mod testkit;
 
 /// The README's examples, compiled and run as doctests.
 #[cfg(doctest)]

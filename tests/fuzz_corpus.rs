@@ -1,7 +1,7 @@
 //! The fuzz targets on stable Rust, without cargo-fuzz: every file of `fuzz/corpus/<target>/`
 //! (the corpus the fuzzer grew, committed), every file of `fuzz/regressions/<target>/` (inputs
 //! that once found a defect), and inputs from a seeded PRNG go through the same functions the
-//! targets call (`idemstore::fuzzing`), which panic on any violated property.
+//! targets call (`idemstore::testkit`), which panic on any violated property.
 //!
 //! Default: the corpus plus a few thousand generated inputs per target. `IDEMSTORE_LONG=1`
 //! generates ten times as many; `IDEMSTORE_FUZZ_SEED=S` changes the PRNG seed.
@@ -9,7 +9,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use idemstore::fuzzing;
+use idemstore::testkit;
 
 mod support;
 
@@ -80,20 +80,20 @@ fn replay(target: &str, generated: usize, max_len: usize, f: impl Fn(&[u8])) {
 #[test]
 fn decode_corpus_and_generated_inputs() {
     replay("decode", 20_000, 256, |bytes| {
-        let _ = fuzzing::decode_record(bytes);
+        let _ = testkit::decode_record(bytes);
     });
 }
 
 #[test]
 fn validate_corpus_and_generated_inputs() {
-    replay("validate", 3_000, 96, fuzzing::validate_input);
+    replay("validate", 3_000, 96, testkit::validate_input);
 }
 
 #[test]
 fn ops_corpus_and_generated_inputs() {
-    let total = std::sync::Mutex::new(fuzzing::OpsSummary::default());
+    let total = std::sync::Mutex::new(testkit::OpsSummary::default());
     replay("ops", 800, 400, |bytes| {
-        let s = fuzzing::run_ops(bytes);
+        let s = testkit::run_ops(bytes);
         let mut t = total
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);

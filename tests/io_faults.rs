@@ -1,4 +1,4 @@
-//! I/O faults at every call of a fixed workload: a simulated disk (`support::backend::SimDisk`)
+//! I/O faults at every call of a fixed workload: a simulated disk (`idemstore::testkit::SimDisk`)
 //! fails the N-th `write`, `set_len` or `sync_data`, once or from then on, for every N that a
 //! clean run of the workload makes (open and close included). Each faulty run checks:
 //!
@@ -25,8 +25,8 @@ mod support;
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
+use idemstore::testkit::{Call, Counts, Fault, SimDisk};
 use idemstore::{Claim, ClaimOptions, Error, ManualClock, Record, RecordState, Store};
-use support::backend::{Call, Counts, Fault, SimDisk};
 use support::workload::{self, Driver, Effect, Id, Step};
 
 fn builder(clock: ManualClock) -> idemstore::StoreBuilder {
@@ -235,7 +235,7 @@ fn faulty_run(seed: u64, clean: &Clean, fault: Fault, tally: &mut Tally) {
         // Only a fault while closing may go unreported (redb's shutdown runs in a destructor):
         // everything was durable before, so the reopened state must be the final one.
         tally.silent += 1;
-        if fault.nth <= clean.counts_before_close.of(fault.call) {
+        if fault.nth <= clean.counts_before_close.of(fault.on) {
             tally.fail(format!("{label}: a fault before close reached no caller"));
         }
     }
@@ -345,9 +345,10 @@ fn a_fault_at_every_io_call_never_acknowledges_a_lost_write() {
                     jobs.push((
                         c,
                         Fault {
-                            call,
+                            on: call.into(),
                             nth,
                             persistent,
+                            full: false,
                         },
                     ));
                 }

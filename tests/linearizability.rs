@@ -36,7 +36,7 @@ use std::sync::{Arc, Barrier, Mutex};
 use std::time::{Duration, Instant};
 
 use common::{DAY, T0_MS};
-use idemstore::fuzzing::model::{Expected, MRecord, Model};
+use idemstore::testkit::model::{Expected, MRecord, Model};
 use idemstore::{Claim, ClaimOptions, Clock, Error, Lease, ManualClock, RecordState, Store};
 use support::long_run;
 use support::rng::Rng;

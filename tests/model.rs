@@ -10,7 +10,7 @@ use std::fmt::Debug;
 use std::path::Path;
 use std::time::Duration;
 
-use idemstore::fuzzing::model::{Expected, MRecord, Model};
+use idemstore::testkit::model::{Expected, MRecord, Model};
 use idemstore::{Claim, ClaimOptions, Clock, Error, Lease, ManualClock, Store};
 use proptest::prelude::*;
 use proptest::sample::Index;
@@ -116,7 +116,7 @@ fn op_strategy() -> impl Strategy<Value = Op> {
 // ----- the reference model -----
 //
 // The model (DESIGN §2, written apart from the engine's state machine) is shared with the
-// `ops` fuzz target and the linearizability checker: `idemstore::fuzzing::model`.
+// `ops` fuzz target and the linearizability checker: `idemstore::testkit::model`.
 
 type Slot = (usize, usize);
 

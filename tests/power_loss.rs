@@ -1,5 +1,5 @@
 //! Power loss at every sync point: a fixed workload runs on a simulated disk that keeps
-//! written-but-unsynced data apart from the durable image (`support::backend::SimDisk`). For
+//! written-but-unsynced data apart from the durable image (`idemstore::testkit::SimDisk`). For
 //! every sync N of the run, the image a power cut during sync N leaves is rebuilt — the
 //! durable image as of before sync N, plus each pending write of that window applied in full,
 //! dropped, or torn at 512-byte sector granularity (seeded) — and a store is opened on it:
@@ -24,8 +24,8 @@ mod support;
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
+use idemstore::testkit::{self, DiskOp, Fates, SimDisk};
 use idemstore::{Claim, ClaimOptions, ManualClock, Record, Store};
-use support::backend::{self, DiskOp, Fates, SimDisk};
 use support::rng::Rng;
 use support::workload::{self, Divergence, Driver, Effect, Id, Step};
 
@@ -243,7 +243,8 @@ fn sweep_sync_points(
             .find(|&i| rec.acked_after_syncs[i - 1] <= syncs_done)
             .unwrap_or(0);
         for v in 0..variants {
-            let image = backend::crash_image(&durable, window, &mut rng, &mut tally.fates);
+            let image =
+                testkit::crash_image(&durable, window, &mut |n| rng.below(n), &mut tally.fates);
             let label = format!(
                 "seed {seed} two_phase {two_phase} sync {} variant {v} ({} pending ops)",
                 w + 1,
@@ -254,7 +255,7 @@ fn sweep_sync_points(
         // The whole window reached the disk, just before its sync returned.
         let mut full = durable.clone();
         for op in window {
-            backend::apply(&mut full, op);
+            op.apply_to(&mut full);
         }
         let label = format!(
             "seed {seed} two_phase {two_phase} sync {} fully written",
@@ -344,7 +345,12 @@ fn the_simulated_disk_keeps_unsynced_writes_apart() {
     let mut rng = Rng::new(7);
     let mut fates = Fates::default();
     for _ in 0..64 {
-        let image = backend::crash_image(&disk.durable_image(), &tail, &mut rng, &mut fates);
+        let image = testkit::crash_image(
+            &disk.durable_image(),
+            &tail,
+            &mut |n| rng.below(n),
+            &mut fates,
+        );
         assert_eq!(image.len(), 2048);
         let before = disk.durable_image();
         for (sector, old) in image.chunks(512).zip(before.chunks(512)).skip(1).take(2) {

@@ -14,7 +14,7 @@
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|bytes: &[u8]| {
-    if let Some(record) = idemstore::fuzzing::decode_record(bytes) {
+    if let Some(record) = idemstore::testkit::decode_record(bytes) {
         // Exercise the accessor a reader calls on every decoded record.
         let _ = record.is_expired(u64::MAX);
     }

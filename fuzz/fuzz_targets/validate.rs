@@ -1,5 +1,5 @@
 //! Feeds arbitrary limits, scopes, keys, fingerprints, outcomes, checkpoints and durations to
-//! the store's input validation (`idemstore::fuzzing::validate_input`), on an in-memory store.
+//! the store's input validation (`idemstore::testkit::validate_input`), on an in-memory store.
 //!
 //! Every call must succeed exactly when its inputs are within their limits, and otherwise return
 //! a typed error that names an input really out of bounds; a rejected input writes nothing; an
@@ -14,5 +14,5 @@
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|bytes: &[u8]| {
-    idemstore::fuzzing::validate_input(bytes);
+    idemstore::testkit::validate_input(bytes);
 });

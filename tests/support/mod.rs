@@ -1,9 +1,8 @@
-//! Helpers shared by the crash, power-loss and I/O-fault tests: a seeded PRNG, a simulated disk
-//! (a `redb::StorageBackend` that keeps unsynced writes apart and injects faults), and a
-//! deterministic single-threaded workload with physical-state snapshots.
+//! Helpers shared by the integration tests: a seeded PRNG, the long-run switch, a small worker
+//! pool, and a deterministic single-threaded workload with physical-state snapshots. The
+//! simulated disk they run on is `idemstore::testkit::SimDisk` (feature `__testkit`).
 #![allow(dead_code)]
 
-pub mod backend;
 pub mod rng;
 pub mod workload;
 
