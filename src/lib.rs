@@ -68,8 +68,8 @@ pub use clock::{Clock, ManualClock, SystemClock};
 pub use core::claim::{Claim, ClaimOptions, Lease, Replay};
 pub use core::record::{Record, RecordState};
 pub use engine::{
-    BATCH_OPS_MAX, Durability, FORMAT_VERSION, Orphan, QUEUE_BYTES_MAX, QUEUE_CAPACITY_MAX, Stats,
-    Store, StoreBuilder, Swept,
+    ASYNC_READ_THREADS_MAX, BATCH_OPS_MAX, Durability, FORMAT_VERSION, Orphan, QUEUE_BYTES_MAX,
+    QUEUE_CAPACITY_MAX, Stats, Store, StoreBuilder, Swept,
 };
 pub use error::{Error, Input, Result, Source};
 pub use limits::{

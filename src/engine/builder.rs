@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use crate::clock::{Clock, SystemClock};
 use crate::engine::durability::Durability;
+use crate::engine::read_pool::ReadPool;
 use crate::engine::shared::Shared;
 use crate::engine::storage::redb::{RedbStorage, open};
 use crate::engine::store::Store;
@@ -19,6 +20,8 @@ use crate::limits::Limits;
 pub const QUEUE_CAPACITY_MAX: usize = 1 << 20;
 /// Hard cap on the operations applied in one transaction.
 pub const BATCH_OPS_MAX: usize = 1 << 16;
+/// Hard cap on [`StoreBuilder::async_read_threads`].
+pub const ASYNC_READ_THREADS_MAX: usize = 64;
 /// Hard cap on the bytes the commit queue may hold ([`StoreBuilder::queue_capacity_bytes`]).
 pub const QUEUE_BYTES_MAX: usize = 1 << 30;
 
@@ -46,6 +49,7 @@ pub struct StoreBuilder {
     two_phase_commit: bool,
     queue_capacity: usize,
     queue_capacity_bytes: usize,
+    async_read_threads: usize,
     max_batch_ops: usize,
     cache_size_bytes: Option<usize>,
     verify_on_open: bool,
@@ -62,6 +66,7 @@ impl Default for StoreBuilder {
             two_phase_commit: false,
             queue_capacity: 16 * 1024,
             queue_capacity_bytes: 64 * 1024 * 1024,
+            async_read_threads: 2,
             max_batch_ops: 4096,
             cache_size_bytes: None,
             verify_on_open: true,
@@ -124,6 +129,14 @@ impl StoreBuilder {
     /// Default: 64 MiB, at most [`QUEUE_BYTES_MAX`].
     pub fn queue_capacity_bytes(mut self, bytes: usize) -> Self {
         self.queue_capacity_bytes = bytes;
+        self
+    }
+
+    /// How many threads run the reads of async calls (`claim_async`'s answer from committed
+    /// state, which may read the file), so that they never block an executor thread.
+    /// Default: 2, at most [`ASYNC_READ_THREADS_MAX`].
+    pub fn async_read_threads(mut self, threads: usize) -> Self {
+        self.async_read_threads = threads;
         self
     }
 
@@ -209,6 +222,11 @@ impl StoreBuilder {
             ),
             ("max_batch_ops", self.max_batch_ops, BATCH_OPS_MAX),
             ("sweep_batch", self.sweep_batch, BATCH_OPS_MAX),
+            (
+                "async_read_threads",
+                self.async_read_threads,
+                ASYNC_READ_THREADS_MAX,
+            ),
         ];
         for (name, value, max) in checks {
             if value > max {
@@ -253,6 +271,7 @@ impl StoreBuilder {
         // Threads that can fail to start come before the writer, which must not be left
         // running without a store to stop it.
         let timer = Timer::start()?;
+        let read_pool = ReadPool::start(self.async_read_threads)?;
         let writer_shared = Arc::clone(&shared);
         let max_batch = self.max_batch_ops;
         let writer = std::thread::Builder::new()
@@ -261,7 +280,7 @@ impl StoreBuilder {
             .map_err(Error::from_io)?;
         // From here on the writer runs: the store must be built (and dropped on error) so that
         // the writer is stopped and joined.
-        let mut store = Store::from_parts(shared, self.limits, writer, timer);
+        let mut store = Store::from_parts(shared, self.limits, writer, timer, read_pool);
         if let Some(interval) = self.sweep_interval {
             let sweeper = Sweeper::start(Arc::clone(&store.shared), interval, self.sweep_batch)?;
             store.sweeper = Some(sweeper);

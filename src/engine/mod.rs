@@ -12,13 +12,15 @@
 //! - [`storage`]: the seam; `storage::redb` stores records in redb tables, encoded by
 //!   [`codec`];
 //! - [`waits`] wakes duplicates that wait for their original; [`sweeper`] removes expired
-//!   records in bounded batches through the queue.
+//!   records in bounded batches through the queue; [`read_pool`] runs the reads of async calls
+//!   on threads of its own, never on an executor's.
 
 pub(crate) mod apply;
 pub(crate) mod builder;
 pub(crate) mod codec;
 pub(crate) mod durability;
 pub(crate) mod queue;
+pub(crate) mod read_pool;
 pub(crate) mod reads;
 pub(crate) mod shared;
 pub(crate) mod storage;
@@ -28,7 +30,9 @@ pub(crate) mod waits;
 pub(crate) mod writer;
 
 pub use apply::Swept;
-pub use builder::{BATCH_OPS_MAX, QUEUE_BYTES_MAX, QUEUE_CAPACITY_MAX, StoreBuilder};
+pub use builder::{
+    ASYNC_READ_THREADS_MAX, BATCH_OPS_MAX, QUEUE_BYTES_MAX, QUEUE_CAPACITY_MAX, StoreBuilder,
+};
 pub use durability::Durability;
 pub use reads::{Orphan, Stats};
 pub use storage::redb::tables::FORMAT_VERSION;

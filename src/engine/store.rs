@@ -13,6 +13,8 @@ use crate::core::transition::{Op, Reply};
 use crate::engine::apply::Swept;
 use crate::engine::builder::{BATCH_OPS_MAX, StoreBuilder};
 use crate::engine::queue::Command;
+use crate::engine::read_pool::ReadPool;
+use crate::engine::reads::Reader;
 use crate::engine::shared::Shared;
 use crate::engine::sweeper::Sweeper;
 use crate::engine::waits::{Signal, Timer, Waiters};
@@ -51,6 +53,7 @@ pub struct Store {
     pub(crate) shared: Arc<Shared>,
     pub(crate) limits: Limits,
     timer: Timer,
+    read_pool: ReadPool,
     writer: Option<JoinHandle<()>>,
     pub(crate) sweeper: Option<Sweeper>,
 }
@@ -84,11 +87,13 @@ impl Store {
         limits: Limits,
         writer: JoinHandle<()>,
         timer: Timer,
+        read_pool: ReadPool,
     ) -> Store {
         Store {
             shared,
             limits,
             timer,
+            read_pool,
             writer: Some(writer),
             sweeper: None,
         }
@@ -259,7 +264,11 @@ impl Store {
     }
 
     async fn claim_once_async(&self, sk: &[u8], op: &Op) -> Result<Claim> {
-        if let Some(answer) = self.reader().claim_without_write(sk, op)? {
+        // The read may go to disk: it runs on the read pool, never on the executor's thread.
+        let shared = Arc::clone(&self.shared);
+        let (key, claim) = (sk.to_vec(), op.clone());
+        let read = move || Reader { shared: &shared }.claim_without_write(&key, &claim);
+        if let Some(answer) = self.read_pool.run(read).await? {
             return Ok(answer);
         }
         claim_reply(self.run_async(sk, op.clone()).await?)
@@ -510,15 +519,63 @@ impl Store {
         Ok(())
     }
 
+    /// The async form of [`Store::close`]: the shutdown (which waits for the writer's last
+    /// commit, an fsync) runs on a thread of its own while the caller awaits it, so an async
+    /// executor's thread is never blocked by it. Dropping a store inside an async task blocks
+    /// that task's thread for the same shutdown; close it this way instead.
+    ///
+    /// # Errors
+    /// As [`Store::close`]. If no thread can be spawned for it, the shutdown runs on the
+    /// caller's thread.
+    pub async fn close_async(self) -> Result<()> {
+        type Shared<T> = Arc<parking_lot::Mutex<Option<T>>>;
+        let store: Shared<Store> = Arc::new(parking_lot::Mutex::new(Some(self)));
+        let result: Shared<Result<()>> = Arc::default();
+        let done = Arc::new(Signal::default());
+        let spawned = std::thread::Builder::new()
+            .name("idemstore-close".into())
+            .spawn({
+                let (store, result, done) =
+                    (Arc::clone(&store), Arc::clone(&result), Arc::clone(&done));
+                move || {
+                    let close = || store.lock().take().map_or(Ok(()), Store::close);
+                    let closed = std::panic::catch_unwind(std::panic::AssertUnwindSafe(close))
+                        .unwrap_or_else(|_| {
+                            Err(Error::Internal("closing the store panicked".into()))
+                        });
+                    *result.lock() = Some(closed);
+                    done.fire();
+                }
+            });
+        if spawned.is_err() {
+            // The closure, and its handle on the store, is gone with the failed spawn.
+            let inline = store.lock().take();
+            return inline.map_or(Ok(()), Store::close);
+        }
+        done.fired().await;
+        result
+            .lock()
+            .take()
+            .unwrap_or_else(|| Err(Error::Internal("the close thread gave no answer".into())))
+    }
+
     fn shutdown(&mut self) {
         if let Some(mut s) = self.sweeper.take() {
             s.stop();
         }
         self.shared.queue.close();
-        if let Some(w) = self.writer.take() {
-            let _ = w.join();
+        if let Some(w) = self.writer.take()
+            && w.join().is_err()
+        {
+            // The writer catches panics while it applies a batch; one anywhere else is a
+            // bug, and nothing is left to report it to.
+            tracing::error!(
+                epoch = self.shared.epoch,
+                "idemstore: the writer thread panicked outside a batch"
+            );
         }
         self.timer.stop();
+        self.read_pool.stop();
     }
 }
 
