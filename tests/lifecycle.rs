@@ -555,3 +555,21 @@ fn store_and_its_async_futures_can_cross_threads() {
     send(store.complete_async(&lease, b"x", DAY));
     send(store.sweep_async(1));
 }
+
+#[test]
+fn a_clock_set_back_does_not_lengthen_a_lease_for_duplicates() -> TestResult {
+    let clock = clock();
+    let store = memory_store(&clock);
+    acquired(store.claim("s", "k", "fp", &opts(1_000))?);
+    // The first lease runs out; a duplicate takes the request over, with a lease of 1 s.
+    clock.advance(Duration::from_secs(2));
+    acquired(store.claim("s", "k", "fp", &opts(1_000))?);
+    // The wall clock jumps back 2 s. Lease decisions keep the time they already reached, on
+    // the read path as in the writer: the new lease has 1 s left, not 3.
+    clock.set(T0_MS);
+    match store.claim("s", "k", "fp", &opts(1_000))? {
+        Claim::InProgress { retry_after } => assert_eq!(retry_after, Duration::from_secs(1)),
+        other => panic!("expected in progress, got {other:?}"),
+    }
+    Ok(())
+}
