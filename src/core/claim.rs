@@ -54,6 +54,13 @@ impl ClaimOptions {
     /// If the original is still in flight, wait up to `wait` for it to finish and return its
     /// replay (or acquire, if it failed or its owner died) instead of an immediate
     /// [`Claim::InProgress`].
+    ///
+    /// `wait` is the caller's patience, in real time. Every decision about the lease itself is
+    /// made with the store's [`Clock`](crate::Clock): the waiter re-checks when the record
+    /// changes and when the original's lease would end by that clock (measured from then in
+    /// real time), so with a [`ManualClock`](crate::ManualClock) a lease that ends because the
+    /// test advanced the clock is noticed at the next change of the record or re-check.
+    /// At most 65,536 claims wait at once per store; past that a claim answers at once.
     #[must_use]
     pub fn wait(mut self, wait: Duration) -> Self {
         self.wait = Some(wait);
