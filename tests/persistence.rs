@@ -86,6 +86,29 @@ fn opening_a_file_that_is_not_a_database_is_refused_and_leaves_it_untouched() ->
     Ok(())
 }
 
+/// Writes a redb database with a table of its own at `path`; returns it still open.
+fn foreign_database(path: &std::path::Path) -> Result<redb::Database, Box<dyn std::error::Error>> {
+    const THEIRS: redb::TableDefinition<u64, u64> = redb::TableDefinition::new("theirs");
+    let db = redb::Database::create(path)?;
+    let txn = db.begin_write()?;
+    txn.open_table(THEIRS)?.insert(1, 2)?;
+    txn.commit()?;
+    Ok(db)
+}
+
+/// Opens `path` as a store, which must be refused as not ours, and checks that the file is
+/// byte for byte as it was.
+fn assert_refused_untouched(path: &std::path::Path) -> TestResult {
+    let before = std::fs::read(path)?;
+    let result = Store::open(path);
+    assert!(
+        matches!(result, Err(Error::NotAnIdemstoreFile { .. })),
+        "{result:?}"
+    );
+    assert!(std::fs::read(path)? == before, "the file was modified");
+    Ok(())
+}
+
 /// Set by `a_foreign_redb_database_left_unclean_by_a_crash_is_refused_untouched` for its child.
 const FOREIGN_CHILD_ENV: &str = "IDEMSTORE_FOREIGN_CHILD_DB";
 
@@ -96,11 +119,7 @@ fn foreign_crash_child() -> TestResult {
     let Ok(path) = std::env::var(FOREIGN_CHILD_ENV) else {
         return Ok(());
     };
-    const THEIRS: redb::TableDefinition<u64, u64> = redb::TableDefinition::new("theirs");
-    let db = redb::Database::create(&path)?;
-    let txn = db.begin_write()?;
-    txn.open_table(THEIRS)?.insert(1, 2)?;
-    txn.commit()?;
+    let _db = foreign_database(std::path::Path::new(&path))?;
     std::process::abort();
 }
 
@@ -118,40 +137,20 @@ fn a_foreign_redb_database_left_unclean_by_a_crash_is_refused_untouched() -> Tes
         !status.success(),
         "the child dies without closing the database"
     );
-    let before = std::fs::read(&path)?;
     // The file really needs repair: redb refuses a read-only open of it.
     assert!(matches!(
         redb::ReadOnlyDatabase::open(&path),
         Err(redb::DatabaseError::RepairAborted)
     ));
-    let result = Store::open(&path);
-    assert!(
-        matches!(result, Err(Error::NotAnIdemstoreFile { .. })),
-        "{result:?}"
-    );
-    assert!(std::fs::read(&path)? == before, "the file was modified");
-    Ok(())
+    assert_refused_untouched(&path)
 }
 
 #[test]
 fn opening_a_foreign_redb_database_is_refused_and_leaves_it_untouched() -> TestResult {
     let dir = tempfile::tempdir()?;
     let path = dir.path().join("other.redb");
-    const THEIRS: redb::TableDefinition<u64, u64> = redb::TableDefinition::new("theirs");
-    {
-        let db = redb::Database::create(&path)?;
-        let txn = db.begin_write()?;
-        txn.open_table(THEIRS)?.insert(1, 2)?;
-        txn.commit()?;
-    }
-    let before = std::fs::read(&path)?;
-    let result = Store::open(&path);
-    assert!(
-        matches!(result, Err(Error::NotAnIdemstoreFile { .. })),
-        "{result:?}"
-    );
-    assert!(std::fs::read(&path)? == before, "the file was modified");
-    Ok(())
+    drop(foreign_database(&path)?);
+    assert_refused_untouched(&path)
 }
 
 #[test]
