@@ -13,7 +13,7 @@ use std::future::{Future, poll_fn};
 use std::net::SocketAddr;
 use std::pin::pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use axum::Router;
@@ -34,6 +34,7 @@ use idemstore::{Claim, ClaimOptions, IdempotencyBackend, Lease, Limits, ManualCl
 use tokio::net::TcpListener;
 use tokio::sync::{Notify, mpsc, oneshot};
 use tokio::task::{JoinHandle, JoinSet};
+use tokio::time::Instant;
 use tower::ServiceExt;
 
 // ----- harness -----
@@ -1167,6 +1168,8 @@ const T0_MS: u64 = 1_700_000_000_000;
 /// the store's clock only when the test advances it.
 struct Inline {
     store: Store,
+    /// Whether every extension fails, as with a store that cannot be reached.
+    failing_extensions: bool,
 }
 
 impl Inline {
@@ -1176,6 +1179,15 @@ impl Inline {
                 .clock(clock.clone())
                 .open_in_memory()
                 .expect("an in-memory store opens"),
+            failing_extensions: false,
+        }
+    }
+
+    /// As [`Inline::new`], but no lease extension ever succeeds.
+    fn failing_extensions(clock: &ManualClock) -> Inline {
+        Inline {
+            failing_extensions: true,
+            ..Inline::new(clock)
         }
     }
 }
@@ -1205,6 +1217,11 @@ impl IdempotencyBackend for Inline {
     }
 
     async fn extend(&self, lease: &mut Lease, by: Duration) -> idemstore::Result<()> {
+        if self.failing_extensions {
+            return Err(idemstore::Error::Io(Arc::new(std::io::Error::other(
+                "the store cannot be reached",
+            ))));
+        }
         self.store.extend(lease, by)
     }
 }
@@ -1260,6 +1277,141 @@ async fn a_slow_handler_keeps_its_lease_and_is_not_taken_over() {
     assert_eq!(runs.get(), 1, "never taken over while alive");
     assert_eq!(metrics.snapshot().leases_lost, 0);
     assert!(post_with_key("/slow", "k").send_to(&app).await.replayed());
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_handler_is_told_when_its_lease_is_taken_over_and_its_response_is_not_stored() {
+    let clock = ManualClock::new(T0_MS);
+    let lease = Duration::from_secs(30);
+    let layer = IdempotencyLayer::new(Inline::new(&clock)).lease(lease);
+    let metrics = layer.metrics();
+    let started = Arc::new(Notify::new());
+    let told = Arc::new(AtomicBool::new(false));
+    let app = Router::new()
+        .route(
+            "/charges",
+            post({
+                let (started, told) = (Arc::clone(&started), Arc::clone(&told));
+                move |Extension(claim): Extension<IdempotentRequest>| {
+                    let (started, told) = (Arc::clone(&started), Arc::clone(&told));
+                    async move {
+                        if claim.attempt() > 1 {
+                            return (StatusCode::CREATED, "ch_2");
+                        }
+                        started.notify_one();
+                        // Runs until told its lease is lost (bounded, so that a handler never
+                        // told fails the test instead of hanging it).
+                        let _ = tokio::time::timeout(lease * 4, claim.lease_lost()).await;
+                        told.store(claim.is_lease_lost(), Ordering::SeqCst);
+                        (StatusCode::CREATED, "ch_1")
+                    }
+                }
+            }),
+        )
+        .layer(layer);
+    let original = tokio::spawn({
+        let app = app.clone();
+        async move { post_with_key("/charges", "k").send_to(&app).await }
+    });
+    started.notified().await;
+
+    // The original stalls past its lease before its first extension (as a paused VM would):
+    // the store's clock moves beyond the lease, and a retry takes the key over and completes.
+    clock.advance(lease * 2);
+    let successor = post_with_key("/charges", "k").send_to(&app).await;
+    assert_eq!(
+        (successor.status, successor.body),
+        (StatusCode::CREATED, Bytes::from("ch_2"))
+    );
+
+    // The original's next extension finds the lease lost: the handler is told, and what it
+    // answers anyway is never stored over the successor's record: its caller gets 409.
+    let original = original.await.expect("the original is answered");
+    assert!(told.load(Ordering::SeqCst), "the handler was told");
+    original.assert_problem(StatusCode::CONFLICT, "lease-lost");
+    assert_eq!(original.headers["retry-after"], "1");
+    let retry = post_with_key("/charges", "k").send_to(&app).await;
+    assert_eq!(
+        (retry.replayed(), retry.body),
+        (true, Bytes::from("ch_2")),
+        "the successor's answer is the one kept"
+    );
+    let m = metrics.snapshot();
+    assert_eq!(
+        (m.acquired, m.takeovers, m.stored, m.leases_lost),
+        (2, 1, 1, 1)
+    );
+    assert_eq!(m.store_errors, 0, "a lost lease is not a store failure");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_handler_is_told_when_its_lease_runs_out_unextended() {
+    let clock = ManualClock::new(T0_MS);
+    let lease = Duration::from_secs(30);
+    let layer = IdempotencyLayer::new(Inline::failing_extensions(&clock)).lease(lease);
+    let metrics = layer.metrics();
+    let (told, release) = (Arc::new(Notify::new()), Arc::new(Notify::new()));
+    let lost_after = Arc::new(std::sync::Mutex::new(None));
+    let app = Router::new()
+        .route(
+            "/charges",
+            post({
+                let (told, release, lost_after) = (
+                    Arc::clone(&told),
+                    Arc::clone(&release),
+                    Arc::clone(&lost_after),
+                );
+                move |Extension(claim): Extension<IdempotentRequest>| {
+                    let (told, release, lost_after) = (
+                        Arc::clone(&told),
+                        Arc::clone(&release),
+                        Arc::clone(&lost_after),
+                    );
+                    async move {
+                        let began = Instant::now();
+                        let _ = tokio::time::timeout(lease * 4, claim.lease_lost()).await;
+                        *lost_after.lock().expect("not poisoned") =
+                            claim.is_lease_lost().then(|| began.elapsed());
+                        told.notify_one();
+                        release.notified().await;
+                        (StatusCode::CREATED, "ch_1")
+                    }
+                }
+            }),
+        )
+        .layer(layer);
+    let original = tokio::spawn({
+        let app = app.clone();
+        async move { post_with_key("/charges", "k").send_to(&app).await }
+    });
+    // Every extension fails (at 10 s and 20 s): at 30 s the lease has certainly run out.
+    told.notified().await;
+    let lost_after = lost_after.lock().expect("not poisoned").take();
+    assert!(
+        lost_after.is_some_and(|after| after >= lease && after < lease + lease / 3),
+        "told once the lease had run out, not before: {lost_after:?}"
+    );
+
+    // The store's clock reaches the end of the lease too. Nobody took the key over, so the
+    // completion, fenced by the lease's token and not by time, still stores the response.
+    clock.advance(lease + Duration::from_secs(1));
+    release.notify_one();
+    let original = original.await.expect("the original is answered");
+    assert_eq!(
+        (original.status, original.body),
+        (StatusCode::CREATED, Bytes::from("ch_1"))
+    );
+    assert!(
+        post_with_key("/charges", "k")
+            .send_to(&app)
+            .await
+            .replayed()
+    );
+    let m = metrics.snapshot();
+    assert_eq!(
+        (m.lease_extensions, m.leases_lost, m.stored, m.store_errors),
+        (0, 1, 1, 0)
+    );
 }
 
 // ----- large responses -----
