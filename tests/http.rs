@@ -1,10 +1,19 @@
 //! End-to-end tests of the HTTP idempotency layer: a real server on 127.0.0.1 (axum, or plain
 //! hyper) and a real HTTP client (hyper-util), one behaviour per test.
+//!
+//! No test sleeps. Tests that depend on an order of events wait for the event itself (a
+//! handler that reports it started, a store that reports a claim submitted or a release done).
+//! Tests of the lease, whose timing is the point, call the layered router in process on paused
+//! Tokio time (`start_paused`), over a store on a [`ManualClock`]: Tokio's clock paces the
+//! layer's lease keeper, the store's clock decides expiry, and each test advances the ones it
+//! needs.
 
 use std::convert::Infallible;
+use std::future::{Future, poll_fn};
 use std::net::SocketAddr;
+use std::pin::pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use axum::Router;
@@ -21,10 +30,12 @@ use idemstore::http::{
     ConfigError, HeaderScope, IdempotencyLayer, IdempotentRequest, Metrics, RequestBody,
     StoreDecision,
 };
-use idemstore::{Claim, ClaimOptions, IdempotencyBackend, Lease, Limits, Store};
+use idemstore::{Claim, ClaimOptions, IdempotencyBackend, Lease, Limits, ManualClock, Store};
 use tokio::net::TcpListener;
-use tokio::sync::{Notify, oneshot};
-use tokio::task::JoinHandle;
+use tokio::sync::{Notify, mpsc, oneshot};
+use tokio::task::{JoinHandle, JoinSet};
+use tokio::time::Instant;
+use tower::ServiceExt;
 
 // ----- harness -----
 
@@ -162,6 +173,27 @@ impl Call {
             body,
         })
     }
+
+    /// Calls `app` in process, without a server: for the tests on paused time.
+    async fn send_to(&self, app: &Router) -> Reply {
+        let mut builder = Request::builder()
+            .method(self.method.clone())
+            .uri(&self.path);
+        for (name, value) in &self.headers {
+            builder = builder.header(name, value);
+        }
+        let request = builder
+            .body(axum::body::Body::from(self.body.clone()))
+            .expect("a valid request");
+        let Ok(response) = app.clone().oneshot(request).await;
+        let (parts, body) = response.into_parts();
+        let body = body.collect().await.expect("a whole body").to_bytes();
+        Reply {
+            status: parts.status,
+            headers: parts.headers,
+            body,
+        }
+    }
 }
 
 /// Counts handler executions.
@@ -182,6 +214,100 @@ fn memory_store() -> Store {
     Store::builder()
         .open_in_memory()
         .expect("an in-memory store opens")
+}
+
+/// How long a test waits for an event that must come, before it fails instead of hanging.
+const EVENT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Waits for `event`, failing the test if it has not come within [`EVENT_TIMEOUT`].
+async fn within<T>(what: &str, event: impl Future<Output = T>) -> T {
+    tokio::time::timeout(EVENT_TIMEOUT, event)
+        .await
+        .unwrap_or_else(|_| panic!("timed out waiting for {what}"))
+}
+
+/// The embedded store, reporting what the tests wait for instead of sleeping.
+struct Watched {
+    store: Store,
+    /// Sent once per claim whose first poll left it pending: submitted to the writer, or
+    /// registered as a waiter for an in-flight original.
+    claim_pending: mpsc::UnboundedSender<()>,
+    /// Whether each claim's answer is held, once committed, until `deliver` is notified.
+    hold_answers: bool,
+    /// Notified when a held answer has been committed.
+    committed: Notify,
+    /// Lets a held answer go.
+    deliver: Notify,
+    /// Notified after each release (`fail`) has returned.
+    released: Notify,
+}
+
+impl Watched {
+    /// A watched in-memory store, and the receiver of its `claim_pending` events.
+    fn new(hold_answers: bool) -> (Arc<Watched>, mpsc::UnboundedReceiver<()>) {
+        let (claim_pending, pending) = mpsc::unbounded_channel();
+        let watched = Watched {
+            store: memory_store(),
+            claim_pending,
+            hold_answers,
+            committed: Notify::new(),
+            deliver: Notify::new(),
+            released: Notify::new(),
+        };
+        (Arc::new(watched), pending)
+    }
+}
+
+impl IdempotencyBackend for Watched {
+    async fn claim(
+        &self,
+        scope: &[u8],
+        key: &[u8],
+        fingerprint: &[u8],
+        options: &ClaimOptions,
+    ) -> idemstore::Result<Claim> {
+        let mut claim = pin!(IdempotencyBackend::claim(
+            &self.store,
+            scope,
+            key,
+            fingerprint,
+            options
+        ));
+        let mut announced = false;
+        let answer = poll_fn(|cx| {
+            let poll = claim.as_mut().poll(cx);
+            if poll.is_pending() && !announced {
+                announced = true;
+                let _ = self.claim_pending.send(());
+            }
+            poll
+        })
+        .await;
+        if self.hold_answers {
+            self.committed.notify_one();
+            self.deliver.notified().await;
+        }
+        answer
+    }
+
+    async fn complete(
+        &self,
+        lease: &Lease,
+        outcome: &[u8],
+        retention: Duration,
+    ) -> idemstore::Result<()> {
+        IdempotencyBackend::complete(&self.store, lease, outcome, retention).await
+    }
+
+    async fn fail(&self, lease: &Lease) -> idemstore::Result<()> {
+        let released = IdempotencyBackend::fail(&self.store, lease).await;
+        self.released.notify_one();
+        released
+    }
+
+    async fn extend(&self, lease: &mut Lease, by: Duration) -> idemstore::Result<()> {
+        IdempotencyBackend::extend(&self.store, lease, by).await
+    }
 }
 
 /// A route that creates a "charge": 201, a `Location` header, a JSON body naming the
@@ -595,7 +721,8 @@ async fn duplicate_waits_for_the_original_and_replays_it_when_configured() {
         Arc::new(Notify::new()),
         Arc::new(Notify::new()),
     );
-    let layer = IdempotencyLayer::new(memory_store()).wait_for_original(Duration::from_secs(10));
+    let (store, mut claim_pending) = Watched::new(false);
+    let layer = IdempotencyLayer::new(store).wait_for_original(Duration::from_secs(10));
     let metrics = layer.metrics();
     let app = gated_route(&runs, &started, &release).layer(layer);
     let server = serve(app).await;
@@ -606,12 +733,13 @@ async fn duplicate_waits_for_the_original_and_replays_it_when_configured() {
         async move { post_with_key("/slow", "k").send(&client, addr).await }
     });
     started.notified().await;
+    while claim_pending.try_recv().is_ok() {} // the original's own claim, if it was pending
     let duplicate = tokio::spawn({
         let client = client.clone();
         async move { post_with_key("/slow", "k").send(&client, addr).await }
     });
-    // Give the duplicate time to reach the store and start waiting (it replays either way).
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    // The duplicate's claim found the original in flight and waits for it in the store.
+    within("the duplicate's claim to wait", claim_pending.recv()).await;
     release.notify_one();
 
     let original = original.await.expect("the original completes");
@@ -626,50 +754,42 @@ async fn duplicate_waits_for_the_original_and_replays_it_when_configured() {
 
 #[tokio::test]
 async fn concurrent_duplicates_execute_once() {
-    let runs = Counter::default();
-    let counted = runs.clone();
-    let app = Router::new()
-        .route(
-            "/charges",
-            post(move || {
-                let counted = counted.clone();
-                async move {
-                    let n = counted.bump();
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    (StatusCode::CREATED, format!("ch_{n}"))
-                }
-            }),
-        )
-        .layer(IdempotencyLayer::new(memory_store()));
+    let (runs, started, release) = (
+        Counter::default(),
+        Arc::new(Notify::new()),
+        Arc::new(Notify::new()),
+    );
+    let app = gated_route(&runs, &started, &release).layer(IdempotencyLayer::new(memory_store()));
     let server = serve(app).await;
     let addr = server.addr;
     let client = client();
-    let storm: Vec<_> = (0..16)
-        .map(|_| {
-            let client = client.clone();
-            tokio::spawn(
-                async move { post_with_key("/charges", "storm").send(&client, addr).await },
-            )
-        })
-        .collect();
-    let mut created = 0;
-    for reply in storm {
-        let reply = reply.await.expect("every duplicate is answered");
-        match reply.status {
-            StatusCode::CREATED => {
-                assert_eq!(reply.body, "ch_1");
-                created += 1;
-            }
-            StatusCode::CONFLICT => reply.assert_problem(StatusCode::CONFLICT, "in-flight"),
-            other => panic!("unexpected status {other}"),
-        }
+    let mut storm = JoinSet::new();
+    for _ in 0..16 {
+        let client = client.clone();
+        storm.spawn(async move { post_with_key("/slow", "storm").send(&client, addr).await });
     }
-    assert!(created >= 1);
-    assert_eq!(runs.get(), 1, "exactly one execution");
-    let after = post_with_key("/charges", "storm").send(&client, addr).await;
+    // One request runs and is held there; every other one is answered while it runs.
+    for _ in 0..15 {
+        let reply = within("a duplicate's answer", storm.join_next())
+            .await
+            .expect("a request of the storm")
+            .expect("every duplicate is answered");
+        reply.assert_problem(StatusCode::CONFLICT, "in-flight");
+    }
+    release.notify_one();
+    let original = within("the original's answer", storm.join_next())
+        .await
+        .expect("the original")
+        .expect("the original is answered");
     assert_eq!(
-        (after.status, after.body),
-        (StatusCode::CREATED, Bytes::from("ch_1"))
+        (original.status, original.body),
+        (StatusCode::CREATED, Bytes::from("run 1"))
+    );
+    assert_eq!(runs.get(), 1, "exactly one execution");
+    let after = post_with_key("/slow", "storm").send(&client, addr).await;
+    assert_eq!(
+        (after.status, after.replayed(), after.body),
+        (StatusCode::CREATED, true, Bytes::from("run 1"))
     );
     server.stop().await;
 }
@@ -972,7 +1092,8 @@ async fn a_dropped_request_releases_the_claim() {
         Arc::new(Notify::new()),
         Arc::new(Notify::new()),
     );
-    let layer = IdempotencyLayer::new(memory_store());
+    let (store, _claim_pending) = Watched::new(false);
+    let layer = IdempotencyLayer::new(Arc::clone(&store));
     let metrics = layer.metrics();
     let app = gated_route(&runs, &started, &release).layer(layer);
     let server = serve(app).await;
@@ -987,13 +1108,8 @@ async fn a_dropped_request_releases_the_claim() {
     abandoned.abort();
     let _ = abandoned.await;
 
-    // The release runs in the background: poll the metrics, bounded.
-    for _ in 0..200 {
-        if metrics.snapshot().released == 1 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    // The release runs in the background, once the server has seen the connection close.
+    within("the release", store.released.notified()).await;
     assert_eq!(
         metrics.snapshot().released,
         1,
@@ -1006,10 +1122,77 @@ async fn a_dropped_request_releases_the_claim() {
     server.stop().await;
 }
 
-/// A backend whose claims answer late: the claim is committed, its answer is still on its way.
-struct SlowAnswers(Store);
+#[tokio::test]
+async fn a_request_dropped_while_its_claim_commits_releases_the_claim() {
+    // In process, so that the request future is dropped at a known point: while its claim is
+    // committed but its answer not yet delivered.
+    let runs = Counter::default();
+    let (store, _claim_pending) = Watched::new(true);
+    let layer = IdempotencyLayer::new(Arc::clone(&store));
+    let metrics = layer.metrics();
+    let app = charge_route(&runs).layer(layer);
+    let abandoned = tokio::spawn({
+        let app = app.clone();
+        async move { post_with_key("/charges", "k").send_to(&app).await }
+    });
+    within("the claim to commit", store.committed.notified()).await;
+    abandoned.abort();
+    assert!(
+        abandoned.await.is_err_and(|e| e.is_cancelled()),
+        "the request future was dropped"
+    );
+    store.deliver.notify_one(); // the answer arrives, and nobody takes it
+    within("the release", store.released.notified()).await;
+    assert_eq!(
+        metrics.snapshot().released,
+        1,
+        "the orphaned claim was released"
+    );
+    store.deliver.notify_one(); // lets the retry's claim answer at once
+    let retry = post_with_key("/charges", "k").send_to(&app).await;
+    assert_eq!(
+        (retry.status, retry.replayed()),
+        (StatusCode::CREATED, false)
+    );
+    assert_eq!(runs.get(), 1, "the abandoned request never ran its handler");
+}
 
-impl IdempotencyBackend for SlowAnswers {
+// ----- lease (in process, on paused time) -----
+
+/// The store's clock at the start of the lease tests (ms since the Unix epoch).
+const T0_MS: u64 = 1_700_000_000_000;
+
+/// The embedded store on a [`ManualClock`], answering on the caller's thread through its
+/// blocking calls. On paused Tokio time the runtime then never idles while the store works, so
+/// Tokio's clock moves only when every task waits for a timer (or the test advances it), and
+/// the store's clock only when the test advances it.
+struct Inline {
+    store: Store,
+    /// Whether every extension fails, as with a store that cannot be reached.
+    failing_extensions: bool,
+}
+
+impl Inline {
+    fn new(clock: &ManualClock) -> Inline {
+        Inline {
+            store: Store::builder()
+                .clock(clock.clone())
+                .open_in_memory()
+                .expect("an in-memory store opens"),
+            failing_extensions: false,
+        }
+    }
+
+    /// As [`Inline::new`], but no lease extension ever succeeds.
+    fn failing_extensions(clock: &ManualClock) -> Inline {
+        Inline {
+            failing_extensions: true,
+            ..Inline::new(clock)
+        }
+    }
+}
+
+impl IdempotencyBackend for Inline {
     async fn claim(
         &self,
         scope: &[u8],
@@ -1017,9 +1200,7 @@ impl IdempotencyBackend for SlowAnswers {
         fingerprint: &[u8],
         options: &ClaimOptions,
     ) -> idemstore::Result<Claim> {
-        let claim = IdempotencyBackend::claim(&self.0, scope, key, fingerprint, options).await;
-        tokio::time::sleep(Duration::from_millis(200)).await;
-        claim
+        self.store.claim(scope, key, fingerprint, options)
     }
 
     async fn complete(
@@ -1028,97 +1209,209 @@ impl IdempotencyBackend for SlowAnswers {
         outcome: &[u8],
         retention: Duration,
     ) -> idemstore::Result<()> {
-        IdempotencyBackend::complete(&self.0, lease, outcome, retention).await
+        self.store.complete(lease, outcome, retention)
     }
 
     async fn fail(&self, lease: &Lease) -> idemstore::Result<()> {
-        IdempotencyBackend::fail(&self.0, lease).await
+        self.store.fail(lease)
     }
 
     async fn extend(&self, lease: &mut Lease, by: Duration) -> idemstore::Result<()> {
-        IdempotencyBackend::extend(&self.0, lease, by).await
-    }
-}
-
-#[tokio::test]
-async fn a_request_dropped_while_its_claim_commits_releases_the_claim() {
-    let runs = Counter::default();
-    let layer = IdempotencyLayer::new(SlowAnswers(memory_store()));
-    let metrics = layer.metrics();
-    let server = serve(charge_route(&runs).layer(layer)).await;
-    let addr = server.addr;
-    let abandoned =
-        tokio::spawn(async move { post_with_key("/charges", "k").send(&client(), addr).await });
-    tokio::time::sleep(Duration::from_millis(50)).await; // claimed, answer not yet delivered
-    abandoned.abort();
-    let _ = abandoned.await;
-    for _ in 0..200 {
-        if metrics.snapshot().released == 1 {
-            break;
+        if self.failing_extensions {
+            return Err(idemstore::Error::Io(Arc::new(std::io::Error::other(
+                "the store cannot be reached",
+            ))));
         }
-        tokio::time::sleep(Duration::from_millis(10)).await;
+        self.store.extend(lease, by)
     }
-    assert_eq!(
-        metrics.snapshot().released,
-        1,
-        "the orphaned claim was released"
-    );
-    let retry = post_with_key("/charges", "k").send(&client(), addr).await;
-    assert_eq!(
-        (retry.status, retry.replayed()),
-        (StatusCode::CREATED, false)
-    );
-    assert_eq!(runs.get(), 1, "the abandoned request never ran its handler");
-    server.stop().await;
 }
 
-// ----- lease -----
+/// Lets the other tasks run until `done` holds, without moving paused time.
+async fn settle(what: &str, done: impl Fn() -> bool) {
+    for _ in 0..1000 {
+        if done() {
+            return;
+        }
+        tokio::task::yield_now().await;
+    }
+    panic!("{what} did not happen");
+}
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn a_slow_handler_keeps_its_lease_and_is_not_taken_over() {
-    let runs = Counter::default();
-    let counted = runs.clone();
-    let layer = IdempotencyLayer::new(memory_store()).lease(Duration::from_millis(300));
+    let clock = ManualClock::new(T0_MS);
+    let lease = Duration::from_secs(30);
+    let (runs, started, release) = (
+        Counter::default(),
+        Arc::new(Notify::new()),
+        Arc::new(Notify::new()),
+    );
+    let layer = IdempotencyLayer::new(Inline::new(&clock)).lease(lease);
     let metrics = layer.metrics();
-    let app = Router::new()
-        .route(
-            "/slow",
-            post(move || {
-                let n = counted.bump();
-                async move {
-                    // Four leases long: without extensions a duplicate would take it over.
-                    tokio::time::sleep(Duration::from_millis(1200)).await;
-                    (StatusCode::CREATED, format!("run {n}"))
-                }
-            }),
-        )
-        .layer(layer);
-    let server = serve(app).await;
-    let addr = server.addr;
-    let client = client();
+    let app = gated_route(&runs, &started, &release).layer(layer);
     let original = tokio::spawn({
-        let client = client.clone();
-        async move { post_with_key("/slow", "k").send(&client, addr).await }
+        let app = app.clone();
+        async move { post_with_key("/slow", "k").send_to(&app).await }
     });
-    for _ in 0..2 {
-        tokio::time::sleep(Duration::from_millis(450)).await;
-        let duplicate = post_with_key("/slow", "k").send(&client, addr).await;
+    started.notified().await;
+
+    // Four leases, a third at a time on both clocks: the layer extends the lease each third,
+    // so a duplicate never finds it run out (without the extensions, the fourth would).
+    let third = lease / 3;
+    for extensions in 1..=12 {
+        clock.advance(third);
+        tokio::time::advance(third).await;
+        settle("a lease extension", || {
+            metrics.snapshot().lease_extensions == extensions
+        })
+        .await;
+        let duplicate = post_with_key("/slow", "k").send_to(&app).await;
         duplicate.assert_problem(StatusCode::CONFLICT, "in-flight");
     }
+    release.notify_one();
     let original = original.await.expect("the original completes");
     assert_eq!(
         (original.status, original.body),
         (StatusCode::CREATED, Bytes::from("run 1"))
     );
     assert_eq!(runs.get(), 1, "never taken over while alive");
-    assert!(metrics.snapshot().lease_extensions >= 2);
+    assert_eq!(metrics.snapshot().leases_lost, 0);
+    assert!(post_with_key("/slow", "k").send_to(&app).await.replayed());
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_handler_is_told_when_its_lease_is_taken_over_and_its_response_is_not_stored() {
+    let clock = ManualClock::new(T0_MS);
+    let lease = Duration::from_secs(30);
+    let layer = IdempotencyLayer::new(Inline::new(&clock)).lease(lease);
+    let metrics = layer.metrics();
+    let started = Arc::new(Notify::new());
+    let told = Arc::new(AtomicBool::new(false));
+    let app = Router::new()
+        .route(
+            "/charges",
+            post({
+                let (started, told) = (Arc::clone(&started), Arc::clone(&told));
+                move |Extension(claim): Extension<IdempotentRequest>| {
+                    let (started, told) = (Arc::clone(&started), Arc::clone(&told));
+                    async move {
+                        if claim.attempt() > 1 {
+                            return (StatusCode::CREATED, "ch_2");
+                        }
+                        started.notify_one();
+                        // Runs until told its lease is lost (bounded, so that a handler never
+                        // told fails the test instead of hanging it).
+                        let _ = tokio::time::timeout(lease * 4, claim.lease_lost()).await;
+                        told.store(claim.is_lease_lost(), Ordering::SeqCst);
+                        (StatusCode::CREATED, "ch_1")
+                    }
+                }
+            }),
+        )
+        .layer(layer);
+    let original = tokio::spawn({
+        let app = app.clone();
+        async move { post_with_key("/charges", "k").send_to(&app).await }
+    });
+    started.notified().await;
+
+    // The original stalls past its lease before its first extension (as a paused VM would):
+    // the store's clock moves beyond the lease, and a retry takes the key over and completes.
+    clock.advance(lease * 2);
+    let successor = post_with_key("/charges", "k").send_to(&app).await;
+    assert_eq!(
+        (successor.status, successor.body),
+        (StatusCode::CREATED, Bytes::from("ch_2"))
+    );
+
+    // The original's next extension finds the lease lost: the handler is told, and what it
+    // answers anyway is never stored over the successor's record: its caller gets 409.
+    let original = original.await.expect("the original is answered");
+    assert!(told.load(Ordering::SeqCst), "the handler was told");
+    original.assert_problem(StatusCode::CONFLICT, "lease-lost");
+    assert_eq!(original.headers["retry-after"], "1");
+    let retry = post_with_key("/charges", "k").send_to(&app).await;
+    assert_eq!(
+        (retry.replayed(), retry.body),
+        (true, Bytes::from("ch_2")),
+        "the successor's answer is the one kept"
+    );
+    let m = metrics.snapshot();
+    assert_eq!(
+        (m.acquired, m.takeovers, m.stored, m.leases_lost),
+        (2, 1, 1, 1)
+    );
+    assert_eq!(m.store_errors, 0, "a lost lease is not a store failure");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_handler_is_told_when_its_lease_runs_out_unextended() {
+    let clock = ManualClock::new(T0_MS);
+    let lease = Duration::from_secs(30);
+    let layer = IdempotencyLayer::new(Inline::failing_extensions(&clock)).lease(lease);
+    let metrics = layer.metrics();
+    let (told, release) = (Arc::new(Notify::new()), Arc::new(Notify::new()));
+    let lost_after = Arc::new(std::sync::Mutex::new(None));
+    let app = Router::new()
+        .route(
+            "/charges",
+            post({
+                let (told, release, lost_after) = (
+                    Arc::clone(&told),
+                    Arc::clone(&release),
+                    Arc::clone(&lost_after),
+                );
+                move |Extension(claim): Extension<IdempotentRequest>| {
+                    let (told, release, lost_after) = (
+                        Arc::clone(&told),
+                        Arc::clone(&release),
+                        Arc::clone(&lost_after),
+                    );
+                    async move {
+                        let began = Instant::now();
+                        let _ = tokio::time::timeout(lease * 4, claim.lease_lost()).await;
+                        *lost_after.lock().expect("not poisoned") =
+                            claim.is_lease_lost().then(|| began.elapsed());
+                        told.notify_one();
+                        release.notified().await;
+                        (StatusCode::CREATED, "ch_1")
+                    }
+                }
+            }),
+        )
+        .layer(layer);
+    let original = tokio::spawn({
+        let app = app.clone();
+        async move { post_with_key("/charges", "k").send_to(&app).await }
+    });
+    // Every extension fails (at 10 s and 20 s): at 30 s the lease has certainly run out.
+    told.notified().await;
+    let lost_after = lost_after.lock().expect("not poisoned").take();
     assert!(
-        post_with_key("/slow", "k")
-            .send(&client, addr)
+        lost_after.is_some_and(|after| after >= lease && after < lease + lease / 3),
+        "told once the lease had run out, not before: {lost_after:?}"
+    );
+
+    // The store's clock reaches the end of the lease too. Nobody took the key over, so the
+    // completion, fenced by the lease's token and not by time, still stores the response.
+    clock.advance(lease + Duration::from_secs(1));
+    release.notify_one();
+    let original = original.await.expect("the original is answered");
+    assert_eq!(
+        (original.status, original.body),
+        (StatusCode::CREATED, Bytes::from("ch_1"))
+    );
+    assert!(
+        post_with_key("/charges", "k")
+            .send_to(&app)
             .await
             .replayed()
     );
-    server.stop().await;
+    let m = metrics.snapshot();
+    assert_eq!(
+        (m.lease_extensions, m.leases_lost, m.stored, m.store_errors),
+        (0, 1, 1, 0)
+    );
 }
 
 // ----- large responses -----

@@ -66,7 +66,9 @@ pub struct MetricsSnapshot {
     pub not_stored: u64,
     /// Lease extensions made while slow handlers ran.
     pub lease_extensions: u64,
-    /// Leases found lost (taken over or removed) while extending or completing.
+    /// Leases lost, each counted once: found taken over or removed (while extending,
+    /// completing or releasing), or run out while every extension failed. The handler was
+    /// told ([`IdempotentRequest::lease_lost`](super::IdempotentRequest::lease_lost)).
     pub leases_lost: u64,
     /// Store operations that failed (503 before running the handler, or a failed
     /// completion).

@@ -54,10 +54,12 @@
 //! 6. **Claim** in the store, then by its answer:
 //!    - *acquired*: the handler runs, with an [`IdempotentRequest`] in its request extensions.
 //!      While it runs, the lease is extended every third of its length, so a slow request is
-//!      never taken over while it is alive. The [`StorePolicy`] then decides: **store** the
-//!      response (default: all but 5xx, 408 and 429), or **release** the claim so that the
-//!      client's retry runs again. A handler error, a handler panic (released, then the panic
-//!      resumes) and a dropped request future (released in the background) release too.
+//!      never taken over while it is alive; if it is lost all the same, the handler is told
+//!      (see *A lease lost while the handler runs* below). The [`StorePolicy`] then decides:
+//!      **store** the response (default: all but 5xx, 408 and 429), or **release** the claim so
+//!      that the client's retry runs again. A handler error, a handler panic (released, then
+//!      the panic resumes) and a dropped request future (released in the background) release
+//!      too.
 //!    - *replay*: the stored status, headers (without hop-by-hop headers and the
 //!      [deny list](IdempotencyLayer::deny_headers)) and body, plus `Idempotent-Replayed: true`.
 //!    - *in flight*: 409 with `Retry-After`, or, if
@@ -96,12 +98,29 @@
 //!   409 until the lease ends (or the process restarts), then take it over with
 //!   [`IdempotentRequest::is_takeover`] set. A handler that may run twice must reconcile on
 //!   `attempt() > 1`, as after any crash between its side effect and the completion.
+//! - **A lease lost while the handler runs**: when an extension finds the lease taken over
+//!   or its record gone ([`Error::LeaseLost`](crate::Error::LeaseLost)), or no extension has
+//!   succeeded for a whole lease (the store failing), the layer stops extending and sets the
+//!   handler's signal: [`IdempotentRequest::lease_lost`] resolves and
+//!   [`is_lease_lost`](IdempotentRequest::is_lease_lost) turns `true`. Another attempt may be
+//!   running the request from then on; a handler should stop at its next safe point. Its
+//!   response is never stored over another attempt's record: the completion is fenced by the
+//!   lease. If the completion finds the lease lost, the caller gets 409
+//!   ([`ProblemType::LeaseLost`], with `Retry-After`) instead of the response, and its retry
+//!   gets the answer of the attempt that holds the key; this is counted in
+//!   [`leases_lost`](MetricsSnapshot::leases_lost), logged as a warning, never as a store
+//!   error. A lease that merely ran out, with nobody taking the key over, still completes.
 //! - **A request dropped while its claim is being committed** still releases it: the claim
 //!   runs in a task of its own, whose acquired lease is released if nobody takes it.
 //! - **Runtime**: the layer needs a Tokio runtime with its time driver (`enable_all`, as
 //!   `#[tokio::main]` and axum's `serve` have): the claim runs in a spawned task and the lease
 //!   extension uses Tokio timers. A request dropped outside a runtime cannot be released; its
 //!   claim waits for the lease to end.
+//! - **Time**: every wait of the layer (the pace of lease extensions, the deadline after which
+//!   an unextended lease counts as lost) is on Tokio's clock, so tests drive it with
+//!   `tokio::time::pause` (or `#[tokio::test(start_paused = true)]`) instead of sleeping. The
+//!   store decides expiry by its own [`Clock`](crate::Clock): a test that needs both advances
+//!   both (a [`ManualClock`](crate::ManualClock) for the store).
 //!
 //! # Observability
 //!
@@ -131,6 +150,7 @@ mod problem;
 mod replay;
 mod scope;
 mod service;
+mod signal;
 
 pub use body::{RequestBody, ResponseBody};
 pub use config::{

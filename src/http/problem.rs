@@ -38,6 +38,11 @@ pub enum ProblemType {
     /// 409: the original request with this key is still being processed; retry after the
     /// `Retry-After` header.
     InFlight,
+    /// 409: the request ran, but lost its lease before its response could be stored: it
+    /// outlived the lease and another attempt took the key over (or the record is gone). Its
+    /// response was discarded, never stored over the other attempt's record; retry after the
+    /// `Retry-After` header to get the answer of the attempt that holds the key.
+    LeaseLost,
     /// 422: the key was already used for a request with another fingerprint (method, path,
     /// query, body or fingerprinted headers).
     KeyReused,
@@ -65,6 +70,7 @@ impl ProblemType {
             ProblemType::UnreadableBody => "urn:idemstore:problem:unreadable-body",
             ProblemType::BodyTooLarge => "urn:idemstore:problem:body-too-large",
             ProblemType::InFlight => "urn:idemstore:problem:in-flight",
+            ProblemType::LeaseLost => "urn:idemstore:problem:lease-lost",
             ProblemType::KeyReused => "urn:idemstore:problem:key-reused",
             ProblemType::ResponseNotStored => "urn:idemstore:problem:response-not-stored",
             ProblemType::QuotaExceeded => "urn:idemstore:problem:quota-exceeded",
@@ -82,7 +88,7 @@ impl ProblemType {
             | ProblemType::InvalidScope
             | ProblemType::UnreadableBody => StatusCode::BAD_REQUEST,
             ProblemType::BodyTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
-            ProblemType::InFlight => StatusCode::CONFLICT,
+            ProblemType::InFlight | ProblemType::LeaseLost => StatusCode::CONFLICT,
             ProblemType::KeyReused => StatusCode::UNPROCESSABLE_ENTITY,
             ProblemType::ResponseNotStored => StatusCode::GONE,
             ProblemType::QuotaExceeded => StatusCode::TOO_MANY_REQUESTS,
@@ -101,6 +107,7 @@ impl ProblemType {
             ProblemType::UnreadableBody => "Unreadable request body",
             ProblemType::BodyTooLarge => "Request body too large",
             ProblemType::InFlight => "Original request still in progress",
+            ProblemType::LeaseLost => "Request superseded by another attempt",
             ProblemType::KeyReused => "Idempotency key reused for another request",
             ProblemType::ResponseNotStored => "Original response was not stored",
             ProblemType::QuotaExceeded => "Too many idempotency records",

@@ -18,7 +18,7 @@ use super::fingerprint::fingerprint;
 use super::future::{CatchUnwind, ResponseFuture};
 use super::key::{KeyHeader, read_key};
 use super::layer::IdempotencyLayer;
-use super::lease::{ReleaseGuard, keep_alive};
+use super::lease::{Completion, ReleaseGuard, keep_alive, superseded};
 use super::metrics::{Counter, Metrics};
 use super::outcome;
 use super::policy::{StoreDecision, StorePolicy};
@@ -246,7 +246,8 @@ enum Handled<B: Body> {
 }
 
 /// Runs the handler under an acquired lease, kept alive meanwhile, and finishes the claim by
-/// the store policy: complete it with the response, or release it.
+/// the store policy: complete it with the response, or release it. A response whose completion
+/// finds the lease lost is not sent: the caller gets 409, and its retry the new owner's answer.
 async fn execute<S, B, X, P, ReqBody, ResBody>(
     shared: &Shared<B, X, P>,
     mut inner: S,
@@ -272,9 +273,10 @@ where
         takeover = lease.is_takeover(),
         "acquired"
     );
+    let lost = guard.lost_signal().clone();
     request
         .extensions_mut()
-        .insert(IdempotentRequest::new(key, &lease));
+        .insert(IdempotentRequest::new(key, &lease, lost.clone()));
     let work = async {
         let response = inner.call(request).await?;
         let (parts, body) = response.into_parts();
@@ -292,6 +294,7 @@ where
         &*shared.backend,
         &mut extended,
         config.claim.lease_duration(),
+        &lost,
         metrics,
     )
     .await;
@@ -322,16 +325,22 @@ where
             let fits = outcome::encoded_len(&replayable, Some(&body))
                 <= config.stored_response_limit_bytes;
             let stored_body = fits.then_some(&body[..]);
-            guard
+            let completion = guard
                 .complete(parts.status, &replayable, stored_body, config.retention)
                 .await;
+            if completion == Completion::LeaseLost {
+                return Ok(superseded());
+            }
             Ok(Response::from_parts(parts, ResponseBody::full(body)))
         }
         Ok(Ok(Handled::Store(parts, Collected::TooLarge { prefix, rest }))) => {
             let replayable = replayable_headers(&parts.headers, &config.deny_headers);
-            guard
+            let completion = guard
                 .complete(parts.status, &replayable, None, config.retention)
                 .await;
+            if completion == Completion::LeaseLost {
+                return Ok(superseded());
+            }
             Ok(Response::from_parts(
                 parts,
                 ResponseBody::resumed(prefix, rest),
