@@ -44,6 +44,28 @@
 //! record is an orphan and the application must reconcile it (checkpoint + external check).
 //! The engine makes that window visible and small; it cannot make it vanish.
 //!
+//! ## Metrics (feature `metrics`)
+//! The engine reports through the [`metrics`](https://docs.rs/metrics) facade; install any
+//! recorder (a Prometheus exporter, say) in the application. Without the feature nothing is
+//! compiled in; with it and no recorder, each report is an atomic load.
+//!
+//! | name | kind | labels | what |
+//! | --- | --- | --- | --- |
+//! | `idemstore_claims_total` | counter | `answer` = `acquired`, `replay`, `in_progress`, `mismatch` | claims answered |
+//! | `idemstore_lease_lost_total` | counter | | lease writes refused by fencing ([`Error::LeaseLost`]) |
+//! | `idemstore_commits_total` | counter | `durable` = `true`, `false` | batches committed |
+//! | `idemstore_commit_operations` | histogram | | operations per committed batch (group commit at work) |
+//! | `idemstore_commit_seconds` | histogram | `durable` | time to apply and commit one batch, its fsync included |
+//! | `idemstore_commit_failures_total` | counter | | batches whose commit failed (the store is then poisoned) |
+//! | `idemstore_queue_depth` | gauge | | operations left in the commit queue after the writer took a batch |
+//! | `idemstore_queue_bytes` | gauge | | bytes those operations hold |
+//! | `idemstore_swept_total` | counter | | expired records removed by sweeps |
+//! | `idemstore_poisoned` | gauge | | 1 once a fatal error stopped writes, else 0 |
+//!
+//!
+//! Every store of a process reports under the same names (the facade has no per-store scope).
+//! The HTTP layer keeps its own counters (`http::Metrics`, feature `http`).
+//!
 //! ## Layout
 //! `core/` holds what every backend shares: the record, the claim types and the pure state
 //! machine (`core/transition.rs`). `engine/` is the embedded store: builder, queue, group-commit

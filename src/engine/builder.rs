@@ -11,6 +11,7 @@ use crate::engine::shared::Shared;
 use crate::engine::storage::redb::{RedbStorage, open};
 use crate::engine::store::Store;
 use crate::engine::sweeper::Sweeper;
+use crate::engine::telemetry;
 use crate::engine::waits::Timer;
 use crate::engine::writer;
 use crate::error::{Error, Input, Result};
@@ -280,6 +281,7 @@ impl StoreBuilder {
             .map_err(Error::from_io)?;
         // From here on the writer runs: the store must be built (and dropped on error) so that
         // the writer is stopped and joined.
+        telemetry::opened();
         let mut store = Store::from_parts(shared, self.limits, writer, timer, read_pool);
         if let Some(interval) = self.sweep_interval {
             let sweeper = Sweeper::start(Arc::clone(&store.shared), interval, self.sweep_batch)?;

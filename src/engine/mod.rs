@@ -26,6 +26,7 @@ pub(crate) mod shared;
 pub(crate) mod storage;
 pub(crate) mod store;
 pub(crate) mod sweeper;
+pub(crate) mod telemetry;
 pub(crate) mod waits;
 pub(crate) mod writer;
 

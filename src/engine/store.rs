@@ -17,6 +17,7 @@ use crate::engine::read_pool::ReadPool;
 use crate::engine::reads::Reader;
 use crate::engine::shared::Shared;
 use crate::engine::sweeper::Sweeper;
+use crate::engine::telemetry;
 use crate::engine::waits::{Signal, Timer, Waiters};
 use crate::error::{Error, Result};
 use crate::limits::Limits;
@@ -189,8 +190,22 @@ impl Store {
         fingerprint: impl AsRef<[u8]>,
         options: &ClaimOptions,
     ) -> Result<Claim> {
-        let (sk, op, wait) =
-            self.prepare_claim(scope.as_ref(), key.as_ref(), fingerprint.as_ref(), options)?;
+        let claim =
+            self.claim_blocking(scope.as_ref(), key.as_ref(), fingerprint.as_ref(), options);
+        if let Ok(answer) = &claim {
+            telemetry::claim_answered(answer);
+        }
+        claim
+    }
+
+    fn claim_blocking(
+        &self,
+        scope: &[u8],
+        key: &[u8],
+        fingerprint: &[u8],
+        options: &ClaimOptions,
+    ) -> Result<Claim> {
+        let (sk, op, wait) = self.prepare_claim(scope, key, fingerprint, options)?;
         let Some(wait) = wait else {
             return self.claim_once(&sk, &op);
         };
@@ -223,8 +238,23 @@ impl Store {
         fingerprint: impl AsRef<[u8]>,
         options: &ClaimOptions,
     ) -> Result<Claim> {
-        let (sk, op, wait) =
-            self.prepare_claim(scope.as_ref(), key.as_ref(), fingerprint.as_ref(), options)?;
+        let claim = self
+            .claim_awaiting(scope.as_ref(), key.as_ref(), fingerprint.as_ref(), options)
+            .await;
+        if let Ok(answer) = &claim {
+            telemetry::claim_answered(answer);
+        }
+        claim
+    }
+
+    async fn claim_awaiting(
+        &self,
+        scope: &[u8],
+        key: &[u8],
+        fingerprint: &[u8],
+        options: &ClaimOptions,
+    ) -> Result<Claim> {
+        let (sk, op, wait) = self.prepare_claim(scope, key, fingerprint, options)?;
         let Some(wait) = wait else {
             return self.claim_once_async(&sk, &op).await;
         };

@@ -10,6 +10,7 @@ use crate::engine::apply::{Apply, ScopeCounts};
 use crate::engine::durability::Durability;
 use crate::engine::queue::{Answer, Command, Drained, Job};
 use crate::engine::shared::Shared;
+use crate::engine::telemetry;
 use crate::error::{Error, Result};
 
 /// The most expiry entries a sweep visits in a commit it shares with callers' operations, so
@@ -30,7 +31,10 @@ pub(crate) fn run(shared: &Shared, max_batch: usize) {
             _ => None,
         };
         match shared.queue.drain(max_batch, deadline) {
-            Drained::Jobs(jobs) => writer.process_guarded(jobs),
+            Drained::Jobs(jobs) => {
+                telemetry::queue(&shared.queue);
+                writer.process_guarded(jobs);
+            }
             Drained::TimedOut => writer.process_guarded(Vec::new()),
             Drained::Closed => {
                 if writer.unsynced_since.is_some() {
@@ -95,8 +99,10 @@ impl Writer<'_> {
             .map(|job| std::mem::replace(&mut job.command, Command::Flush))
             .collect();
         let mut changed: Vec<Vec<u8>> = Vec::new();
+        let started = Instant::now();
         match self.commit(commands, durable, &mut changed) {
             Ok(answers) => {
+                telemetry::committed(jobs.len(), durable, started.elapsed());
                 self.unsynced_since = if durable {
                     None
                 } else {
@@ -109,8 +115,13 @@ impl Writer<'_> {
                     .fetch_max(jobs.len() as u64, Ordering::Relaxed);
                 c.next_token.store(self.next_token, Ordering::SeqCst);
                 for (job, answer) in jobs.iter().zip(answers) {
-                    if let Ok(Answer::Swept(swept)) = &answer {
-                        c.swept.fetch_add(swept.removed as u64, Ordering::Relaxed);
+                    match &answer {
+                        Ok(Answer::Swept(swept)) => {
+                            c.swept.fetch_add(swept.removed as u64, Ordering::Relaxed);
+                            telemetry::swept(swept.removed);
+                        }
+                        Err(Error::LeaseLost { .. }) => telemetry::lease_lost(),
+                        _ => {}
                     }
                     job.slot.set(answer);
                 }
@@ -123,6 +134,7 @@ impl Writer<'_> {
                 }
             }
             Err(e) => {
+                telemetry::commit_failed();
                 self.next_token = token_before;
                 self.shared.storage.release_reads();
                 self.shared.poison(&e);

@@ -1,0 +1,154 @@
+//! The engine's metrics (feature `metrics`): what a recorder installed by the application sees
+//! after real operations.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use common::*;
+use idemstore::{Claim, Error};
+use metrics::{
+    Counter, CounterFn, Gauge, GaugeFn, Histogram, HistogramFn, Key, KeyName, Metadata, Recorder,
+    SharedString, Unit,
+};
+
+/// One metric's value: a counter total, the last gauge value, or every histogram sample.
+#[derive(Debug, Default)]
+struct Cell {
+    total: AtomicU64,
+    gauge: Mutex<f64>,
+    samples: Mutex<Vec<f64>>,
+}
+
+impl CounterFn for Cell {
+    fn increment(&self, value: u64) {
+        self.total.fetch_add(value, Ordering::SeqCst);
+    }
+
+    fn absolute(&self, value: u64) {
+        self.total.store(value, Ordering::SeqCst);
+    }
+}
+
+impl GaugeFn for Cell {
+    fn increment(&self, value: f64) {
+        *self.gauge.lock().expect("gauge") += value;
+    }
+
+    fn decrement(&self, value: f64) {
+        *self.gauge.lock().expect("gauge") -= value;
+    }
+
+    fn set(&self, value: f64) {
+        *self.gauge.lock().expect("gauge") = value;
+    }
+}
+
+impl HistogramFn for Cell {
+    fn record(&self, value: f64) {
+        self.samples.lock().expect("samples").push(value);
+    }
+}
+
+/// A recorder that keeps every metric by its name and labels, `name{label=value,...}`.
+#[derive(Debug, Default, Clone)]
+struct Kept {
+    cells: Arc<Mutex<BTreeMap<String, Arc<Cell>>>>,
+}
+
+impl Kept {
+    fn cell(&self, key: &Key) -> Arc<Cell> {
+        let mut labels: Vec<String> = key
+            .labels()
+            .map(|l| format!("{}={}", l.key(), l.value()))
+            .collect();
+        labels.sort();
+        let name = if labels.is_empty() {
+            key.name().to_owned()
+        } else {
+            format!("{}{{{}}}", key.name(), labels.join(","))
+        };
+        Arc::clone(self.cells.lock().expect("cells").entry(name).or_default())
+    }
+
+    fn counter(&self, name: &str) -> u64 {
+        self.cells
+            .lock()
+            .expect("cells")
+            .get(name)
+            .map_or(0, |c| c.total.load(Ordering::SeqCst))
+    }
+
+    fn gauge(&self, name: &str) -> Option<f64> {
+        let cells = self.cells.lock().expect("cells");
+        cells.get(name).map(|c| *c.gauge.lock().expect("gauge"))
+    }
+
+    fn samples(&self, name: &str) -> Vec<f64> {
+        let cells = self.cells.lock().expect("cells");
+        cells
+            .get(name)
+            .map(|c| c.samples.lock().expect("samples").clone())
+            .unwrap_or_default()
+    }
+}
+
+impl Recorder for Kept {
+    fn describe_counter(&self, _: KeyName, _: Option<Unit>, _: SharedString) {}
+    fn describe_gauge(&self, _: KeyName, _: Option<Unit>, _: SharedString) {}
+    fn describe_histogram(&self, _: KeyName, _: Option<Unit>, _: SharedString) {}
+
+    fn register_counter(&self, key: &Key, _: &Metadata<'_>) -> Counter {
+        Counter::from_arc(self.cell(key))
+    }
+
+    fn register_gauge(&self, key: &Key, _: &Metadata<'_>) -> Gauge {
+        Gauge::from_arc(self.cell(key))
+    }
+
+    fn register_histogram(&self, key: &Key, _: &Metadata<'_>) -> Histogram {
+        Histogram::from_arc(self.cell(key))
+    }
+}
+
+// One test in this binary: the recorder is global to the process (the writer thread reports).
+#[test]
+fn claims_commits_fencing_and_sweeps_are_reported() -> TestResult {
+    let kept = Kept::default();
+    metrics::set_global_recorder(kept.clone()).map_err(|e| e.to_string())?;
+    let clock = clock();
+    let store = memory_store(&clock);
+
+    let lease = acquired(store.claim("s", "k", "fp", &opts(1_000))?);
+    assert!(matches!(store.claim("s", "k", "fp", &opts(1_000))?, Claim::InProgress { .. }));
+    store.complete(&lease, b"done", Duration::from_secs(10))?;
+    replay(store.claim("s", "k", "fp", &opts(1_000))?);
+    assert!(matches!(store.claim("s", "k", "other", &opts(1_000))?, Claim::Mismatch));
+    let stale = store.complete(&lease, b"again", Duration::from_secs(10));
+    assert!(matches!(stale, Err(Error::LeaseLost { .. })));
+    clock.advance(Duration::from_secs(11));
+    assert_eq!(store.sweep(100)?.removed, 1);
+
+    for answer in ["acquired", "in_progress", "replay", "mismatch"] {
+        let name = format!("idemstore_claims_total{{answer={answer}}}");
+        assert_eq!(kept.counter(&name), 1, "{name}");
+    }
+    assert_eq!(kept.counter("idemstore_lease_lost_total"), 1);
+    assert_eq!(kept.counter("idemstore_swept_total"), 1);
+    // Acquire, complete, the refused complete and the sweep each went through a commit.
+    let commits = kept.counter("idemstore_commits_total{durable=true}");
+    assert!(commits >= 4, "{commits} commits");
+    let batch_sizes = kept.samples("idemstore_commit_operations");
+    assert_eq!(batch_sizes.len() as u64, commits);
+    assert!(batch_sizes.iter().all(|n| *n >= 1.0));
+    assert_eq!(
+        kept.samples("idemstore_commit_seconds{durable=true}").len() as u64,
+        commits
+    );
+    assert_eq!(kept.gauge("idemstore_poisoned"), Some(0.0));
+    assert_eq!(kept.gauge("idemstore_queue_depth"), Some(0.0));
+    Ok(())
+}
