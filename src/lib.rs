@@ -85,6 +85,8 @@ mod limits;
 #[cfg(feature = "http")]
 pub mod http;
 
+pub mod once;
+
 pub use backend::IdempotencyBackend;
 pub use clock::{Clock, ManualClock, SystemClock};
 pub use core::claim::{Claim, ClaimOptions, Lease, Replay};

@@ -123,10 +123,16 @@ fn claims_commits_fencing_and_sweeps_are_reported() -> TestResult {
     let store = memory_store(&clock);
 
     let lease = acquired(store.claim("s", "k", "fp", &opts(1_000))?);
-    assert!(matches!(store.claim("s", "k", "fp", &opts(1_000))?, Claim::InProgress { .. }));
+    assert!(matches!(
+        store.claim("s", "k", "fp", &opts(1_000))?,
+        Claim::InProgress { .. }
+    ));
     store.complete(&lease, b"done", Duration::from_secs(10))?;
     replay(store.claim("s", "k", "fp", &opts(1_000))?);
-    assert!(matches!(store.claim("s", "k", "other", &opts(1_000))?, Claim::Mismatch));
+    assert!(matches!(
+        store.claim("s", "k", "other", &opts(1_000))?,
+        Claim::Mismatch
+    ));
     let stale = store.complete(&lease, b"again", Duration::from_secs(10));
     assert!(matches!(stale, Err(Error::LeaseLost { .. })));
     clock.advance(Duration::from_secs(11));

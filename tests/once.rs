@@ -1,0 +1,220 @@
+//! `idemstore::once`: a function run once per key, its typed result replayed, retryable
+//! failures released, final ones stored, and fencing kept.
+
+mod common;
+
+use std::cell::Cell;
+use std::time::Duration;
+
+use common::*;
+use idemstore::once::{self, JobError, OnceError};
+use idemstore::{Claim, ClaimOptions, Error, Limits, Store};
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+struct Receipt {
+    charge: String,
+    amount: u64,
+    tags: Vec<String>,
+}
+
+fn receipt(attempt: u32) -> Receipt {
+    Receipt {
+        charge: format!("ch_{attempt}"),
+        amount: 4200,
+        tags: vec!["card".into(), "eur".into()],
+    }
+}
+
+#[test]
+fn a_job_runs_once_and_every_call_gets_its_typed_result() -> TestResult {
+    let clock = clock();
+    let store = memory_store(&clock);
+    let runs = Cell::new(0);
+    for _ in 0..5 {
+        let got: Result<Receipt, OnceError<String>> =
+            once::run(&store, "q", "msg-1", b"fp", &opts(1_000), |job| {
+                runs.set(runs.get() + 1);
+                Ok(receipt(job.attempt()))
+            });
+        assert_eq!(got.map_err(|e| e.to_string())?, receipt(1));
+    }
+    assert_eq!(runs.get(), 1);
+    Ok(())
+}
+
+#[test]
+fn a_retryable_failure_is_released_and_the_next_call_resumes_from_its_checkpoint() -> TestResult {
+    let clock = clock();
+    let store = memory_store(&clock);
+    let first: Result<Receipt, OnceError<String>> =
+        once::run(&store, "q", "msg-1", b"fp", &opts(1_000), |job| {
+            job.checkpoint(b"step 1 done")?;
+            Err(JobError::Retry("gateway timeout".into()))
+        });
+    assert!(matches!(first, Err(OnceError::Retry(ref e)) if e == "gateway timeout"));
+    let second: Result<Receipt, OnceError<String>> =
+        once::run(&store, "q", "msg-1", b"fp", &opts(1_000), |job| {
+            assert_eq!(job.attempt(), 2);
+            assert_eq!(job.previous_checkpoint(), Some(&b"step 1 done"[..]));
+            Ok(receipt(job.attempt()))
+        });
+    assert_eq!(second.map_err(|e| e.to_string())?, receipt(2));
+    Ok(())
+}
+
+#[test]
+fn a_final_failure_is_stored_and_replayed_without_running_again() -> TestResult {
+    let clock = clock();
+    let store = memory_store(&clock);
+    let runs = Cell::new(0);
+    for _ in 0..3 {
+        let got: Result<Receipt, OnceError<String>> =
+            once::run(&store, "q", "msg-1", b"fp", &opts(1_000), |_| {
+                runs.set(runs.get() + 1);
+                Err(JobError::Fatal("card declined".into()))
+            });
+        assert!(
+            matches!(got, Err(OnceError::Fatal(ref e)) if e == "card declined"),
+            "{got:?}"
+        );
+    }
+    assert_eq!(runs.get(), 1);
+    Ok(())
+}
+
+#[test]
+fn a_job_held_elsewhere_is_in_progress_and_another_fingerprint_is_a_mismatch() -> TestResult {
+    let clock = clock();
+    let store = memory_store(&clock);
+    acquired(store.claim("q", "msg-1", "fp", &opts(1_000))?);
+    let busy: Result<u8, OnceError<String>> =
+        once::run(&store, "q", "msg-1", b"fp", &opts(1_000), |_| Ok(1));
+    assert!(
+        matches!(busy, Err(OnceError::InProgress { .. })),
+        "{busy:?}"
+    );
+    let other: Result<u8, OnceError<String>> =
+        once::run(&store, "q", "msg-1", b"other", &opts(1_000), |_| Ok(1));
+    assert!(matches!(other, Err(OnceError::Mismatch)), "{other:?}");
+    Ok(())
+}
+
+#[test]
+fn a_result_over_the_outcome_limit_is_refused_and_the_claim_released() -> TestResult {
+    let store = Store::builder()
+        .clock(clock())
+        .sweep_interval(None)
+        .limits(Limits::default().max_outcome_len(64))
+        .open_in_memory()?;
+    let big: Result<Vec<u8>, OnceError<String>> =
+        once::run(&store, "q", "msg-1", b"fp", &opts(1_000), |_| {
+            Ok(vec![7; 1_000])
+        });
+    assert!(
+        matches!(big, Err(OnceError::Store(Error::TooLarge { .. }))),
+        "{big:?}"
+    );
+    let small: Result<Vec<u8>, OnceError<String>> =
+        once::run(&store, "q", "msg-1", b"fp", &opts(1_000), |job| {
+            assert_eq!(job.attempt(), 2, "released, so it runs again");
+            Ok(vec![7; 8])
+        });
+    assert_eq!(small.map_err(|e| e.to_string())?, vec![7; 8]);
+    Ok(())
+}
+
+#[test]
+fn a_job_that_lost_its_lease_learns_it_and_does_not_overwrite_its_successor() -> TestResult {
+    let clock = clock();
+    let store = memory_store(&clock);
+    let got: Result<Receipt, OnceError<String>> =
+        once::run(&store, "q", "msg-1", b"fp", &opts(1_000), |job| {
+            assert!(job.owns()?);
+            // The job stalls past its lease; a redelivery takes the work over.
+            clock.advance(Duration::from_secs(2));
+            let successor = acquired(store.claim("q", "msg-1", "fp", &opts(1_000))?);
+            assert!(!job.owns()?);
+            assert!(matches!(job.checkpoint(b"x"), Err(Error::LeaseLost { .. })));
+            store.complete(&successor, b"the successor's answer", DAY)?;
+            Ok(receipt(job.attempt()))
+        });
+    assert!(
+        matches!(got, Err(OnceError::Store(Error::LeaseLost { .. }))),
+        "{got:?}"
+    );
+    assert_eq!(
+        replay(store.claim("q", "msg-1", "fp", &opts(1_000))?).outcome,
+        b"the successor's answer"
+    );
+    Ok(())
+}
+
+#[test]
+fn a_stored_result_read_as_another_type_is_a_serialization_error() -> TestResult {
+    let clock = clock();
+    let store = memory_store(&clock);
+    let stored: Result<u64, OnceError<String>> =
+        once::run(&store, "q", "msg-1", b"fp", &opts(1_000), |_| Ok(u64::MAX));
+    assert_eq!(stored.map_err(|e| e.to_string())?, u64::MAX);
+    let as_receipt: Result<Receipt, OnceError<String>> =
+        once::run(&store, "q", "msg-1", b"fp", &opts(1_000), |_| {
+            Ok(receipt(9))
+        });
+    assert!(
+        matches!(as_receipt, Err(OnceError::Serialization(_))),
+        "{as_receipt:?}"
+    );
+    Ok(())
+}
+
+#[test]
+fn the_async_form_runs_once_over_the_backend_trait() -> TestResult {
+    let clock = clock();
+    let store = memory_store(&clock);
+    let runtime = tokio::runtime::Builder::new_current_thread().build()?;
+    let runs = Cell::new(0);
+    let options = ClaimOptions::default();
+    for _ in 0..3 {
+        let got: Result<Receipt, OnceError<String>> = runtime.block_on(once::run_async(
+            &store,
+            "q",
+            "msg-1",
+            b"fp",
+            &options,
+            async |job| {
+                runs.set(runs.get() + 1);
+                job.extend(Duration::from_secs(5)).await?;
+                Ok(receipt(job.attempt()))
+            },
+        ));
+        assert_eq!(got.map_err(|e| e.to_string())?, receipt(1));
+    }
+    assert_eq!(runs.get(), 1);
+    let held = store.claim("q", "msg-2", "fp", &options)?;
+    assert!(matches!(held, Claim::Acquired(_)));
+    Ok(())
+}
+
+#[test]
+fn a_job_stopped_by_its_lost_lease_reports_the_loss() -> TestResult {
+    let clock = clock();
+    let store = memory_store(&clock);
+    let got: Result<Receipt, OnceError<String>> =
+        once::run(&store, "q", "msg-1", b"fp", &opts(1_000), |job| {
+            clock.advance(Duration::from_secs(2));
+            acquired(store.claim("q", "msg-1", "fp", &opts(1_000))?);
+            job.checkpoint(b"step 2")?; // refused: `?` stops the job with the store's error
+            Ok(receipt(job.attempt()))
+        });
+    assert!(
+        matches!(got, Err(OnceError::Store(Error::LeaseLost { .. }))),
+        "{got:?}"
+    );
+    // The successor still holds the work.
+    assert!(matches!(
+        store.claim("q", "msg-1", "fp", &opts(1_000))?,
+        Claim::InProgress { .. }
+    ));
+    Ok(())
+}
