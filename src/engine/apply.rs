@@ -45,18 +45,19 @@ pub(crate) fn corrupt_record(key: &[u8], e: &DecodeError) -> Error {
 /// memory, and written back once per scope when the batch ends ([`ScopeCounts::flush`]).
 #[derive(Debug, Default)]
 pub(crate) struct ScopeCounts {
-    counts: BTreeMap<Vec<u8>, u64>,
+    /// Per scope touched: its count, and whether this batch changed it.
+    counts: BTreeMap<Vec<u8>, (u64, bool)>,
 }
 
 impl ScopeCounts {
     /// The number of records stored for the scope of `key`, this batch's changes included.
     fn get(&mut self, batch: &mut dyn Batch, key: &[u8]) -> Result<u64> {
         let scope = scope_of(key);
-        if let Some(count) = self.counts.get(scope) {
+        if let Some((count, _)) = self.counts.get(scope) {
             return Ok(*count);
         }
         let count = batch.scope_records(scope)?;
-        self.counts.insert(scope.to_vec(), count);
+        self.counts.insert(scope.to_vec(), (count, false));
         Ok(count)
     }
 
@@ -68,14 +69,16 @@ impl ScopeCounts {
         } else {
             count.saturating_sub(1)
         };
-        self.counts.insert(scope_of(key).to_vec(), count);
+        self.counts.insert(scope_of(key).to_vec(), (count, true));
         Ok(())
     }
 
     /// Writes every changed count into the batch.
     pub(crate) fn flush(self, batch: &mut dyn Batch) -> Result<()> {
-        for (scope, count) in self.counts {
-            batch.set_scope_records(&scope, count)?;
+        for (scope, (count, changed)) in self.counts {
+            if changed {
+                batch.set_scope_records(&scope, count)?;
+            }
         }
         Ok(())
     }
