@@ -63,13 +63,13 @@ mod limits;
 #[cfg(feature = "http")]
 pub mod http;
 
-pub use backend::IdempotencyBackend;
+pub use backend::{AnyBackend, BoxFuture, Capabilities, DynBackend, IdempotencyBackend};
 pub use clock::{Clock, ManualClock, SystemClock};
+pub use core::admin::{Orphan, Swept};
 pub use core::claim::{Claim, ClaimOptions, Lease, Replay};
 pub use core::record::{Record, RecordState};
 pub use engine::{
-    BATCH_OPS_MAX, Durability, FORMAT_VERSION, Orphan, QUEUE_CAPACITY_MAX, Stats, Store,
-    StoreBuilder, Swept,
+    BATCH_OPS_MAX, Durability, FORMAT_VERSION, QUEUE_CAPACITY_MAX, Stats, Store, StoreBuilder,
 };
 pub use error::{Error, Input, Result, Source};
 pub use limits::{

@@ -916,6 +916,34 @@ impl IdempotencyBackend for SlowAnswers {
     async fn extend(&self, lease: &mut Lease, by: Duration) -> idemstore::Result<()> {
         IdempotencyBackend::extend(&self.0, lease, by).await
     }
+
+    async fn checkpoint(&self, lease: &Lease, checkpoint: &[u8]) -> idemstore::Result<()> {
+        IdempotencyBackend::checkpoint(&self.0, lease, checkpoint).await
+    }
+
+    async fn get(&self, scope: &[u8], key: &[u8]) -> idemstore::Result<Option<idemstore::Record>> {
+        IdempotencyBackend::get(&self.0, scope, key).await
+    }
+
+    async fn forget(&self, scope: &[u8], key: &[u8]) -> idemstore::Result<bool> {
+        IdempotencyBackend::forget(&self.0, scope, key).await
+    }
+
+    async fn orphans(&self, limit: usize) -> idemstore::Result<Vec<idemstore::Orphan>> {
+        IdempotencyBackend::orphans(&self.0, limit).await
+    }
+
+    async fn sweep(&self, limit: usize) -> idemstore::Result<idemstore::Swept> {
+        IdempotencyBackend::sweep(&self.0, limit).await
+    }
+
+    fn capabilities(&self) -> idemstore::Capabilities {
+        IdempotencyBackend::capabilities(&self.0)
+    }
+
+    fn limits(&self) -> &idemstore::Limits {
+        IdempotencyBackend::limits(&self.0)
+    }
 }
 
 #[tokio::test]

@@ -238,6 +238,9 @@ impl StoreBuilder {
         // From here on the writer runs: the store must be built (and dropped on error) so that
         // the writer is stopped and joined.
         let mut store = Store::from_parts(shared, self.limits, writer);
+        if path == Path::new(":memory:") {
+            store.kind = "memory";
+        }
         if let Some(interval) = self.sweep_interval {
             let sweeper = Sweeper::start(Arc::clone(&store.shared), interval, self.sweep_batch)?;
             store.sweeper = Some(sweeper);

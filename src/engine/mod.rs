@@ -27,9 +27,8 @@ pub(crate) mod sweeper;
 pub(crate) mod waits;
 pub(crate) mod writer;
 
-pub use apply::Swept;
 pub use builder::{BATCH_OPS_MAX, QUEUE_CAPACITY_MAX, StoreBuilder};
 pub use durability::Durability;
-pub use reads::{Orphan, Stats};
+pub use reads::Stats;
 pub use storage::redb::tables::FORMAT_VERSION;
 pub use store::Store;

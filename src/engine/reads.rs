@@ -3,6 +3,7 @@
 //! through one [`Reader`], which reads committed state through the storage seam and never
 //! waits for the writer.
 
+use crate::core::admin::Orphan;
 use crate::core::claim::Claim;
 use crate::core::record::{Record, RecordState, scoped_key, split_scoped_key};
 use crate::core::transition::{self, Op, Reply, Write};
@@ -10,18 +11,6 @@ use crate::engine::apply::corrupt_record;
 use crate::engine::shared::Shared;
 use crate::engine::store::Store;
 use crate::error::{Error, Result};
-
-/// An in-flight record whose owner is gone, listed by [`Store::orphans`] for reconciliation.
-#[derive(Debug, Clone, PartialEq, Eq)]
-#[non_exhaustive]
-pub struct Orphan {
-    /// The record's scope.
-    pub scope: Vec<u8>,
-    /// The record's key.
-    pub key: Vec<u8>,
-    /// The record (state [`RecordState::InFlight`], with the owner's last checkpoint).
-    pub record: Record,
-}
 
 /// Counters and sizes of a store, from [`Store::stats`].
 ///
