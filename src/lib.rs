@@ -63,6 +63,10 @@ mod limits;
 #[cfg(feature = "http")]
 pub mod http;
 
+/// The PostgreSQL backend (feature `postgres`).
+#[cfg(feature = "postgres")]
+pub use backend::postgres;
+
 pub use backend::{AnyBackend, BoxFuture, Capabilities, DynBackend, IdempotencyBackend};
 pub use clock::{Clock, ManualClock, SystemClock};
 pub use core::admin::{Orphan, Swept};

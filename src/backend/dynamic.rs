@@ -187,7 +187,8 @@ impl AnyBackend {
     /// - `memory:` — an in-memory [`Store`] (tests, caches);
     /// - `file:PATH` (or a plain path) — a [`Store`] on the file at `PATH`, opened inline
     ///   (open it before serving, not inside a request);
-    /// - `postgres://…` or `postgresql://…` — a PostgreSQL backend (feature `postgres`).
+    /// - `postgres://…` or `postgresql://…` — a PostgreSQL backend (feature `postgres`) with
+    ///   default settings; `PostgresBackend::builder` offers the others.
     ///
     /// # Errors
     /// [`Error::Backend`] for a scheme this build does not know (a feature not enabled); the

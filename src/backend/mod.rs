@@ -24,6 +24,8 @@
 //! configuration.
 
 mod dynamic;
+#[cfg(feature = "postgres")]
+pub mod postgres;
 
 use std::future::Future;
 use std::sync::Arc;
