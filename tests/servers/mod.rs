@@ -1,9 +1,19 @@
-//! The server peers: Redis and PostgreSQL from Debian's packages, installed if missing, each
-//! started by the harness on 127.0.0.1 on a free port with its own temporary directory, and
-//! stopped when its guard is dropped (also on error and on panic unwinding).
+//! Real PostgreSQL and Redis servers for tests and benchmarks, shared by the conformance suite
+//! (`tests/conformance/`) and the comparison harness (`compare/`, which includes this file by
+//! path): the servers from Debian's packages, installed when missing (`apt-get install`, as
+//! root only), each started on 127.0.0.1 on a free port with its own temporary directory.
+//!
+//! A server stops when its guard is dropped. A **watchdog** (a small `sh` loop started beside
+//! it) also stops it and removes its directory when the process that started it exits in any
+//! way, so no server outlives its tests, even when the guard lives in a `static` (never
+//! dropped) or the test process is killed.
+//!
+//! Only the standard library and `tempfile` are used, so both crates can include the file.
+#![allow(dead_code)]
 
 use std::fs::{self, File};
-use std::net::TcpListener;
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -12,8 +22,6 @@ use std::time::{Duration, Instant};
 
 use tempfile::TempDir;
 
-use crate::BoxError;
-
 /// Installs Debian packages on demand: `apt-get update` at most once per run.
 pub struct Installer {
     allowed: bool,
@@ -21,6 +29,7 @@ pub struct Installer {
 }
 
 impl Installer {
+    /// An installer that installs only if `allowed` (and the process runs as root).
     pub fn new(allowed: bool) -> Installer {
         Installer {
             allowed,
@@ -32,7 +41,7 @@ impl Installer {
     pub fn install(&mut self, packages: &[&str]) -> Result<(), String> {
         if !self.allowed {
             return Err(format!(
-                "not installed, and --no-install was given (apt-get install {})",
+                "not installed, and installing is off (apt-get install {})",
                 packages.join(" ")
             ));
         }
@@ -85,7 +94,7 @@ pub fn euid() -> Option<u32> {
 }
 
 /// A port on 127.0.0.1 that was free a moment ago.
-pub fn free_port() -> Result<u16, BoxError> {
+pub fn free_port() -> std::io::Result<u16> {
     Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
 
@@ -109,7 +118,7 @@ pub fn version_of(program: &Path) -> String {
         .unwrap_or_else(|| "unknown version".into())
 }
 
-/// Sends `signal` to `pid` with kill(1) (the harness uses no libc bindings).
+/// Sends `signal` to `pid` with kill(1) (no libc bindings needed).
 fn signal(pid: u32, signal: &str) {
     let _ = Command::new("kill")
         .args([signal, &pid.to_string()])
@@ -128,25 +137,101 @@ fn stop_child(child: &mut Child, sig: &str, grace: Duration) {
         if let Ok(Some(_)) = child.try_wait() {
             return;
         }
-        thread::sleep(Duration::from_millis(50));
+        thread::sleep(Duration::from_millis(20));
     }
     let _ = child.kill();
     let _ = child.wait();
 }
 
+/// Starts the watchdog of `server`: once this process or the server is gone, it stops the
+/// server (`sig`, then SIGKILL after 10 s) and removes `dir`.
+fn watchdog(server: u32, sig: &str, dir: &Path) -> std::io::Result<Child> {
+    let script = r#"
+        while kill -0 "$1" 2>/dev/null && kill -0 "$2" 2>/dev/null; do sleep 0.5; done
+        if kill -0 "$2" 2>/dev/null; then
+            kill -s "$3" "$2" 2>/dev/null
+            i=0
+            while kill -0 "$2" 2>/dev/null && [ "$i" -lt 20 ]; do sleep 0.5; i=$((i+1)); done
+            kill -s KILL "$2" 2>/dev/null
+        fi
+        rm -rf "$4"
+    "#;
+    Command::new("sh")
+        .args(["-c", script, "idemstore-watchdog"])
+        .arg(std::process::id().to_string())
+        .arg(server.to_string())
+        .arg(sig)
+        .arg(dir)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        // Its own process group: a Ctrl-C aimed at the tests does not stop it first.
+        .process_group(0)
+        .spawn()
+}
+
+/// A started server process with its directory and watchdog; stopped on drop.
+struct Process {
+    child: Child,
+    watchdog: Option<Child>,
+    stop_signal: &'static str,
+    grace: Duration,
+    dir: TempDir,
+}
+
+impl Process {
+    fn start(
+        mut cmd: Command,
+        stop_signal: &'static str,
+        grace: Duration,
+        dir: TempDir,
+    ) -> std::io::Result<Process> {
+        let child = cmd.spawn()?;
+        let watchdog = watchdog(child.id(), stop_signal, dir.path()).ok();
+        Ok(Process {
+            child,
+            watchdog,
+            stop_signal,
+            grace,
+            dir,
+        })
+    }
+
+    fn exited(&mut self) -> Option<std::process::ExitStatus> {
+        self.child.try_wait().ok().flatten()
+    }
+
+    fn log_tail(&self, name: &str) -> String {
+        let log = fs::read_to_string(self.dir.path().join(name)).unwrap_or_default();
+        let lines: Vec<&str> = log.lines().rev().take(5).collect();
+        lines.into_iter().rev().collect::<Vec<_>>().join(" / ")
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        stop_child(&mut self.child, self.stop_signal, self.grace);
+        if let Some(mut w) = self.watchdog.take() {
+            let _ = w.kill();
+            let _ = w.wait();
+        }
+    }
+}
+
 // ----- Redis -----
 
-/// A `redis-server` child process with its own directory; killed on drop.
+/// A `redis-server` child process with its own directory; stopped on drop.
 pub struct RedisServer {
-    child: Child,
+    process: Process,
+    /// The port it listens on (127.0.0.1).
     pub port: u16,
+    /// `redis-server --version`.
     pub version: String,
-    _dir: TempDir,
 }
 
 impl RedisServer {
     /// Finds (or installs) `redis-server` and starts it with AOF on and `appendfsync` set to
-    /// `fsync` (`always` or `everysec`), no RDB snapshots.
+    /// `fsync` (`always` or `everysec`), no RDB snapshots, `maxmemory-policy noeviction`.
     pub fn start(installer: &mut Installer, fsync: &str) -> Result<RedisServer, String> {
         let bin = match which("redis-server") {
             Some(bin) => bin,
@@ -158,63 +243,73 @@ impl RedisServer {
         Self::spawn(&bin, fsync).map_err(|e| format!("starting redis-server failed: {e}"))
     }
 
-    fn spawn(bin: &Path, fsync: &str) -> Result<RedisServer, BoxError> {
+    fn spawn(bin: &Path, fsync: &str) -> Result<RedisServer, String> {
         let dir = tempfile::Builder::new()
-            .prefix("compare-redis-")
-            .tempdir()?;
-        let port = free_port()?;
-        let log = File::create(dir.path().join("redis.log"))?;
-        let child = Command::new(bin)
-            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+            .prefix("idemstore-redis-")
+            .tempdir()
+            .map_err(|e| e.to_string())?;
+        let port = free_port().map_err(|e| e.to_string())?;
+        let log = File::create(dir.path().join("redis.log")).map_err(|e| e.to_string())?;
+        let log2 = log.try_clone().map_err(|e| e.to_string())?;
+        let mut cmd = Command::new(bin);
+        cmd.args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
             .arg("--dir")
             .arg(dir.path())
             .args(["--appendonly", "yes", "--appendfsync", fsync])
             .args(["--save", "", "--daemonize", "no", "--protected-mode", "yes"])
+            .args(["--maxmemory-policy", "noeviction"])
             .stdin(Stdio::null())
-            .stdout(Stdio::from(log.try_clone()?))
-            .stderr(Stdio::from(log))
-            .spawn()?;
+            .stdout(Stdio::from(log))
+            .stderr(Stdio::from(log2));
+        let process =
+            Process::start(cmd, "-TERM", Duration::from_secs(5), dir).map_err(|e| e.to_string())?;
         let mut server = RedisServer {
-            child,
+            process,
             port,
             version: version_of(bin),
-            _dir: dir,
         };
-        let client = redis::Client::open(server.url())?;
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
-            let ping = client
-                .get_connection()
-                .and_then(|mut c| redis::cmd("PING").query::<String>(&mut c));
-            match ping {
-                Ok(_) => return Ok(server),
+            match redis_ping(port) {
+                Ok(()) => return Ok(server),
                 Err(e) if Instant::now() > deadline => {
-                    return Err(format!("no answer on port {port}: {e}").into());
+                    return Err(format!("no answer on port {port}: {e}"));
                 }
                 Err(_) => {
-                    if let Ok(Some(status)) = server.child.try_wait() {
-                        return Err(format!("redis-server exited: {status}").into());
+                    if let Some(status) = server.process.exited() {
+                        return Err(format!(
+                            "redis-server exited: {status} ({})",
+                            server.process.log_tail("redis.log")
+                        ));
                     }
-                    thread::sleep(Duration::from_millis(50));
+                    thread::sleep(Duration::from_millis(20));
                 }
             }
         }
     }
 
+    /// `redis://127.0.0.1:PORT/`.
     pub fn url(&self) -> String {
         format!("redis://127.0.0.1:{}/", self.port)
     }
 
-    /// Peak resident memory of the server process.
-    pub fn peak_rss(&self) -> Option<u64> {
-        crate::rss::peak_of(self.child.id())
+    /// The server's process id.
+    pub fn pid(&self) -> u32 {
+        self.process.child.id()
     }
 }
 
-impl Drop for RedisServer {
-    fn drop(&mut self) {
-        // Throw-away data: no need for a graceful shutdown's final AOF rewrite.
-        stop_child(&mut self.child, "-TERM", Duration::from_secs(5));
+/// Sends `PING` over a fresh connection and expects `+PONG`.
+fn redis_ping(port: u16) -> std::io::Result<()> {
+    let mut stream = TcpStream::connect(("127.0.0.1", port))?;
+    stream.set_read_timeout(Some(Duration::from_secs(1)))?;
+    stream.write_all(b"PING\r\n")?;
+    let mut buf = [0u8; 16];
+    let n = stream.read(&mut buf)?;
+    if buf.get(..n).is_some_and(|b| b.starts_with(b"+PONG")) {
+        Ok(())
+    } else {
+        Err(std::io::Error::other("no PONG"))
     }
 }
 
@@ -223,10 +318,12 @@ impl Drop for RedisServer {
 /// A `postgres` child process (running as a non-root user) with its own data directory;
 /// stopped with a fast shutdown on drop.
 pub struct PostgresServer {
-    child: Child,
+    process: Process,
+    bin: PathBuf,
+    /// The port it listens on (127.0.0.1).
     pub port: u16,
+    /// `postgres --version`.
     pub version: String,
-    _dir: TempDir,
 }
 
 /// The newest `/usr/lib/postgresql/<version>/bin` that has `initdb` and `postgres`.
@@ -283,6 +380,7 @@ fn postgres_user() -> Result<Option<(u32, u32)>, String> {
 }
 
 impl PostgresServer {
+    /// The superuser the cluster is created with (trust authentication on loopback).
     pub const USER: &'static str = "bench";
 
     /// Finds (or installs) PostgreSQL, `initdb`s a temporary cluster and starts it with
@@ -299,13 +397,17 @@ impl PostgresServer {
         Self::spawn(&bin, ids).map_err(|e| format!("starting postgres failed: {e}"))
     }
 
-    fn spawn(bin: &Path, ids: Option<(u32, u32)>) -> Result<PostgresServer, BoxError> {
-        let dir = tempfile::Builder::new().prefix("compare-pg-").tempdir()?;
+    fn spawn(bin: &Path, ids: Option<(u32, u32)>) -> Result<PostgresServer, String> {
+        let err = |e: std::io::Error| e.to_string();
+        let dir = tempfile::Builder::new()
+            .prefix("idemstore-pg-")
+            .tempdir()
+            .map_err(err)?;
         let data = dir.path().join("data");
-        fs::create_dir(&data)?;
+        fs::create_dir(&data).map_err(err)?;
         if let Some((uid, gid)) = ids {
-            std::os::unix::fs::chown(dir.path(), Some(uid), Some(gid))?;
-            std::os::unix::fs::chown(&data, Some(uid), Some(gid))?;
+            std::os::unix::fs::chown(dir.path(), Some(uid), Some(gid)).map_err(err)?;
+            std::os::unix::fs::chown(&data, Some(uid), Some(gid)).map_err(err)?;
         }
         let as_user = |cmd: &mut Command| {
             cmd.current_dir(dir.path()).stdin(Stdio::null());
@@ -321,12 +423,14 @@ impl PostgresServer {
             "-E",
             "UTF8",
             "--locale=C",
+            "--no-sync",
         ]);
         as_user(&mut initdb);
         run_quiet(&mut initdb).map_err(|e| format!("initdb failed: {e}"))?;
 
-        let port = free_port()?;
-        let log = File::create(dir.path().join("postgres.log"))?;
+        let port = free_port().map_err(err)?;
+        let log = File::create(dir.path().join("postgres.log")).map_err(err)?;
+        let log2 = log.try_clone().map_err(err)?;
         let mut postgres = Command::new(bin.join("postgres"));
         postgres
             .arg("-D")
@@ -337,33 +441,48 @@ impl PostgresServer {
             .arg(format!("unix_socket_directories={}", dir.path().display()))
             .args(["-c", "synchronous_commit=on", "-c", "fsync=on"])
             .args(["-c", "max_connections=200"])
-            .stdout(Stdio::from(log.try_clone()?))
-            .stderr(Stdio::from(log));
+            .stdout(Stdio::from(log))
+            .stderr(Stdio::from(log2));
         as_user(&mut postgres);
-        let child = postgres.spawn()?;
+        // SIGINT: PostgreSQL's fast shutdown (abort sessions, checkpoint, exit).
+        let process =
+            Process::start(postgres, "-INT", Duration::from_secs(20), dir).map_err(err)?;
         let mut server = PostgresServer {
-            child,
+            process,
+            bin: bin.to_path_buf(),
             port,
             version: version_of(&bin.join("postgres")),
-            _dir: dir,
         };
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
-            match postgres::Client::connect(&server.conn_str(), postgres::NoTls) {
-                Ok(_) => return Ok(server),
+            match server.ready() {
+                Ok(()) => return Ok(server),
                 Err(e) if Instant::now() > deadline => {
-                    return Err(format!("no answer on port {port}: {e}").into());
+                    return Err(format!("no answer on port {port}: {e}"));
                 }
                 Err(_) => {
-                    if let Ok(Some(status)) = server.child.try_wait() {
-                        return Err(format!("postgres exited: {status}").into());
+                    if let Some(status) = server.process.exited() {
+                        return Err(format!(
+                            "postgres exited: {status} ({})",
+                            server.process.log_tail("postgres.log")
+                        ));
                     }
-                    thread::sleep(Duration::from_millis(100));
+                    thread::sleep(Duration::from_millis(50));
                 }
             }
         }
     }
 
+    /// Whether the server accepts connections (`pg_isready`).
+    fn ready(&self) -> Result<(), String> {
+        run_quiet(
+            Command::new(self.bin.join("pg_isready"))
+                .args(["-h", "127.0.0.1", "-p", &self.port.to_string()])
+                .args(["-U", Self::USER, "-d", "postgres", "-t", "1"]),
+        )
+    }
+
+    /// A key=value connection string for the `postgres` database.
     pub fn conn_str(&self) -> String {
         format!(
             "host=127.0.0.1 port={} user={} dbname=postgres",
@@ -371,11 +490,14 @@ impl PostgresServer {
             Self::USER
         )
     }
-}
 
-impl Drop for PostgresServer {
-    fn drop(&mut self) {
-        // SIGINT: PostgreSQL's fast shutdown (abort sessions, checkpoint, exit).
-        stop_child(&mut self.child, "-INT", Duration::from_secs(20));
+    /// A `postgres://` URL for the `postgres` database.
+    pub fn url(&self) -> String {
+        format!("postgres://{}@127.0.0.1:{}/postgres", Self::USER, self.port)
+    }
+
+    /// The server's process id.
+    pub fn pid(&self) -> u32 {
+        self.process.child.id()
     }
 }

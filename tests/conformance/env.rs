@@ -1,0 +1,155 @@
+//! What a case runs on: an [`Env`] opens handles on one backend's store, fresh for the case.
+
+use std::future::Future;
+use std::path::PathBuf;
+use std::sync::OnceLock;
+
+use idemstore::{AnyBackend, Limits, Store};
+
+use crate::servers::{Installer, PostgresServer};
+
+/// The backend a case runs on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    Memory,
+    File,
+    Postgres,
+}
+
+/// One case's store: handles to it, opened on demand.
+pub struct Env {
+    pub kind: Kind,
+    name: String,
+    dir: tempfile::TempDir,
+    /// The first handle of a memory or file store: later handles share it.
+    first: Option<AnyBackend>,
+    url: Option<String>,
+    limits: Limits,
+}
+
+impl Env {
+    /// Sets the limits of the handles opened from now on.
+    pub fn with_limits(mut self, limits: Limits) -> Self {
+        self.limits = limits;
+        self
+    }
+
+    /// The case's first handle (the same store on every call for memory and file).
+    pub async fn open(&mut self) -> AnyBackend {
+        match self.kind {
+            Kind::Memory | Kind::File => {
+                if let Some(first) = &self.first {
+                    return first.clone();
+                }
+                let builder = Store::builder()
+                    .sweep_interval(None)
+                    .limits(self.limits.clone());
+                let store = if self.kind == Kind::Memory {
+                    builder.open_in_memory()
+                } else {
+                    builder.open(self.path())
+                }
+                .expect("the store opens");
+                let backend = AnyBackend::new(store);
+                self.first = Some(backend.clone());
+                backend
+            }
+            Kind::Postgres => self.postgres(&self.name.clone()).await,
+        }
+    }
+
+    /// A second handle on the same store: for PostgreSQL another instance with its own pool
+    /// and owner; for the embedded stores (one process holds the file) the same store.
+    pub async fn second(&mut self) -> AnyBackend {
+        match self.kind {
+            Kind::Memory | Kind::File => self.open().await,
+            Kind::Postgres => self.postgres(&format!("{}-second", self.name)).await,
+        }
+    }
+
+    /// Drops `handle` (the case's only one) without closing anything gracefully, and opens the
+    /// store again as a restarted process would: for a file, a new process epoch; for
+    /// PostgreSQL, a new instance under the same name, which closes the old owner.
+    pub async fn restart(&mut self, handle: AnyBackend) -> AnyBackend {
+        drop(handle);
+        self.first = None;
+        self.open().await
+    }
+
+    fn path(&self) -> PathBuf {
+        self.dir.path().join("store.idem")
+    }
+
+    #[cfg(feature = "postgres")]
+    async fn postgres(&self, instance: &str) -> AnyBackend {
+        let url = self.url.as_deref().expect("a server for a postgres case");
+        let backend = idemstore::postgres::PostgresBackend::builder(url)
+            .expect("the URL parses")
+            .schema(format!("case_{}", self.name))
+            .instance_name(instance)
+            .limits(self.limits.clone())
+            .pool_size(8)
+            .connect()
+            .await
+            .expect("the backend connects");
+        AnyBackend::new(backend)
+    }
+
+    #[cfg(not(feature = "postgres"))]
+    async fn postgres(&self, _instance: &str) -> AnyBackend {
+        unreachable!("postgres cases need the `postgres` feature")
+    }
+}
+
+/// Whether missing servers fail the run (`CI=true`) instead of skipping their cases.
+fn in_ci() -> bool {
+    std::env::var("CI").is_ok_and(|v| v == "true" || v == "1")
+}
+
+/// The PostgreSQL server of this test process, started once for every case.
+fn postgres_server() -> Result<&'static PostgresServer, String> {
+    static SERVER: OnceLock<Result<PostgresServer, String>> = OnceLock::new();
+    SERVER
+        .get_or_init(|| PostgresServer::start(&mut Installer::new(true)))
+        .as_ref()
+        .map_err(Clone::clone)
+}
+
+/// Runs `case` on a fresh store of `backend` on its own multi-threaded runtime.
+pub fn run<F, Fut>(backend: &str, case: &str, f: F)
+where
+    F: FnOnce(Env) -> Fut,
+    Fut: Future<Output = ()>,
+{
+    let kind = match backend {
+        "memory" => Kind::Memory,
+        "file" => Kind::File,
+        "postgres" => Kind::Postgres,
+        other => panic!("unknown backend {other}"),
+    };
+    let url = match kind {
+        Kind::Postgres => match postgres_server() {
+            Ok(server) => Some(server.url()),
+            Err(e) if in_ci() => panic!("PostgreSQL is required under CI=true: {e}"),
+            Err(e) => {
+                eprintln!("skipped: no PostgreSQL server ({e}); CI=true makes this a failure");
+                return;
+            }
+        },
+        _ => None,
+    };
+    let env = Env {
+        kind,
+        name: case.to_owned(),
+        dir: tempfile::tempdir().expect("a temporary directory"),
+        first: None,
+        url,
+        limits: Limits::default(),
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("a runtime");
+    runtime.block_on(f(env));
+}
