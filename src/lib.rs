@@ -67,6 +67,10 @@ pub mod http;
 #[cfg(feature = "postgres")]
 pub use backend::postgres;
 
+/// The Redis/Valkey backend (feature `redis`).
+#[cfg(feature = "redis")]
+pub use backend::redis;
+
 pub use backend::{AnyBackend, BoxFuture, Capabilities, DynBackend, IdempotencyBackend};
 pub use clock::{Clock, ManualClock, SystemClock};
 pub use core::admin::{Orphan, Swept};

@@ -188,7 +188,9 @@ impl AnyBackend {
     /// - `file:PATH` (or a plain path) — a [`Store`] on the file at `PATH`, opened inline
     ///   (open it before serving, not inside a request);
     /// - `postgres://…` or `postgresql://…` — a PostgreSQL backend (feature `postgres`) with
-    ///   default settings; `PostgresBackend::builder` offers the others.
+    ///   default settings; `PostgresBackend::builder` offers the others;
+    /// - `redis://…` — a Redis or Valkey backend (feature `redis`; read what Redis cannot
+    ///   promise in its module docs first).
     ///
     /// # Errors
     /// [`Error::Backend`] for a scheme this build does not know (a feature not enabled); the
@@ -201,6 +203,14 @@ impl AnyBackend {
             return Err(bad_url(
                 "a postgres:// backend needs the `postgres` feature",
             ));
+        }
+        if url.starts_with("redis://") || url.starts_with("rediss://") {
+            #[cfg(feature = "redis")]
+            return Ok(AnyBackend::new(
+                crate::backend::redis::RedisBackend::connect(url).await?,
+            ));
+            #[cfg(not(feature = "redis"))]
+            return Err(bad_url("a redis:// backend needs the `redis` feature"));
         }
         if let Some(path) = url.strip_prefix("file:") {
             return Ok(AnyBackend::new(Store::open(path)?));

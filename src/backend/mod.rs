@@ -24,8 +24,12 @@
 //! configuration.
 
 mod dynamic;
+#[cfg(any(feature = "postgres", feature = "redis"))]
+mod poll;
 #[cfg(feature = "postgres")]
 pub mod postgres;
+#[cfg(feature = "redis")]
+pub mod redis;
 
 use std::future::Future;
 use std::sync::Arc;

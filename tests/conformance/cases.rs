@@ -545,10 +545,19 @@ pub async fn capabilities(mut env: Env) {
         Kind::Memory => "memory",
         Kind::File => "file",
         Kind::Postgres => "postgres",
+        Kind::Redis => "redis",
     };
     assert_eq!(caps.name, expected);
-    assert_eq!(caps.shared, env.kind == Kind::Postgres);
-    assert_eq!(caps.durable, env.kind != Kind::Memory);
+    assert_eq!(
+        caps.shared,
+        matches!(env.kind, Kind::Postgres | Kind::Redis)
+    );
+    // Redis makes no durability promise across a failover (its module docs say why).
+    assert_eq!(
+        caps.durable,
+        matches!(env.kind, Kind::File | Kind::Postgres)
+    );
+    assert_eq!(caps.needs_sweep, env.kind != Kind::Redis);
     assert_eq!(
         format!("{b:?}"),
         format!("AnyBackend {{ backend: {expected:?} }}")
@@ -578,4 +587,33 @@ pub async fn restart_takes_over_at_once(mut env: Env) {
     b.complete(&next, b"reconciled", DAY)
         .await
         .expect("complete");
+}
+
+/// Redis: tokens past 1e14 stay exact (Lua numbers are doubles that Redis would print with
+/// `%.14g`), and the counter's value is the token's high bits.
+pub async fn tokens_past_1e14(mut env: Env) {
+    let b = env.open().await;
+    // The counter of scope "s" (hex 73) set so that the next token is about 1.3e14.
+    let counter = format!("{}:{{s73}}:tok", env.redis_prefix());
+    assert_eq!(
+        env.redis_command(&format!("SET {counter} 2000000000")),
+        "+OK"
+    );
+    let lease = acquire(&b, b"s", b"k", b"fp", &opts(30_000)).await;
+    assert!(
+        lease.token() > 100_000_000_000_000,
+        "token {}",
+        lease.token()
+    );
+    assert_eq!(
+        lease.token() >> 16,
+        2_000_000_001,
+        "token {}",
+        lease.token()
+    );
+    let record = b.get(b"s", b"k").await.expect("get").expect("a record");
+    assert!(matches!(record.state, RecordState::InFlight { token, .. } if token == lease.token()));
+    b.complete(&lease, b"exact", DAY)
+        .await
+        .expect("the exact token fences");
 }

@@ -6,7 +6,7 @@ use std::sync::OnceLock;
 
 use idemstore::{AnyBackend, Limits, Store};
 
-use crate::servers::{Installer, PostgresServer};
+use crate::servers::{Installer, PostgresServer, RedisServer};
 
 /// The backend a case runs on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -14,6 +14,7 @@ pub enum Kind {
     Memory,
     File,
     Postgres,
+    Redis,
 }
 
 /// One case's store: handles to it, opened on demand.
@@ -55,6 +56,7 @@ impl Env {
                 backend
             }
             Kind::Postgres => self.postgres(&self.name.clone()).await,
+            Kind::Redis => self.redis(&self.name.clone()).await,
         }
     }
 
@@ -64,16 +66,40 @@ impl Env {
         match self.kind {
             Kind::Memory | Kind::File => self.open().await,
             Kind::Postgres => self.postgres(&format!("{}-second", self.name)).await,
+            Kind::Redis => self.redis(&format!("{}-second", self.name)).await,
         }
     }
 
     /// Drops `handle` (the case's only one) without closing anything gracefully, and opens the
     /// store again as a restarted process would: for a file, a new process epoch; for
-    /// PostgreSQL, a new instance under the same name, which closes the old owner.
+    /// PostgreSQL and Redis, a new instance under the same name, which ends the old owner.
     pub async fn restart(&mut self, handle: AnyBackend) -> AnyBackend {
         drop(handle);
         self.first = None;
         self.open().await
+    }
+
+    /// Sends one inline command to the case's Redis server and returns the first line of the
+    /// answer (whitebox set-up for Redis-only cases).
+    pub fn redis_command(&self, command: &str) -> String {
+        use std::io::{BufRead, BufReader, Write};
+        let url = self.url.as_deref().expect("a redis case");
+        let addr = url
+            .trim_start_matches("redis://")
+            .trim_end_matches('/')
+            .to_owned();
+        let mut stream = std::net::TcpStream::connect(addr).expect("connect to Redis");
+        stream
+            .write_all(format!("{command}\r\n").as_bytes())
+            .expect("send");
+        let mut line = String::new();
+        BufReader::new(stream).read_line(&mut line).expect("answer");
+        line.trim_end().to_owned()
+    }
+
+    /// The key prefix of a Redis case.
+    pub fn redis_prefix(&self) -> String {
+        format!("case_{}", self.name)
     }
 
     fn path(&self) -> PathBuf {
@@ -99,6 +125,25 @@ impl Env {
     async fn postgres(&self, _instance: &str) -> AnyBackend {
         unreachable!("postgres cases need the `postgres` feature")
     }
+
+    #[cfg(feature = "redis")]
+    async fn redis(&self, instance: &str) -> AnyBackend {
+        let url = self.url.as_deref().expect("a server for a redis case");
+        let backend = idemstore::redis::RedisBackend::builder(url)
+            .expect("the URL parses")
+            .prefix(format!("case_{}", self.name))
+            .instance_name(instance)
+            .limits(self.limits.clone())
+            .connect()
+            .await
+            .expect("the backend connects");
+        AnyBackend::new(backend)
+    }
+
+    #[cfg(not(feature = "redis"))]
+    async fn redis(&self, _instance: &str) -> AnyBackend {
+        unreachable!("redis cases need the `redis` feature")
+    }
 }
 
 /// Whether missing servers fail the run (`CI=true`) instead of skipping their cases.
@@ -115,6 +160,15 @@ fn postgres_server() -> Result<&'static PostgresServer, String> {
         .map_err(Clone::clone)
 }
 
+/// The Redis server of this test process (AOF with `appendfsync always`), started once.
+fn redis_server() -> Result<&'static RedisServer, String> {
+    static SERVER: OnceLock<Result<RedisServer, String>> = OnceLock::new();
+    SERVER
+        .get_or_init(|| RedisServer::start(&mut Installer::new(true), "always"))
+        .as_ref()
+        .map_err(Clone::clone)
+}
+
 /// Runs `case` on a fresh store of `backend` on its own multi-threaded runtime.
 pub fn run<F, Fut>(backend: &str, case: &str, f: F)
 where
@@ -125,6 +179,7 @@ where
         "memory" => Kind::Memory,
         "file" => Kind::File,
         "postgres" => Kind::Postgres,
+        "redis" => Kind::Redis,
         other => panic!("unknown backend {other}"),
     };
     let url = match kind {
@@ -133,6 +188,14 @@ where
             Err(e) if in_ci() => panic!("PostgreSQL is required under CI=true: {e}"),
             Err(e) => {
                 eprintln!("skipped: no PostgreSQL server ({e}); CI=true makes this a failure");
+                return;
+            }
+        },
+        Kind::Redis => match redis_server() {
+            Ok(server) => Some(server.url()),
+            Err(e) if in_ci() => panic!("Redis is required under CI=true: {e}"),
+            Err(e) => {
+                eprintln!("skipped: no Redis server ({e}); CI=true makes this a failure");
                 return;
             }
         },

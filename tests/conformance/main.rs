@@ -1,8 +1,8 @@
 //! One behavioural suite for every backend: the same named cases run on the in-memory store,
-//! the file store and PostgreSQL (feature `postgres`), each case an ordinary `#[test]` named
+//! the file store, PostgreSQL (feature `postgres`) and Redis (feature `redis`), each case an ordinary `#[test]` named
 //! `<backend>::<case>` (`cargo test --all-features --test conformance postgres::`).
 //!
-//! The PostgreSQL cases start their own server (`tests/servers/`): installed with apt-get when
+//! The PostgreSQL and Redis cases start their own servers (`tests/servers/`): installed with apt-get when
 //! missing (as root), on 127.0.0.1 on a free port with a temporary data directory, stopped by
 //! a watchdog when the test process exits. Without a server they are skipped with a message,
 //! except under `CI=true`, where a missing or failing server fails them. Each case uses its
@@ -52,3 +52,5 @@ conformance!(memory);
 conformance!(file, restart_takes_over_at_once);
 #[cfg(feature = "postgres")]
 conformance!(postgres, restart_takes_over_at_once);
+#[cfg(feature = "redis")]
+conformance!(redis, restart_takes_over_at_once, tokens_past_1e14);

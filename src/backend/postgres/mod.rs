@@ -65,7 +65,7 @@ mod sql;
 use std::fmt;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use deadpool_postgres::{Manager, ManagerConfig, Pool, PoolError, RecyclingMethod, Runtime};
 use tokio_postgres::error::SqlState;
@@ -619,26 +619,10 @@ impl IdempotencyBackend for PostgresBackend {
         options: &ClaimOptions,
     ) -> Result<Claim> {
         self.limits.check_claim(scope, key, fingerprint, options)?;
-        let Some(wait) = options.wait_duration() else {
-            return self.claim_once(scope, key, fingerprint, options).await;
-        };
-        // Polling with backoff, each pause bounded by the original's remaining lease and the
-        // caller's deadline (DESIGN §5: no push notifications by default).
-        let deadline = Instant::now() + wait;
-        let mut pause = Duration::from_millis(10);
-        loop {
-            let claim = self.claim_once(scope, key, fingerprint, options).await?;
-            let Claim::InProgress { retry_after } = claim else {
-                return Ok(claim);
-            };
-            let now = Instant::now();
-            if now >= deadline {
-                return Ok(claim);
-            }
-            let nap = pause.min(retry_after).min(deadline - now);
-            tokio::time::sleep(nap).await;
-            pause = (pause * 2).min(Duration::from_millis(250));
-        }
+        crate::backend::poll::claim_with_wait(options, || {
+            self.claim_once(scope, key, fingerprint, options)
+        })
+        .await
     }
 
     async fn complete(&self, lease: &Lease, outcome: &[u8], retention: Duration) -> Result<()> {
