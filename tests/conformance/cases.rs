@@ -617,3 +617,242 @@ pub async fn tokens_past_1e14(mut env: Env) {
         .await
         .expect("the exact token fences");
 }
+
+/// Retries `call` while it fails with a retryable error (a remote store that lost its
+/// connection); at most for 30 s.
+async fn retried<T, F, Fut>(mut call: F) -> idemstore::Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = idemstore::Result<T>>,
+{
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        match call().await {
+            Err(e) if e.is_retryable() && Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            other => return other,
+        }
+    }
+}
+
+/// A server killed (SIGKILL) and restarted between acknowledgement and reread keeps every
+/// acknowledged write: completions replay, in-flight records keep their lease and
+/// checkpoint, and the old handle's lease still fences.
+pub async fn server_crash_keeps_acknowledged_writes(mut env: Env) {
+    env.start_dedicated_server();
+    let b = env.open().await;
+    let o = opts(600_000);
+    for i in 0..20u32 {
+        let lease = acquire(&b, b"s", format!("done-{i}").as_bytes(), b"fp", &o).await;
+        b.complete(&lease, format!("out-{i}").as_bytes(), DAY)
+            .await
+            .expect("complete");
+    }
+    let mut in_flight = Vec::new();
+    for i in 0..5u32 {
+        let lease = acquire(&b, b"s", format!("open-{i}").as_bytes(), b"fp", &o).await;
+        b.checkpoint(&lease, format!("cp-{i}").as_bytes())
+            .await
+            .expect("checkpoint");
+        in_flight.push(lease);
+    }
+    env.crash_and_restart_server();
+    let reader = env.other_instance("reader").await;
+    for i in 0..20u32 {
+        let key = format!("done-{i}");
+        match retried(|| reader.claim(b"s", key.as_bytes(), b"fp", &o)).await {
+            Ok(Claim::Replay(r)) => assert_eq!(r.outcome, format!("out-{i}").into_bytes()),
+            other => panic!("{key}: expected its replay after the crash, got {other:?}"),
+        }
+    }
+    for (i, lease) in in_flight.iter().enumerate() {
+        let key = format!("open-{i}");
+        let record = retried(|| reader.get(b"s", key.as_bytes()))
+            .await
+            .expect("get")
+            .expect("the in-flight record survived");
+        assert!(matches!(
+            &record.state,
+            RecordState::InFlight { token, checkpoint: Some(c), .. }
+                if *token == lease.token() && c == format!("cp-{i}").as_bytes()
+        ));
+        // Its owner (the first handle) is alive and its lease runs: still in progress.
+        assert!(matches!(
+            retried(|| reader.claim(b"s", key.as_bytes(), b"fp", &o)).await,
+            Ok(Claim::InProgress { .. })
+        ));
+        // The first handle reconnects and finishes its lease.
+        retried(|| b.complete(lease, b"after the crash", DAY))
+            .await
+            .expect("the surviving lease completes");
+    }
+    match retried(|| reader.claim(b"s", b"open-0", b"fp", &o)).await {
+        Ok(Claim::Replay(r)) => assert_eq!(r.outcome, b"after the crash"),
+        other => panic!("expected the replay, got {other:?}"),
+    }
+}
+
+/// Connections killed by the server in the middle of calls: every error is retryable
+/// (unavailable or outcome unknown, never a silent success), and no request runs twice
+/// unless the store says so (the first attempt runs at most once; any later run is a
+/// takeover, after a lease whose claim or completion had an unknown outcome ended); every key
+/// ends completed with one outcome for all callers.
+pub async fn connection_killed_mid_call(mut env: Env) {
+    env.start_dedicated_server();
+    let handles = [env.open().await, env.other_instance("second").await];
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let killer = {
+        let stop = Arc::clone(&stop);
+        let kind = env.kind;
+        let url = env.url().to_owned();
+        tokio::spawn(async move {
+            let mut kills = 0u32;
+            while !stop.load(Ordering::SeqCst) {
+                tokio::time::sleep(Duration::from_millis(25)).await;
+                kill_client_connections(kind, &url).await;
+                kills += 1;
+            }
+            kills
+        })
+    };
+    const KEYS: usize = 8;
+    let first_runs: Arc<Vec<AtomicUsize>> =
+        Arc::new((0..KEYS).map(|_| AtomicUsize::new(0)).collect());
+    let acknowledged: Arc<Vec<AtomicUsize>> =
+        Arc::new((0..KEYS).map(|_| AtomicUsize::new(0)).collect());
+    let unknown = Arc::new(AtomicUsize::new(0));
+    let mut tasks = Vec::new();
+    for (h, handle) in handles.iter().enumerate() {
+        for w in 0..3usize {
+            let b = handle.clone();
+            let (first_runs, acknowledged, unknown) = (
+                Arc::clone(&first_runs),
+                Arc::clone(&acknowledged),
+                Arc::clone(&unknown),
+            );
+            tasks.push(tokio::spawn(async move {
+                let mut outcomes = Vec::new();
+                for i in 0..KEYS {
+                    let k = (i + w * 3 + h) % KEYS;
+                    let key = format!("key-{k}");
+                    let o = opts(400);
+                    let outcome = 'claim: loop {
+                        let lease = match b.claim(b"s", key.as_bytes(), b"fp", &o).await {
+                            Ok(Claim::Acquired(lease)) => lease,
+                            Ok(Claim::Replay(r)) => break 'claim r.outcome,
+                            Ok(Claim::InProgress { retry_after }) => {
+                                tokio::time::sleep(retry_after.min(Duration::from_millis(50)))
+                                    .await;
+                                continue;
+                            }
+                            Err(e) if e.is_retryable() => {
+                                if matches!(e, Error::OutcomeUnknown { .. }) {
+                                    unknown.fetch_add(1, Ordering::SeqCst);
+                                }
+                                continue;
+                            }
+                            other => panic!("{key}: unexpected {other:?}"),
+                        };
+                        if lease.attempt() == 1 {
+                            first_runs[k].fetch_add(1, Ordering::SeqCst);
+                        } else {
+                            assert!(
+                                lease.is_takeover(),
+                                "{key}: a second run that is no takeover: {lease:?}"
+                            );
+                        }
+                        let out =
+                            format!("{key} by {h}/{w} attempt {}", lease.attempt()).into_bytes();
+                        loop {
+                            match b.complete(&lease, &out, DAY).await {
+                                Ok(()) => {
+                                    acknowledged[k].fetch_add(1, Ordering::SeqCst);
+                                    break 'claim out;
+                                }
+                                Err(e) if e.is_retryable() => {
+                                    if matches!(e, Error::OutcomeUnknown { .. }) {
+                                        unknown.fetch_add(1, Ordering::SeqCst);
+                                    }
+                                }
+                                // Completed by the unknown attempt, or taken over: ask again.
+                                Err(Error::LeaseLost { .. }) => continue 'claim,
+                                Err(e) => panic!("{key}: unexpected {e:?}"),
+                            }
+                        }
+                    };
+                    outcomes.push((k, outcome));
+                }
+                outcomes
+            }));
+        }
+    }
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    stop.store(true, Ordering::SeqCst);
+    let kills = killer.await.expect("the killer ran");
+    assert!(kills > 10, "connections were killed {kills} times");
+    let mut finals: HashMap<usize, Vec<u8>> = HashMap::new();
+    for task in tasks {
+        for (k, outcome) in task.await.expect("a caller finished") {
+            let first = finals.entry(k).or_insert_with(|| outcome.clone());
+            assert_eq!(*first, outcome, "key-{k}: callers saw different outcomes");
+        }
+    }
+    for k in 0..KEYS {
+        // The first attempt runs at most once; it runs in no caller only when the answer to
+        // the claim that granted it was lost (outcome unknown), and then a takeover ran it.
+        let first = first_runs[k].load(Ordering::SeqCst);
+        assert!(first <= 1, "key-{k}: the first attempt ran {first} times");
+        if first == 0 {
+            assert!(
+                unknown.load(Ordering::SeqCst) > 0,
+                "key-{k}: never ran a first attempt"
+            );
+        }
+        assert!(
+            acknowledged[k].load(Ordering::SeqCst) <= 1,
+            "key-{k}: two completions acknowledged"
+        );
+    }
+    eprintln!(
+        "connection kills: {kills}; outcome-unknown errors seen: {}",
+        unknown.load(Ordering::SeqCst)
+    );
+}
+
+/// Makes the server drop every client connection but the killer's own.
+async fn kill_client_connections(kind: Kind, url: &str) {
+    match kind {
+        #[cfg(feature = "postgres")]
+        Kind::Postgres => {
+            let Ok((client, connection)) =
+                tokio_postgres::connect(url, tokio_postgres::NoTls).await
+            else {
+                return;
+            };
+            tokio::spawn(connection);
+            let _ = client
+                .execute(
+                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+                     WHERE backend_type = 'client backend' AND pid <> pg_backend_pid()",
+                    &[],
+                )
+                .await;
+        }
+        Kind::Redis => {
+            use tokio::io::{AsyncReadExt, AsyncWriteExt};
+            let addr = url
+                .trim_start_matches("redis://")
+                .trim_end_matches('/')
+                .to_owned();
+            if let Ok(mut stream) = tokio::net::TcpStream::connect(addr).await {
+                let _ = stream
+                    .write_all(b"CLIENT KILL TYPE normal SKIPME yes\r\n")
+                    .await;
+                let mut buf = [0u8; 64];
+                let _ = stream.read(&mut buf).await;
+            }
+        }
+        other => panic!("no server to disturb for {other:?}"),
+    }
+}

@@ -26,6 +26,14 @@ pub struct Env {
     first: Option<AnyBackend>,
     url: Option<String>,
     limits: Limits,
+    /// A server of the case's own, for cases that crash or disturb it.
+    dedicated: Option<Dedicated>,
+}
+
+/// A server started for one case.
+enum Dedicated {
+    Postgres(PostgresServer),
+    Redis(RedisServer),
 }
 
 impl Env {
@@ -77,6 +85,50 @@ impl Env {
         drop(handle);
         self.first = None;
         self.open().await
+    }
+
+    /// Starts a server of the case's own (the shared one serves cases running in parallel);
+    /// handles opened from now on use it.
+    pub fn start_dedicated_server(&mut self) {
+        let mut installer = Installer::new(true);
+        let dedicated = match self.kind {
+            Kind::Postgres => Dedicated::Postgres(
+                PostgresServer::start(&mut installer).expect("a dedicated PostgreSQL server"),
+            ),
+            Kind::Redis => Dedicated::Redis(
+                RedisServer::start(&mut installer, "always").expect("a dedicated Redis server"),
+            ),
+            other => panic!("no server for {other:?}"),
+        };
+        self.url = Some(match &dedicated {
+            Dedicated::Postgres(s) => s.url(),
+            Dedicated::Redis(s) => s.url(),
+        });
+        self.dedicated = Some(dedicated);
+    }
+
+    /// Kills the dedicated server with SIGKILL and starts it again on its data (PostgreSQL
+    /// with `synchronous_commit = on`; Redis with AOF and `appendfsync always`).
+    pub fn crash_and_restart_server(&mut self) {
+        match self.dedicated.as_mut().expect("a dedicated server") {
+            Dedicated::Postgres(s) => s.crash_and_restart(),
+            Dedicated::Redis(s) => s.crash_and_restart(),
+        }
+        .expect("the server restarts");
+    }
+
+    /// Opens a handle under another instance name (another process of the service).
+    pub async fn other_instance(&mut self, name: &str) -> AnyBackend {
+        match self.kind {
+            Kind::Postgres => self.postgres(&format!("{}-{name}", self.name)).await,
+            Kind::Redis => self.redis(&format!("{}-{name}", self.name)).await,
+            _ => self.open().await,
+        }
+    }
+
+    /// The URL of the case's server.
+    pub fn url(&self) -> &str {
+        self.url.as_deref().expect("a server")
     }
 
     /// Sends one inline command to the case's Redis server and returns the first line of the
@@ -208,6 +260,7 @@ where
         first: None,
         url,
         limits: Limits::default(),
+        dedicated: None,
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

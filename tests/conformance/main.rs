@@ -51,6 +51,17 @@ macro_rules! conformance {
 conformance!(memory);
 conformance!(file, restart_takes_over_at_once);
 #[cfg(feature = "postgres")]
-conformance!(postgres, restart_takes_over_at_once);
+conformance!(
+    postgres,
+    restart_takes_over_at_once,
+    server_crash_keeps_acknowledged_writes,
+    connection_killed_mid_call,
+);
 #[cfg(feature = "redis")]
-conformance!(redis, restart_takes_over_at_once, tokens_past_1e14);
+conformance!(
+    redis,
+    restart_takes_over_at_once,
+    tokens_past_1e14,
+    server_crash_keeps_acknowledged_writes,
+    connection_killed_mid_call,
+);

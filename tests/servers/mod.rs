@@ -170,31 +170,62 @@ fn watchdog(server: u32, sig: &str, dir: &Path) -> std::io::Result<Child> {
         .spawn()
 }
 
+/// How to start a server process again with the same arguments.
+type Spawn = Box<dyn Fn() -> Command + Send + Sync>;
+
 /// A started server process with its directory and watchdog; stopped on drop.
 struct Process {
     child: Child,
     watchdog: Option<Child>,
     stop_signal: &'static str,
     grace: Duration,
+    spawn: Spawn,
+    /// Process groups killed by `crash_and_restart`: killed again before each start, since a
+    /// child forked just as its group was killed can survive the first signal.
+    killed: Vec<u32>,
     dir: TempDir,
 }
 
 impl Process {
     fn start(
-        mut cmd: Command,
+        spawn: Spawn,
         stop_signal: &'static str,
         grace: Duration,
         dir: TempDir,
     ) -> std::io::Result<Process> {
-        let child = cmd.spawn()?;
+        let child = spawn().spawn()?;
         let watchdog = watchdog(child.id(), stop_signal, dir.path()).ok();
         Ok(Process {
             child,
             watchdog,
             stop_signal,
             grace,
+            spawn,
+            killed: Vec::new(),
             dir,
         })
+    }
+
+    /// Kills the server with SIGKILL (its whole process group: PostgreSQL's backends too), as
+    /// a crash would, and starts it again on the same directory and port.
+    fn crash_and_restart(&mut self) -> std::io::Result<()> {
+        // The watchdog first: it would remove the directory once the server is gone.
+        if let Some(mut w) = self.watchdog.take() {
+            let _ = w.kill();
+            let _ = w.wait();
+        }
+        self.killed.push(self.child.id());
+        signal_group(self.child.id(), "-KILL");
+        let _ = self.child.wait();
+        for _ in 0..3 {
+            thread::sleep(Duration::from_millis(50));
+            for &group in &self.killed {
+                signal_group(group, "-KILL");
+            }
+        }
+        self.child = (self.spawn)().spawn()?;
+        self.watchdog = watchdog(self.child.id(), self.stop_signal, self.dir.path()).ok();
+        Ok(())
     }
 
     fn exited(&mut self) -> Option<std::process::ExitStatus> {
@@ -208,6 +239,14 @@ impl Process {
     }
 }
 
+/// Sends `signal` to the process group led by `pid`.
+fn signal_group(pid: u32, signal: &str) {
+    let _ = Command::new("kill")
+        .args([signal, "--", &format!("-{pid}")])
+        .stderr(Stdio::null())
+        .status();
+}
+
 impl Drop for Process {
     fn drop(&mut self) {
         stop_child(&mut self.child, self.stop_signal, self.grace);
@@ -216,6 +255,11 @@ impl Drop for Process {
             let _ = w.wait();
         }
     }
+}
+
+/// Opens `path` for appending (a server's log, kept across restarts).
+fn log_file(path: &Path) -> std::io::Result<File> {
+    fs::OpenOptions::new().create(true).append(true).open(path)
 }
 
 // ----- Redis -----
@@ -249,37 +293,63 @@ impl RedisServer {
             .tempdir()
             .map_err(|e| e.to_string())?;
         let port = free_port().map_err(|e| e.to_string())?;
-        let log = File::create(dir.path().join("redis.log")).map_err(|e| e.to_string())?;
-        let log2 = log.try_clone().map_err(|e| e.to_string())?;
-        let mut cmd = Command::new(bin);
-        cmd.args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
-            .arg("--dir")
-            .arg(dir.path())
-            .args(["--appendonly", "yes", "--appendfsync", fsync])
-            .args(["--save", "", "--daemonize", "no", "--protected-mode", "yes"])
-            .args(["--maxmemory-policy", "noeviction"])
-            .stdin(Stdio::null())
-            .stdout(Stdio::from(log))
-            .stderr(Stdio::from(log2));
-        let process =
-            Process::start(cmd, "-TERM", Duration::from_secs(5), dir).map_err(|e| e.to_string())?;
+        let (program, fsync, path) = (
+            bin.to_path_buf(),
+            fsync.to_owned(),
+            dir.path().to_path_buf(),
+        );
+        let spawn: Spawn = Box::new(move || {
+            let mut cmd = Command::new(&program);
+            cmd.args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+                .arg("--dir")
+                .arg(&path)
+                .args(["--appendonly", "yes", "--appendfsync", &fsync])
+                .args(["--save", "", "--daemonize", "no", "--protected-mode", "yes"])
+                .args(["--maxmemory-policy", "noeviction"])
+                .stdin(Stdio::null())
+                .process_group(0);
+            if let Ok(log) = log_file(&path.join("redis.log"))
+                && let Ok(log2) = log.try_clone()
+            {
+                cmd.stdout(Stdio::from(log)).stderr(Stdio::from(log2));
+            }
+            cmd
+        });
+        let process = Process::start(spawn, "-TERM", Duration::from_secs(5), dir)
+            .map_err(|e| e.to_string())?;
         let mut server = RedisServer {
             process,
             port,
             version: version_of(bin),
         };
+        server.wait_ready()?;
+        Ok(server)
+    }
+
+    /// Kills the server with SIGKILL and starts it again on the same directory and port: it
+    /// recovers what its append-only file holds.
+    pub fn crash_and_restart(&mut self) -> Result<(), String> {
+        self.process
+            .crash_and_restart()
+            .map_err(|e| format!("restarting redis-server failed: {e}"))?;
+        self.wait_ready()
+    }
+
+    fn wait_ready(&mut self) -> Result<(), String> {
+        let port = self.port;
+
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
             match redis_ping(port) {
-                Ok(()) => return Ok(server),
+                Ok(()) => return Ok(()),
                 Err(e) if Instant::now() > deadline => {
                     return Err(format!("no answer on port {port}: {e}"));
                 }
                 Err(_) => {
-                    if let Some(status) = server.process.exited() {
+                    if let Some(status) = self.process.exited() {
                         return Err(format!(
                             "redis-server exited: {status} ({})",
-                            server.process.log_tail("redis.log")
+                            self.process.log_tail("redis.log")
                         ));
                     }
                     thread::sleep(Duration::from_millis(20));
@@ -429,42 +499,75 @@ impl PostgresServer {
         run_quiet(&mut initdb).map_err(|e| format!("initdb failed: {e}"))?;
 
         let port = free_port().map_err(err)?;
-        let log = File::create(dir.path().join("postgres.log")).map_err(err)?;
-        let log2 = log.try_clone().map_err(err)?;
-        let mut postgres = Command::new(bin.join("postgres"));
-        postgres
-            .arg("-D")
-            .arg(&data)
-            .args(["-p", &port.to_string()])
-            .args(["-c", "listen_addresses=127.0.0.1"])
-            .arg("-c")
-            .arg(format!("unix_socket_directories={}", dir.path().display()))
-            .args(["-c", "synchronous_commit=on", "-c", "fsync=on"])
-            .args(["-c", "max_connections=200"])
-            .stdout(Stdio::from(log))
-            .stderr(Stdio::from(log2));
-        as_user(&mut postgres);
+        let (bin_dir, path) = (bin.to_path_buf(), dir.path().to_path_buf());
+        let spawn: Spawn = Box::new(move || {
+            let mut postgres = Command::new(bin_dir.join("postgres"));
+            postgres
+                .arg("-D")
+                .arg(path.join("data"))
+                .args(["-p", &port.to_string()])
+                .args(["-c", "listen_addresses=127.0.0.1"])
+                .arg("-c")
+                .arg(format!("unix_socket_directories={}", path.display()))
+                .args(["-c", "synchronous_commit=on", "-c", "fsync=on"])
+                .args(["-c", "max_connections=200"])
+                .current_dir(&path)
+                .stdin(Stdio::null())
+                .process_group(0);
+            if let Some((uid, gid)) = ids {
+                postgres.uid(uid).gid(gid);
+            }
+            if let Ok(log) = log_file(&path.join("postgres.log"))
+                && let Ok(log2) = log.try_clone()
+            {
+                postgres.stdout(Stdio::from(log)).stderr(Stdio::from(log2));
+            }
+            postgres
+        });
         // SIGINT: PostgreSQL's fast shutdown (abort sessions, checkpoint, exit).
-        let process =
-            Process::start(postgres, "-INT", Duration::from_secs(20), dir).map_err(err)?;
+        let process = Process::start(spawn, "-INT", Duration::from_secs(20), dir).map_err(err)?;
         let mut server = PostgresServer {
             process,
             bin: bin.to_path_buf(),
             port,
             version: version_of(&bin.join("postgres")),
         };
+        server.wait_ready()?;
+        Ok(server)
+    }
+
+    /// Kills the server and its backends with SIGKILL and starts it again on the same data
+    /// directory and port: it recovers from its write-ahead log.
+    pub fn crash_and_restart(&mut self) -> Result<(), String> {
+        let mut tries = 0;
+        loop {
+            self.process
+                .crash_and_restart()
+                .map_err(|e| format!("restarting postgres failed: {e}"))?;
+            match self.wait_ready() {
+                // A backend that outlived the crash still holds the old shared memory for a
+                // moment: the new postmaster exits at once; kill and start again.
+                Err(e) if tries < 5 && e.contains("shared memory") => tries += 1,
+                other => return other,
+            }
+        }
+    }
+
+    fn wait_ready(&mut self) -> Result<(), String> {
+        let port = self.port;
+
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
-            match server.ready() {
-                Ok(()) => return Ok(server),
+            match self.ready() {
+                Ok(()) => return Ok(()),
                 Err(e) if Instant::now() > deadline => {
                     return Err(format!("no answer on port {port}: {e}"));
                 }
                 Err(_) => {
-                    if let Some(status) = server.process.exited() {
+                    if let Some(status) = self.process.exited() {
                         return Err(format!(
                             "postgres exited: {status} ({})",
-                            server.process.log_tail("postgres.log")
+                            self.process.log_tail("postgres.log")
                         ));
                     }
                     thread::sleep(Duration::from_millis(50));
