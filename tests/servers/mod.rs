@@ -17,24 +17,25 @@ use std::net::{TcpListener, TcpStream};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::{Mutex, PoisonError};
 use std::thread;
 use std::time::{Duration, Instant};
 
 use tempfile::TempDir;
 
-/// Installs Debian packages on demand: `apt-get update` at most once per run.
+/// Installs Debian packages on demand: `apt-get update` at most once per process, and one
+/// apt-get at a time (servers start from parallel tests; apt holds a global lock).
 pub struct Installer {
     allowed: bool,
-    updated: bool,
 }
+
+/// Held while apt-get runs; `true` once `apt-get update` succeeded in this process.
+static APT: Mutex<bool> = Mutex::new(false);
 
 impl Installer {
     /// An installer that installs only if `allowed` (and the process runs as root).
     pub fn new(allowed: bool) -> Installer {
-        Installer {
-            allowed,
-            updated: false,
-        }
+        Installer { allowed }
     }
 
     /// `apt-get install -y packages`; the reason as an error if that is not possible.
@@ -51,15 +52,19 @@ impl Installer {
                 packages.join(" ")
             ));
         }
-        if !self.updated {
+        let mut updated = APT.lock().unwrap_or_else(PoisonError::into_inner);
+        // Another process (or another apt) may hold the dpkg lock: wait for it, bounded.
+        let lock_wait = ["-o", "DPkg::Lock::Timeout=300"];
+        if !*updated {
             eprintln!("[install] apt-get update");
-            run_quiet(Command::new("apt-get").arg("update"))
+            run_quiet(Command::new("apt-get").args(lock_wait).arg("update"))
                 .map_err(|e| format!("apt-get update failed: {e}"))?;
-            self.updated = true;
+            *updated = true;
         }
         eprintln!("[install] apt-get install -y {}", packages.join(" "));
         run_quiet(
             Command::new("apt-get")
+                .args(lock_wait)
                 .args(["install", "-y", "--no-install-recommends"])
                 .args(packages)
                 .env("DEBIAN_FRONTEND", "noninteractive"),
