@@ -856,3 +856,32 @@ async fn kill_client_connections(kind: Kind, url: &str) {
         other => panic!("no server to disturb for {other:?}"),
     }
 }
+
+/// Heartbeats keep a live owner's records from being taken over past its owner timeout; an
+/// owner that stops beating (its process hung or died without closing) loses its in-flight
+/// records to takeover once the timeout passes, long before their leases end.
+pub async fn silent_owner_times_out(env: Env) {
+    let mut env = env.with_owner_timing(Duration::from_millis(50), Duration::from_millis(400));
+    let first = env.open().await;
+    let other = env.other_instance("other").await;
+    let o = opts(600_000);
+    let lease = acquire(&first, b"s", b"k", b"fp", &o).await;
+    first
+        .checkpoint(&lease, b"half done")
+        .await
+        .expect("checkpoint");
+    // Beating: well past the owner timeout, the record is still in progress.
+    tokio::time::sleep(Duration::from_millis(1_000)).await;
+    assert!(matches!(
+        other.claim(b"s", b"k", b"fp", &o).await.expect("claim"),
+        Claim::InProgress { .. }
+    ));
+    assert!(other.orphans(10).await.expect("orphans").is_empty());
+    // Silent: the first handle is dropped without closing; its heartbeat stops.
+    drop(first);
+    tokio::time::sleep(Duration::from_millis(1_000)).await;
+    assert_eq!(other.orphans(10).await.expect("orphans").len(), 1);
+    let next = acquire(&other, b"s", b"k", b"fp", &o).await;
+    assert!(next.is_takeover());
+    assert_eq!(next.checkpoint(), Some(&b"half done"[..]));
+}

@@ -3,6 +3,7 @@
 use std::future::Future;
 use std::path::PathBuf;
 use std::sync::OnceLock;
+use std::time::Duration;
 
 use idemstore::{AnyBackend, Limits, Store};
 
@@ -28,6 +29,8 @@ pub struct Env {
     limits: Limits,
     /// A server of the case's own, for cases that crash or disturb it.
     dedicated: Option<Dedicated>,
+    /// The heartbeat interval and owner timeout of remote handles, if not the defaults.
+    owners: Option<(Duration, Duration)>,
 }
 
 /// A server started for one case.
@@ -40,6 +43,12 @@ impl Env {
     /// Sets the limits of the handles opened from now on.
     pub fn with_limits(mut self, limits: Limits) -> Self {
         self.limits = limits;
+        self
+    }
+
+    /// Sets the heartbeat interval and owner timeout of the remote handles opened from now on.
+    pub fn with_owner_timing(mut self, heartbeat: Duration, owner_timeout: Duration) -> Self {
+        self.owners = Some((heartbeat, owner_timeout));
         self
     }
 
@@ -161,15 +170,16 @@ impl Env {
     #[cfg(feature = "postgres")]
     async fn postgres(&self, instance: &str) -> AnyBackend {
         let url = self.url.as_deref().expect("a server for a postgres case");
-        let backend = idemstore::postgres::PostgresBackend::builder(url)
+        let mut builder = idemstore::postgres::PostgresBackend::builder(url)
             .expect("the URL parses")
             .schema(format!("case_{}", self.name))
             .instance_name(instance)
             .limits(self.limits.clone())
-            .pool_size(8)
-            .connect()
-            .await
-            .expect("the backend connects");
+            .pool_size(8);
+        if let Some((heartbeat, timeout)) = self.owners {
+            builder = builder.heartbeat_interval(heartbeat).owner_timeout(timeout);
+        }
+        let backend = builder.connect().await.expect("the backend connects");
         AnyBackend::new(backend)
     }
 
@@ -181,14 +191,15 @@ impl Env {
     #[cfg(feature = "redis")]
     async fn redis(&self, instance: &str) -> AnyBackend {
         let url = self.url.as_deref().expect("a server for a redis case");
-        let backend = idemstore::redis::RedisBackend::builder(url)
+        let mut builder = idemstore::redis::RedisBackend::builder(url)
             .expect("the URL parses")
             .prefix(format!("case_{}", self.name))
             .instance_name(instance)
-            .limits(self.limits.clone())
-            .connect()
-            .await
-            .expect("the backend connects");
+            .limits(self.limits.clone());
+        if let Some((heartbeat, timeout)) = self.owners {
+            builder = builder.heartbeat_interval(heartbeat).owner_timeout(timeout);
+        }
+        let backend = builder.connect().await.expect("the backend connects");
         AnyBackend::new(backend)
     }
 
@@ -261,6 +272,7 @@ where
         url,
         limits: Limits::default(),
         dedicated: None,
+        owners: None,
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

@@ -54,6 +54,7 @@ conformance!(file, restart_takes_over_at_once);
 conformance!(
     postgres,
     restart_takes_over_at_once,
+    silent_owner_times_out,
     server_crash_keeps_acknowledged_writes,
     connection_killed_mid_call,
 );
@@ -61,6 +62,7 @@ conformance!(
 conformance!(
     redis,
     restart_takes_over_at_once,
+    silent_owner_times_out,
     tokens_past_1e14,
     server_crash_keeps_acknowledged_writes,
     connection_killed_mid_call,
