@@ -117,14 +117,14 @@ pub async fn fencing(mut env: Env) {
 /// A lease that ended is an orphan (listed with its checkpoint) and is taken over.
 pub async fn lease_expiry_takeover_and_orphans(mut env: Env) {
     let b = env.open().await;
-    let lease = acquire(&b, b"s", b"k", b"fp", &opts(100)).await;
+    let lease = acquire(&b, b"s", b"k", b"fp", &opts(600)).await;
     b.checkpoint(&lease, b"step 1").await.expect("checkpoint");
     let _live = acquire(&b, b"s", b"live", b"fp", &opts(60_000)).await;
     assert!(
         b.orphans(10).await.expect("orphans").is_empty(),
         "live leases are no orphans"
     );
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    tokio::time::sleep(Duration::from_millis(800)).await;
     let orphans = b.orphans(10).await.expect("orphans");
     assert_eq!(orphans.len(), 1, "{orphans:?}");
     let orphan = &orphans[0];
@@ -221,16 +221,16 @@ pub async fn expiry_and_sweep(mut env: Env) {
     let b = env.open().await;
     let short = ClaimOptions::default()
         .lease(Duration::from_millis(100))
-        .retention(Duration::from_millis(150));
+        .retention(Duration::from_millis(600));
     for key in [&b"a"[..], b"b", b"c"] {
         let lease = acquire(&b, b"s", key, b"fp", &short).await;
-        b.complete(&lease, b"out", Duration::from_millis(150))
+        b.complete(&lease, b"out", Duration::from_millis(600))
             .await
             .expect("complete");
     }
     let keep = acquire(&b, b"s", b"keep", b"fp", &opts(30_000)).await;
     assert!(b.get(b"s", b"a").await.expect("get").is_some());
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    tokio::time::sleep(Duration::from_millis(900)).await;
     assert!(
         b.get(b"s", b"a").await.expect("get").is_none(),
         "expired means absent"
@@ -240,7 +240,7 @@ pub async fn expiry_and_sweep(mut env: Env) {
     assert_eq!((fresh.attempt(), fresh.is_takeover()), (1, false));
     // A lease write on an expired record is refused.
     let expiring = acquire(&b, b"s", b"e", b"fp", &short).await;
-    tokio::time::sleep(Duration::from_millis(250)).await;
+    tokio::time::sleep(Duration::from_millis(700)).await;
     assert!(is_lost(
         b.complete(&expiring, b"late", DAY).await,
         expiring.token()
@@ -861,7 +861,7 @@ async fn kill_client_connections(kind: Kind, url: &str) {
 /// owner that stops beating (its process hung or died without closing) loses its in-flight
 /// records to takeover once the timeout passes, long before their leases end.
 pub async fn silent_owner_times_out(env: Env) {
-    let mut env = env.with_owner_timing(Duration::from_millis(50), Duration::from_millis(400));
+    let mut env = env.with_owner_timing(Duration::from_millis(100), Duration::from_millis(800));
     let first = env.open().await;
     let other = env.other_instance("other").await;
     let o = opts(600_000);
@@ -871,7 +871,7 @@ pub async fn silent_owner_times_out(env: Env) {
         .await
         .expect("checkpoint");
     // Beating: well past the owner timeout, the record is still in progress.
-    tokio::time::sleep(Duration::from_millis(1_000)).await;
+    tokio::time::sleep(Duration::from_millis(1_600)).await;
     assert!(matches!(
         other.claim(b"s", b"k", b"fp", &o).await.expect("claim"),
         Claim::InProgress { .. }
@@ -879,7 +879,7 @@ pub async fn silent_owner_times_out(env: Env) {
     assert!(other.orphans(10).await.expect("orphans").is_empty());
     // Silent: the first handle is dropped without closing; its heartbeat stops.
     drop(first);
-    tokio::time::sleep(Duration::from_millis(1_000)).await;
+    tokio::time::sleep(Duration::from_millis(1_600)).await;
     assert_eq!(other.orphans(10).await.expect("orphans").len(), 1);
     let next = acquire(&other, b"s", b"k", b"fp", &o).await;
     assert!(next.is_takeover());
