@@ -48,7 +48,9 @@
 //! `core/` holds what every backend shares: the record, the claim types and the pure state
 //! machine (`core/transition.rs`). `engine/` is the embedded store: builder, queue, group-commit
 //! writer, reads, sweeper and the storage seam (`engine/storage/`, with redb behind it).
-//! `backend/` is the backend-neutral trait the HTTP layer (`http/`, feature `http`) uses.
+//! `backend/` is the backend-neutral trait the HTTP layer (`http/`, feature `http`) and services
+//! use, its boxed form ([`AnyBackend`]), and the shared stores for services on several machines:
+//! PostgreSQL (feature `postgres`) and Redis/Valkey (feature `redis`).
 
 #![forbid(unsafe_code)]
 #![deny(missing_docs, clippy::unwrap_used, clippy::indexing_slicing)]
