@@ -200,6 +200,11 @@ impl AnyBackend {
             return Ok(AnyBackend::new(Store::in_memory()?));
         }
         if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+            #[cfg(feature = "postgres")]
+            return Ok(AnyBackend::new(
+                crate::backend::postgres::PostgresBackend::connect(url).await?,
+            ));
+            #[cfg(not(feature = "postgres"))]
             return Err(bad_url(
                 "a postgres:// backend needs the `postgres` feature",
             ));

@@ -885,3 +885,25 @@ pub async fn silent_owner_times_out(env: Env) {
     assert!(next.is_takeover());
     assert_eq!(next.checkpoint(), Some(&b"half done"[..]));
 }
+
+/// `AnyBackend::open` picks the backend from its URL, with default settings.
+pub async fn open_from_url(env: Env) {
+    let b = AnyBackend::open(env.url()).await.expect("the URL opens");
+    let expected = if env.kind == Kind::Postgres {
+        "postgres"
+    } else {
+        "redis"
+    };
+    assert_eq!(b.capabilities().name, expected);
+    let lease = acquire(&b, b"url", b"k", b"fp", &opts(30_000)).await;
+    b.complete(&lease, b"via url", DAY).await.expect("complete");
+    let again = AnyBackend::open(env.url()).await.expect("a second open");
+    match again
+        .claim(b"url", b"k", b"fp", &opts(1_000))
+        .await
+        .expect("claim")
+    {
+        Claim::Replay(r) => assert_eq!(r.outcome, b"via url"),
+        other => panic!("expected the replay through a second handle, got {other:?}"),
+    }
+}

@@ -53,6 +53,7 @@ conformance!(file, restart_takes_over_at_once);
 #[cfg(feature = "postgres")]
 conformance!(
     postgres,
+    open_from_url,
     restart_takes_over_at_once,
     silent_owner_times_out,
     server_crash_keeps_acknowledged_writes,
@@ -61,6 +62,7 @@ conformance!(
 #[cfg(feature = "redis")]
 conformance!(
     redis,
+    open_from_url,
     restart_takes_over_at_once,
     silent_owner_times_out,
     tokens_past_1e14,
