@@ -70,7 +70,9 @@
 //! `core/` holds what every backend shares: the record, the claim types and the pure state
 //! machine (`core/transition.rs`). `engine/` is the embedded store: builder, queue, group-commit
 //! writer, reads, sweeper and the storage seam (`engine/storage/`, with redb behind it).
-//! `backend/` is the backend-neutral trait the HTTP layer (`http/`, feature `http`) uses.
+//! `backend/` is the backend-neutral trait the HTTP layer (`http/`, feature `http`) and services
+//! use, its boxed form ([`AnyBackend`]), and the shared stores for services on several machines:
+//! PostgreSQL (feature `postgres`) and Redis/Valkey (feature `redis`).
 
 #![forbid(unsafe_code)]
 #![deny(missing_docs, clippy::unwrap_used, clippy::indexing_slicing)]
@@ -87,13 +89,22 @@ pub mod http;
 
 pub mod once;
 
-pub use backend::IdempotencyBackend;
+/// The PostgreSQL backend (feature `postgres`).
+#[cfg(feature = "postgres")]
+pub use backend::postgres;
+
+/// The Redis/Valkey backend (feature `redis`).
+#[cfg(feature = "redis")]
+pub use backend::redis;
+
+pub use backend::{AnyBackend, BoxFuture, Capabilities, DynBackend, IdempotencyBackend};
 pub use clock::{Clock, ManualClock, SystemClock};
+pub use core::admin::{Orphan, Swept};
 pub use core::claim::{Claim, ClaimOptions, Lease, Replay};
 pub use core::record::{Record, RecordState};
 pub use engine::{
-    ASYNC_READ_THREADS_MAX, BATCH_OPS_MAX, Durability, FORMAT_VERSION, Orphan, QUEUE_BYTES_MAX,
-    QUEUE_CAPACITY_MAX, Stats, Store, StoreBuilder, Swept,
+    ASYNC_READ_THREADS_MAX, BATCH_OPS_MAX, Durability, FORMAT_VERSION, QUEUE_BYTES_MAX,
+    QUEUE_CAPACITY_MAX, Stats, Store, StoreBuilder,
 };
 pub use error::{Error, Input, Result, Source};
 pub use limits::{

@@ -3,6 +3,7 @@
 use std::time::Duration;
 
 use crate::clock::duration_ms;
+use crate::core::claim::ClaimOptions;
 use crate::error::{Error, Input, Result};
 
 /// Hard cap on the key length in bytes; [`Limits::max_key_len`] may only lower it.
@@ -147,8 +148,13 @@ impl Limits {
         self.max_outcome_len
     }
 
-    /// Checks the configured limits against the hard caps.
-    pub(crate) fn validate(&self) -> Result<()> {
+    /// Checks the configured limits against the hard caps. Every backend calls it once when it
+    /// is built, so a bad configuration is refused before anything is opened or sent.
+    ///
+    /// # Errors
+    /// [`Error::TooLarge`]/[`Error::TooSmall`] naming the configuration value
+    /// ([`Input::Config`]).
+    pub fn validate(&self) -> Result<()> {
         let caps: [(&'static str, u64, u64, u64); 8] = [
             (
                 "max_key_len",
@@ -190,12 +196,91 @@ impl Limits {
         Ok(())
     }
 
-    pub(crate) fn check_identity(&self, scope: &[u8], key: &[u8]) -> Result<()> {
+    // The checks below are what every backend runs before it queues, writes or sends anything,
+    // so that the embedded engine, PostgreSQL and Redis refuse exactly the same inputs with
+    // exactly the same errors.
+
+    /// Checks everything a claim carries: scope, key, fingerprint, lease, retention (and that
+    /// the lease does not outlive it) and the wait.
+    ///
+    /// ```
+    /// use idemstore::{ClaimOptions, Error, Input, Limits};
+    /// use std::time::Duration;
+    ///
+    /// let limits = Limits::default();
+    /// let options = ClaimOptions::default();
+    /// assert!(limits.check_claim(b"acct_42", b"order-1", b"fp", &options).is_ok());
+    /// let too_long = [b'k'; 256];
+    /// assert!(matches!(
+    ///     limits.check_claim(b"acct_42", &too_long, b"fp", &options),
+    ///     Err(Error::TooLarge { what: Input::Key, actual: 256, limit: 255 })
+    /// ));
+    /// let backwards = options.lease(Duration::from_secs(10)).retention(Duration::from_secs(5));
+    /// assert!(matches!(
+    ///     limits.check_claim(b"", b"k", b"fp", &backwards),
+    ///     Err(Error::LeaseExceedsRetention { .. })
+    /// ));
+    /// ```
+    ///
+    /// # Errors
+    /// [`Error::TooLarge`]/[`Error::TooSmall`] naming the input; [`Error::LeaseExceedsRetention`].
+    pub fn check_claim(
+        &self,
+        scope: &[u8],
+        key: &[u8],
+        fingerprint: &[u8],
+        options: &ClaimOptions,
+    ) -> Result<()> {
+        self.check_identity(scope, key)?;
+        self.check_fingerprint(fingerprint)?;
+        let lease_ms = duration_ms(options.lease_duration());
+        let retention_ms = duration_ms(options.retention_duration());
+        self.check_lease(lease_ms)?;
+        self.check_retention(retention_ms)?;
+        if lease_ms > retention_ms {
+            return Err(Error::LeaseExceedsRetention {
+                lease_ms,
+                retention_ms,
+            });
+        }
+        if let Some(wait) = options.wait_duration() {
+            self.check_wait(duration_ms(wait))?;
+        }
+        Ok(())
+    }
+
+    /// Checks the outcome and retention of a `complete`.
+    ///
+    /// # Errors
+    /// [`Error::TooLarge`]/[`Error::TooSmall`] for the outcome or the retention.
+    pub fn check_complete(&self, outcome: &[u8], retention: Duration) -> Result<()> {
+        self.check_outcome(outcome)?;
+        self.check_retention(duration_ms(retention))
+    }
+
+    /// Checks the extension of an `extend` against the lease limits.
+    ///
+    /// # Errors
+    /// [`Error::TooLarge`]/[`Error::TooSmall`] with [`Input::Lease`].
+    pub fn check_extend(&self, by: Duration) -> Result<()> {
+        self.check_lease(duration_ms(by))
+    }
+
+    /// Checks a scope and key (`get`, `forget`, and every claim).
+    ///
+    /// # Errors
+    /// [`Error::TooLarge`] for a scope or key over its limit; [`Error::TooSmall`] for an empty
+    /// key.
+    pub fn check_identity(&self, scope: &[u8], key: &[u8]) -> Result<()> {
         check_len(Input::Scope, scope.len(), 0, self.max_scope_len)?;
         check_len(Input::Key, key.len(), 1, self.max_key_len)
     }
 
-    pub(crate) fn check_fingerprint(&self, fingerprint: &[u8]) -> Result<()> {
+    /// Checks a fingerprint's length.
+    ///
+    /// # Errors
+    /// [`Error::TooLarge`] with [`Input::Fingerprint`].
+    pub fn check_fingerprint(&self, fingerprint: &[u8]) -> Result<()> {
         check_len(
             Input::Fingerprint,
             fingerprint.len(),
@@ -204,11 +289,19 @@ impl Limits {
         )
     }
 
-    pub(crate) fn check_outcome(&self, outcome: &[u8]) -> Result<()> {
+    /// Checks an outcome's length.
+    ///
+    /// # Errors
+    /// [`Error::TooLarge`] with [`Input::Outcome`].
+    pub fn check_outcome(&self, outcome: &[u8]) -> Result<()> {
         check_len(Input::Outcome, outcome.len(), 0, self.max_outcome_len)
     }
 
-    pub(crate) fn check_checkpoint(&self, checkpoint: &[u8]) -> Result<()> {
+    /// Checks a checkpoint's length.
+    ///
+    /// # Errors
+    /// [`Error::TooLarge`] with [`Input::Checkpoint`].
+    pub fn check_checkpoint(&self, checkpoint: &[u8]) -> Result<()> {
         check_len(
             Input::Checkpoint,
             checkpoint.len(),
@@ -217,15 +310,27 @@ impl Limits {
         )
     }
 
-    pub(crate) fn check_lease(&self, lease_ms: u64) -> Result<()> {
+    /// Checks a lease or lease extension in milliseconds (1 ms up to the configured maximum).
+    ///
+    /// # Errors
+    /// [`Error::TooLarge`]/[`Error::TooSmall`] with [`Input::Lease`].
+    pub fn check_lease(&self, lease_ms: u64) -> Result<()> {
         check_range(Input::Lease, lease_ms, 1, self.max_lease_ms)
     }
 
-    pub(crate) fn check_retention(&self, retention_ms: u64) -> Result<()> {
+    /// Checks a retention in milliseconds (1 ms up to the configured maximum).
+    ///
+    /// # Errors
+    /// [`Error::TooLarge`]/[`Error::TooSmall`] with [`Input::Retention`].
+    pub fn check_retention(&self, retention_ms: u64) -> Result<()> {
         check_range(Input::Retention, retention_ms, 1, self.max_retention_ms)
     }
 
-    pub(crate) fn check_wait(&self, wait_ms: u64) -> Result<()> {
+    /// Checks a duplicate's bounded wait in milliseconds.
+    ///
+    /// # Errors
+    /// [`Error::TooLarge`] with [`Input::Wait`].
+    pub fn check_wait(&self, wait_ms: u64) -> Result<()> {
         check_range(Input::Wait, wait_ms, 0, self.max_wait_ms)
     }
 }

@@ -223,6 +223,29 @@ impl<B: IdempotencyBackend> JobAsync<'_, B> {
     pub async fn extend(&mut self, by: Duration) -> Result<(), Error> {
         self.backend.extend(&mut self.lease, by).await
     }
+
+    /// Stores a recovery point: a later attempt receives it.
+    ///
+    /// # Errors
+    /// [`Error::LeaseLost`] once another call owns the work; the backend's errors.
+    pub async fn checkpoint(&self, bytes: &[u8]) -> Result<(), Error> {
+        self.backend.checkpoint(&self.lease, bytes).await
+    }
+
+    /// Whether this lease still owns the work (see [`Job::owns`]).
+    ///
+    /// # Errors
+    /// The backend's errors.
+    pub async fn owns(&self) -> Result<bool, Error> {
+        let record = self
+            .backend
+            .get(self.lease.scope(), self.lease.key())
+            .await?;
+        Ok(matches!(
+            record.map(|r| r.state),
+            Some(crate::RecordState::InFlight { token, .. }) if token == self.lease.token()
+        ))
+    }
 }
 
 /// The stored outcome: a format byte, whether it is a success, then the bincode payload.

@@ -226,6 +226,43 @@ async fn within<T>(what: &str, event: impl Future<Output = T>) -> T {
         .unwrap_or_else(|_| panic!("timed out waiting for {what}"))
 }
 
+/// The backend methods the layer does not use, forwarded to the wrapped store.
+macro_rules! forward_admin_to_store {
+    () => {
+        async fn checkpoint(&self, lease: &Lease, checkpoint: &[u8]) -> idemstore::Result<()> {
+            IdempotencyBackend::checkpoint(&self.store, lease, checkpoint).await
+        }
+
+        async fn get(
+            &self,
+            scope: &[u8],
+            key: &[u8],
+        ) -> idemstore::Result<Option<idemstore::Record>> {
+            IdempotencyBackend::get(&self.store, scope, key).await
+        }
+
+        async fn forget(&self, scope: &[u8], key: &[u8]) -> idemstore::Result<bool> {
+            IdempotencyBackend::forget(&self.store, scope, key).await
+        }
+
+        async fn orphans(&self, limit: usize) -> idemstore::Result<Vec<idemstore::Orphan>> {
+            IdempotencyBackend::orphans(&self.store, limit).await
+        }
+
+        async fn sweep(&self, limit: usize) -> idemstore::Result<idemstore::Swept> {
+            IdempotencyBackend::sweep(&self.store, limit).await
+        }
+
+        fn capabilities(&self) -> idemstore::Capabilities {
+            IdempotencyBackend::capabilities(&self.store)
+        }
+
+        fn limits(&self) -> &idemstore::Limits {
+            IdempotencyBackend::limits(&self.store)
+        }
+    };
+}
+
 /// The embedded store, reporting what the tests wait for instead of sleeping.
 struct Watched {
     store: Store,
@@ -259,6 +296,8 @@ impl Watched {
 }
 
 impl IdempotencyBackend for Watched {
+    forward_admin_to_store!();
+
     async fn claim(
         &self,
         scope: &[u8],
@@ -1193,6 +1232,8 @@ impl Inline {
 }
 
 impl IdempotencyBackend for Inline {
+    forward_admin_to_store!();
+
     async fn claim(
         &self,
         scope: &[u8],

@@ -185,6 +185,7 @@ fn the_async_form_runs_once_over_the_backend_trait() -> TestResult {
             async |job| {
                 runs.set(runs.get() + 1);
                 job.extend(Duration::from_secs(5)).await?;
+                job.checkpoint(b"extended").await?;
                 Ok(receipt(job.attempt()))
             },
         ));

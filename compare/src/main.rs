@@ -21,6 +21,8 @@ mod extra;
 mod peers;
 mod report;
 mod rss;
+// Shared with the conformance suite: install, start and watch the servers.
+#[path = "../../tests/servers/mod.rs"]
 mod servers;
 mod stats;
 mod workload;
@@ -385,11 +387,11 @@ fn run(args: &Args) -> Result<(), BoxError> {
         redis_always: servers
             .redis_always
             .as_ref()
-            .and_then(RedisServer::peak_rss),
+            .and_then(|s| rss::peak_of(s.pid())),
         redis_everysec: servers
             .redis_everysec
             .as_ref()
-            .and_then(RedisServer::peak_rss),
+            .and_then(|s| rss::peak_of(s.pid())),
     };
     let compare_rss = rss::peak();
     let versions = report::Versions {

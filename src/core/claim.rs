@@ -120,7 +120,9 @@ pub struct Replay {
 ///
 /// Every write made with a lease (`complete`, `fail`, `extend`, `checkpoint`) succeeds only
 /// while the record still carries this lease's token, so a slow or resurrected owner can never
-/// overwrite its successor. Tokens strictly increase across the whole store, restarts included.
+/// overwrite its successor. In the embedded engine tokens strictly increase across the whole
+/// store, restarts included; the shared backends' tokens increase per key and are unique (see
+/// their docs).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Lease {
     pub(crate) scoped_key: Vec<u8>,
@@ -137,8 +139,9 @@ impl Lease {
     /// or Redis backend), which grant leases from their own records and must hand them to the
     /// middleware in this type.
     ///
-    /// - `token`: the backend's fencing token for this grant; it must strictly increase across
-    ///   every grant of the backend, so that writes with an older lease can be refused.
+    /// - `token`: the backend's fencing token for this grant; it must differ from every earlier
+    ///   grant's token for the same record and increase per record, so that writes with an
+    ///   older lease can be refused.
     /// - `lease_until_ms`: when the lease ends unless extended (ms since the Unix epoch).
     /// - `attempt`: 1 for the first run, + 1 per retry after a failure or a takeover.
     /// - `checkpoint`: the recovery point left by the previous attempt, if any.

@@ -2,6 +2,7 @@
 //! and the pure state machine that decides every transition (DESIGN §2). Nothing here does
 //! I/O; the embedded engine (`crate::engine`) and any other backend build on it.
 
+pub(crate) mod admin;
 pub(crate) mod claim;
 pub(crate) mod record;
 pub(crate) mod transition;

@@ -32,8 +32,10 @@ pub enum RecordState {
     InFlight {
         /// The fencing token of the lease that owns the record.
         token: u64,
-        /// The process epoch of the store that granted the lease; an earlier epoch means the
-        /// owner is dead.
+        /// Who holds the lease. In the embedded engine: the process epoch of the store that
+        /// granted it (an earlier epoch means the owner is dead). In a shared store
+        /// (PostgreSQL, Redis): the id of the owner (one per backend instance) that claimed
+        /// it; a closed owner is gone.
         epoch: u64,
         /// When the lease ends unless extended.
         lease_until_ms: u64,

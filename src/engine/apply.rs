@@ -10,23 +10,12 @@
 
 use std::collections::BTreeMap;
 
+use crate::core::admin::Swept;
 use crate::core::record::{Record, split_scoped_key};
 use crate::core::transition::{self, Ctx, Op, Reply, Write};
 use crate::engine::codec::DecodeError;
 use crate::engine::storage::{Batch, Stored};
 use crate::error::{Error, Result};
-
-/// The result of one [`Store::sweep`](crate::Store::sweep).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-#[non_exhaustive]
-pub struct Swept {
-    /// Expiry-index entries visited (at most the limit).
-    pub visited: usize,
-    /// Expired records removed.
-    pub removed: usize,
-    /// Whether due entries remain after this sweep: sweep again while it is true.
-    pub more: bool,
-}
 
 /// The scope of a scoped key (empty for a malformed key, which no caller can make).
 pub(crate) fn scope_of(key: &[u8]) -> &[u8] {

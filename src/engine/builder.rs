@@ -283,6 +283,9 @@ impl StoreBuilder {
         // the writer is stopped and joined.
         telemetry::opened();
         let mut store = Store::from_parts(shared, self.limits, writer, timer, read_pool);
+        if path == Path::new(":memory:") {
+            store.kind = "memory";
+        }
         if let Some(interval) = self.sweep_interval {
             let sweeper = Sweeper::start(Arc::clone(&store.shared), interval, self.sweep_batch)?;
             store.sweeper = Some(sweeper);

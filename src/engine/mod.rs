@@ -30,11 +30,10 @@ pub(crate) mod telemetry;
 pub(crate) mod waits;
 pub(crate) mod writer;
 
-pub use apply::Swept;
 pub use builder::{
     ASYNC_READ_THREADS_MAX, BATCH_OPS_MAX, QUEUE_BYTES_MAX, QUEUE_CAPACITY_MAX, StoreBuilder,
 };
 pub use durability::Durability;
-pub use reads::{Orphan, Stats};
+pub use reads::Stats;
 pub use storage::redb::tables::FORMAT_VERSION;
 pub use store::Store;

@@ -11,8 +11,8 @@ use std::time::Instant;
 
 use parking_lot::{Condvar, Mutex};
 
+use crate::core::admin::Swept;
 use crate::core::transition::{Op, Reply};
-use crate::engine::apply::Swept;
 use crate::error::{Error, Result};
 
 /// What a caller asks the writer for.

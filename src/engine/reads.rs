@@ -3,6 +3,7 @@
 //! through one [`Reader`], which reads committed state through the storage seam and never
 //! waits for the writer.
 
+use crate::core::admin::Orphan;
 use crate::core::claim::Claim;
 use crate::core::record::{Record, RecordState, scoped_key, split_scoped_key};
 use crate::core::transition::{self, Op, Reply, Write};
@@ -10,18 +11,6 @@ use crate::engine::apply::corrupt_record;
 use crate::engine::shared::Shared;
 use crate::engine::store::Store;
 use crate::error::{Error, Result};
-
-/// An in-flight record whose owner is gone, listed by [`Store::orphans`] for reconciliation.
-#[derive(Debug, Clone, PartialEq, Eq)]
-#[non_exhaustive]
-pub struct Orphan {
-    /// The record's scope.
-    pub scope: Vec<u8>,
-    /// The record's key.
-    pub key: Vec<u8>,
-    /// The record (state [`RecordState::InFlight`], with the owner's last checkpoint).
-    pub record: Record,
-}
 
 /// Counters and sizes of a store, from [`Store::stats`].
 ///
@@ -169,6 +158,35 @@ impl Store {
         self.limits.check_identity(scope.as_ref(), key.as_ref())?;
         self.reader()
             .live(&scoped_key(scope.as_ref(), key.as_ref()))
+    }
+
+    /// The async form of [`Store::get`]: the read runs on the store's reader threads, never
+    /// on the executor's.
+    ///
+    /// # Errors
+    /// As [`Store::get`].
+    pub async fn get_async(
+        &self,
+        scope: impl AsRef<[u8]>,
+        key: impl AsRef<[u8]>,
+    ) -> Result<Option<Record>> {
+        self.limits.check_identity(scope.as_ref(), key.as_ref())?;
+        let sk = scoped_key(scope.as_ref(), key.as_ref());
+        let shared = std::sync::Arc::clone(&self.shared);
+        self.read_pool
+            .run(move || Reader { shared: &shared }.live(&sk))
+            .await
+    }
+
+    /// The async form of [`Store::orphans`]: the scan runs on the store's reader threads.
+    ///
+    /// # Errors
+    /// As [`Store::orphans`].
+    pub async fn orphans_async(&self, limit: usize) -> Result<Vec<Orphan>> {
+        let shared = std::sync::Arc::clone(&self.shared);
+        self.read_pool
+            .run(move || Reader { shared: &shared }.orphans(limit))
+            .await
     }
 
     /// In-flight records whose owner is gone (lease ended, or granted by an earlier process

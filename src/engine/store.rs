@@ -7,10 +7,10 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use crate::clock::duration_ms;
+use crate::core::admin::Swept;
 use crate::core::claim::{Claim, ClaimOptions, Lease};
 use crate::core::record::scoped_key;
 use crate::core::transition::{Op, Reply};
-use crate::engine::apply::Swept;
 use crate::engine::builder::{BATCH_OPS_MAX, StoreBuilder};
 use crate::engine::queue::Command;
 use crate::engine::read_pool::ReadPool;
@@ -54,9 +54,11 @@ pub struct Store {
     pub(crate) shared: Arc<Shared>,
     pub(crate) limits: Limits,
     timer: Timer,
-    read_pool: ReadPool,
+    pub(crate) read_pool: ReadPool,
     writer: Option<JoinHandle<()>>,
     pub(crate) sweeper: Option<Sweeper>,
+    /// `"file"` or `"memory"`: what [`IdempotencyBackend::capabilities`](crate::IdempotencyBackend::capabilities) reports.
+    pub(crate) kind: &'static str,
 }
 
 impl std::fmt::Debug for Store {
@@ -97,6 +99,7 @@ impl Store {
             read_pool,
             writer: Some(writer),
             sweeper: None,
+            kind: "file",
         }
     }
 
@@ -143,21 +146,9 @@ impl Store {
         fingerprint: &[u8],
         options: &ClaimOptions,
     ) -> Result<(Vec<u8>, Op, Option<Duration>)> {
-        self.limits.check_identity(scope, key)?;
-        self.limits.check_fingerprint(fingerprint)?;
+        self.limits.check_claim(scope, key, fingerprint, options)?;
         let lease_ms = duration_ms(options.lease_duration());
         let retention_ms = duration_ms(options.retention_duration());
-        self.limits.check_lease(lease_ms)?;
-        self.limits.check_retention(retention_ms)?;
-        if lease_ms > retention_ms {
-            return Err(Error::LeaseExceedsRetention {
-                lease_ms,
-                retention_ms,
-            });
-        }
-        if let Some(wait) = options.wait_duration() {
-            self.limits.check_wait(duration_ms(wait))?;
-        }
         let op = Op::Claim {
             fingerprint: fingerprint.to_vec(),
             lease_ms,

@@ -308,6 +308,7 @@ mod tests {
     struct Extensions {
         answer: Answer,
         calls: AtomicUsize,
+        limits: crate::Limits,
     }
 
     impl IdempotencyBackend for Extensions {
@@ -340,6 +341,42 @@ mod tests {
                 Answer::Never => std::future::pending().await,
             }
         }
+
+        async fn checkpoint(&self, _: &Lease, _: &[u8]) -> Result<(), Error> {
+            Err(Error::Internal("not used".to_owned()))
+        }
+
+        async fn get(&self, _: &[u8], _: &[u8]) -> Result<Option<crate::Record>, Error> {
+            Err(Error::Internal("not used".to_owned()))
+        }
+
+        async fn forget(&self, _: &[u8], _: &[u8]) -> Result<bool, Error> {
+            Err(Error::Internal("not used".to_owned()))
+        }
+
+        async fn orphans(&self, _: usize) -> Result<Vec<crate::Orphan>, Error> {
+            Err(Error::Internal("not used".to_owned()))
+        }
+
+        async fn sweep(&self, _: usize) -> Result<crate::Swept, Error> {
+            Err(Error::Internal("not used".to_owned()))
+        }
+
+        fn capabilities(&self) -> crate::Capabilities {
+            crate::Capabilities {
+                name: "extensions-only",
+                shared: false,
+                durable: false,
+                needs_sweep: false,
+                orphans_scan: false,
+                wakes_waiters: false,
+                exact_quota: true,
+            }
+        }
+
+        fn limits(&self) -> &crate::Limits {
+            &self.limits
+        }
     }
 
     const LEASE: Duration = Duration::from_secs(30);
@@ -351,6 +388,7 @@ mod tests {
         let backend = Extensions {
             answer,
             calls: AtomicUsize::new(0),
+            limits: crate::Limits::default(),
         };
         let mut lease =
             Lease::from_parts(b"scope", b"key", 7, 0, 1, None, false).expect("a valid lease");

@@ -1,0 +1,71 @@
+//! One behavioural suite for every backend: the same named cases run on the in-memory store,
+//! the file store, PostgreSQL (feature `postgres`) and Redis (feature `redis`), each case an ordinary `#[test]` named
+//! `<backend>::<case>` (`cargo test --all-features --test conformance postgres::`).
+//!
+//! The PostgreSQL and Redis cases start their own servers (`tests/servers/`): installed with apt-get when
+//! missing (as root), on 127.0.0.1 on a free port with a temporary data directory, stopped by
+//! a watchdog when the test process exits. Without a server they are skipped with a message,
+//! except under `CI=true`, where a missing or failing server fails them. Each case uses its
+//! own PostgreSQL schema, so cases run in parallel on one server.
+//!
+//! Every backend is used through `AnyBackend`, so the suite also exercises the boxed adapter.
+
+mod cases;
+mod env;
+#[path = "../servers/mod.rs"]
+mod servers;
+
+/// Generates `mod $backend { #[test] fn case() ... }` for the cases every backend runs, plus
+/// the extra cases given.
+macro_rules! conformance {
+    ($backend:ident $(, $extra:ident)* $(,)?) => {
+        mod $backend {
+            conformance!(@cases $backend:
+                claim_table,
+                fencing,
+                lease_expiry_takeover_and_orphans,
+                mismatch,
+                waits,
+                expiry_and_sweep,
+                limits,
+                scopes_and_quota,
+                tokens,
+                checkpoint_handover,
+                forget,
+                duplicate_storm_across_two_handles,
+                capabilities,
+                $($extra,)*
+            );
+        }
+    };
+    (@cases $backend:ident: $($case:ident,)*) => {
+        $(
+            #[test]
+            fn $case() {
+                crate::env::run(stringify!($backend), stringify!($case), crate::cases::$case);
+            }
+        )*
+    };
+}
+
+conformance!(memory);
+conformance!(file, restart_takes_over_at_once);
+#[cfg(feature = "postgres")]
+conformance!(
+    postgres,
+    open_from_url,
+    restart_takes_over_at_once,
+    silent_owner_times_out,
+    server_crash_keeps_acknowledged_writes,
+    connection_killed_mid_call,
+);
+#[cfg(feature = "redis")]
+conformance!(
+    redis,
+    open_from_url,
+    restart_takes_over_at_once,
+    silent_owner_times_out,
+    tokens_past_1e14,
+    server_crash_keeps_acknowledged_writes,
+    connection_killed_mid_call,
+);
