@@ -73,6 +73,9 @@
 //! `backend/` is the backend-neutral trait the HTTP layer (`http/`, feature `http`) uses.
 
 #![forbid(unsafe_code)]
+// docs.rs builds with `--cfg docsrs` on nightly (Cargo.toml, [package.metadata.docs.rs]): each
+// feature-gated item then shows the feature it needs.
+#![cfg_attr(docsrs, feature(doc_cfg))]
 #![deny(missing_docs, clippy::unwrap_used, clippy::indexing_slicing)]
 
 mod backend;
@@ -83,6 +86,7 @@ mod error;
 mod limits;
 
 #[cfg(feature = "http")]
+#[cfg_attr(docsrs, doc(cfg(feature = "http")))]
 pub mod http;
 
 pub mod once;
