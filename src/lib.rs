@@ -75,6 +75,9 @@
 //! PostgreSQL (feature `postgres`) and Redis/Valkey (feature `redis`).
 
 #![forbid(unsafe_code)]
+// docs.rs builds with `--cfg docsrs` on nightly (Cargo.toml, [package.metadata.docs.rs]): each
+// feature-gated item then shows the feature it needs.
+#![cfg_attr(docsrs, feature(doc_cfg))]
 #![deny(missing_docs, clippy::unwrap_used, clippy::indexing_slicing)]
 
 mod backend;
@@ -85,6 +88,7 @@ mod error;
 mod limits;
 
 #[cfg(feature = "http")]
+#[cfg_attr(docsrs, doc(cfg(feature = "http")))]
 pub mod http;
 
 pub mod once;
