@@ -95,10 +95,12 @@ pub mod once;
 
 /// The PostgreSQL backend (feature `postgres`).
 #[cfg(feature = "postgres")]
+#[cfg_attr(docsrs, doc(cfg(feature = "postgres")))]
 pub use backend::postgres;
 
 /// The Redis/Valkey backend (feature `redis`).
 #[cfg(feature = "redis")]
+#[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
 pub use backend::redis;
 
 pub use backend::{AnyBackend, BoxFuture, Capabilities, DynBackend, IdempotencyBackend};

@@ -85,7 +85,9 @@ pub(crate) fn file(path: &Path, options: &Options) -> Result<Database> {
         }
         Err(redb::DatabaseError::RepairAborted) => {
             let view = Overlay::open(path).map_err(Error::from_io)?;
-            let db = redb::Builder::new()
+            // The configured cache size, not redb's default (1 GiB): memory a repair touched
+            // here tends to stay with the process after the view is dropped.
+            let db = builder
                 .create_with_backend(view)
                 .map_err(Error::storage)?;
             let read = db.begin_read().map_err(Error::storage)?;
