@@ -60,6 +60,8 @@ mod engine;
 mod error;
 mod limits;
 
+#[cfg(feature = "client")]
+pub mod client;
 #[cfg(feature = "http")]
 pub mod http;
 
