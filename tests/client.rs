@@ -654,6 +654,33 @@ async fn a_retry_after_past_the_total_time_returns_the_response_at_once() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn an_absurd_retry_after_or_backoff_cap_is_no_wait_past_the_total_time() {
+    let log = Log::default();
+    let client = RetryLayer::new().layer(scripted(
+        &log,
+        vec![Status(503, Some("18446744073709551615".into()))],
+    ));
+    let response = client.oneshot(post_charge("a")).await.expect("an answer");
+    assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(log.attempts().len(), 1);
+
+    let log = Log::default();
+    let client = RetryLayer::new()
+        .base_delay(Duration::MAX)
+        .max_delay(Duration::MAX)
+        .total_time(Duration::MAX)
+        .jitter_seed(3)
+        .layer(scripted(&log, vec![Status(503, None), Status(201, None)]));
+    let started = Instant::now();
+    let response = client.oneshot(post_charge("a")).await.expect("an answer");
+    // This seed's jittered wait is centuries long (the window is u64::MAX ns, 584 years): past
+    // the year that "no limit" means, so it is not taken, and nothing overflows.
+    assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(log.attempts().len(), 1);
+    assert_eq!(started.elapsed(), Duration::ZERO);
+}
+
+#[tokio::test(start_paused = true)]
 async fn backoff_waits_are_full_jitter_under_a_doubling_capped_ceiling() {
     let base = Duration::from_millis(100);
     let cap = Duration::from_secs(1);

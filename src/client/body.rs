@@ -19,6 +19,23 @@ use super::error::{BoxError, RetryError};
 /// allocation). A larger body, and the body of a request the layer does not retry, is the
 /// caller's own, streamed once (after the part read while measuring it). It is `Unpin` and
 /// `Send` when `B` is `Send`, as hyper-util's client asks of its bodies.
+///
+/// It is the body type of the client under the layer:
+///
+/// ```
+/// use bytes::Bytes;
+/// use http_body_util::Full;
+/// use hyper_util::client::legacy::{Client, connect::HttpConnector};
+/// use hyper_util::rt::TokioExecutor;
+/// use idemstore::client::{ClientBody, RetryLayer, RetryService, DefaultRetryPolicy};
+/// use tower::Layer;
+///
+/// // The caller sends `Request<Full<Bytes>>`; hyper-util sends `Request<ClientBody<Full<Bytes>>>`.
+/// let http: Client<HttpConnector, ClientBody<Full<Bytes>>> =
+///     Client::builder(TokioExecutor::new()).build_http();
+/// let client: RetryService<_, DefaultRetryPolicy> = RetryLayer::new().layer(http);
+/// # let _ = client;
+/// ```
 #[derive(Debug)]
 pub struct ClientBody<B> {
     kind: Kind<B>,

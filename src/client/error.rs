@@ -12,6 +12,32 @@ pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
 ///
 /// The inner service's errors are passed through unchanged (boxed as a [`BoxError`]); these are
 /// the layer's own.
+///
+/// ```
+/// # #[tokio::main(flavor = "current_thread", start_paused = true)]
+/// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// use std::time::Duration;
+/// use bytes::Bytes;
+/// use http::{Request, Response};
+/// use http_body_util::Full;
+/// use idemstore::client::{BoxError, ClientBody, RetryError, RetryLayer};
+/// use tower::{Layer, ServiceExt, service_fn};
+///
+/// // A server that never answers.
+/// let silent = service_fn(|_: Request<ClientBody<Full<Bytes>>>| async {
+///     std::future::pending::<Result<Response<String>, BoxError>>().await
+/// });
+/// let client = RetryLayer::new().total_time(Duration::from_secs(5)).layer(silent);
+///
+/// let error = client.oneshot(Request::post("/v1/charges").body(Full::new(Bytes::new()))?).await;
+/// let error = error.expect_err("no answer within 5 s");
+/// assert!(matches!(
+///     error.downcast_ref::<RetryError>(),
+///     Some(RetryError::TotalTimeElapsed { attempts: 1, .. })
+/// ));
+/// # Ok(())
+/// # }
+/// ```
 #[derive(Debug)]
 #[non_exhaustive]
 pub enum RetryError {

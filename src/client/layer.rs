@@ -162,7 +162,8 @@ impl<P> RetryLayer<P> {
     /// wait that would end past it is not taken (the last response or error is returned); an
     /// attempt still in flight when it runs out is abandoned with
     /// [`RetryError::TotalTimeElapsed`](super::RetryError::TotalTimeElapsed). Default
-    /// [`DEFAULT_TOTAL_TIME`]; [`Duration::MAX`] means no limit.
+    /// [`DEFAULT_TOTAL_TIME`]; [`Duration::MAX`] means no limit in practice (it is taken as
+    /// one year).
     #[must_use]
     pub fn total_time(mut self, total: Duration) -> Self {
         self.config.total_time = total;

@@ -22,7 +22,21 @@ use super::policy::{Attempt, Outcome, RetryPolicy};
 ///
 /// It takes `Request<B>` for any body `B` and sends the inner service `Request<ClientBody<B>>`
 /// (see [`ClientBody`]); its error is a [`BoxError`]: the inner service's last error as it
-/// was, or a [`RetryError`].
+/// was, or a [`RetryError`]. It is cheap to clone (the configuration and policy are shared),
+/// as each concurrent caller should.
+///
+/// ```
+/// use http::{Request, Response};
+/// use idemstore::client::{BoxError, ClientBody, RetryLayer};
+/// use tower::{Layer, service_fn};
+///
+/// let transport = service_fn(|_: Request<ClientBody<String>>| async {
+///     Ok::<_, BoxError>(Response::new(()))
+/// });
+/// let client = RetryLayer::new().layer(transport);
+/// let for_another_task = client.clone();
+/// # let _ = (client.get_ref(), for_another_task);
+/// ```
 pub struct RetryService<S, P> {
     inner: S,
     config: Arc<Config>,
@@ -168,7 +182,11 @@ where
         else {
             return result;
         };
-        if Instant::now() + wait > deadline {
+        // A wait past the deadline (or too long to add to an instant) is not taken.
+        if Instant::now()
+            .checked_add(wait)
+            .is_none_or(|end| end > deadline)
+        {
             tracing::debug!(attempt = number, ?wait, "no time left for another attempt");
             return result;
         }
