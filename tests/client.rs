@@ -383,6 +383,10 @@ async fn every_logical_post_runs_once_and_every_caller_gets_the_original_answer(
             replayed_keys.insert(key.to_owned());
         }
     }
+    eprintln!(
+        "{CALLS} logical requests, {} responses dropped by the proxy",
+        proxy.dropped().len()
+    );
     let dropped: HashSet<String> = proxy.dropped().into_iter().collect();
     assert!(
         dropped.len() >= CALLS / 5,

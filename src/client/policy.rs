@@ -3,6 +3,18 @@
 use http::{HeaderMap, Method, StatusCode};
 
 /// One finished attempt, as a [`RetryPolicy`] sees it.
+///
+/// ```
+/// use http::Method;
+/// use idemstore::client::{Attempt, DefaultRetryPolicy, RetryLayer, RetryPolicy};
+///
+/// // The default, but a `PATCH` is tried at most twice.
+/// let layer = RetryLayer::new().policy(|attempt: &Attempt<'_>| {
+///     (attempt.method() != Method::PATCH || attempt.number() < 2)
+///         && DefaultRetryPolicy.should_retry(attempt)
+/// });
+/// # let _ = layer;
+/// ```
 #[derive(Debug)]
 pub struct Attempt<'a> {
     pub(super) method: &'a Method,
