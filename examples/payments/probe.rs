@@ -15,6 +15,8 @@ pub struct Sample {
     pub peak_rss_kib: u64,
     /// Open file descriptors (entries of `/proc/<pid>/fd`).
     pub fds: u64,
+    /// Threads (`Threads`).
+    pub threads: u64,
 }
 
 /// Samples process `pid`; `None` if it is gone (or this is not Linux).
@@ -29,6 +31,7 @@ pub fn sample(pid: u32) -> Option<Sample> {
     };
     let rss_kib = field("VmRSS:")?;
     let peak_rss_kib = field("VmHWM:")?;
+    let threads = field("Threads:")?;
     let fds = std::fs::read_dir(format!("/proc/{pid}/fd"))
         .ok()?
         .take(FDS_COUNTED_MAX)
@@ -37,6 +40,7 @@ pub fn sample(pid: u32) -> Option<Sample> {
         rss_kib,
         peak_rss_kib,
         fds,
+        threads,
     })
 }
 

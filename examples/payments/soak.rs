@@ -262,6 +262,9 @@ struct Driven {
     drained: bool,
     /// When the load stopped (all payments finished or the drain limit) since the start.
     ended: Duration,
+    /// For each crash: when the service was killed, and how long until its successor listened
+    /// (recovery of the files included).
+    crashes: Vec<(Duration, Duration)>,
 }
 
 /// Drives the service with `connections` workers until `run_for` has passed (then lets the
@@ -279,21 +282,27 @@ async fn drive(
     let monkey = {
         let chaos = Arc::clone(&chaos);
         tokio::spawn(async move {
+            let mut done = Vec::new();
             for n in 1..=crashes {
                 tokio::time::sleep_until(started + run_for * n as u32 / (crashes + 1) as u32).await;
                 let supervisor = Arc::clone(&supervisor);
+                let killed = started.elapsed();
                 match tokio::task::spawn_blocking(move || supervisor.crash_and_restart()).await {
                     Ok(Ok(())) => {
                         add(&chaos.tally().restarts);
+                        let back = started.elapsed() - killed;
                         eprintln!(
-                            "payments: crash {n}: SIGKILL and restart at {:.0} s",
-                            started.elapsed().as_secs_f64()
+                            "payments: crash {n}: SIGKILL at {:.0} s, listening again {:.1} s later",
+                            killed.as_secs_f64(),
+                            back.as_secs_f64()
                         );
+                        done.push((killed, back));
                     }
                     Ok(Err(error)) => eprintln!("payments: restart failed: {error}"),
                     Err(error) => eprintln!("payments: restart failed: {error}"),
                 }
             }
+            done
         })
     };
     let workers: Vec<_> = (0..connections)
@@ -325,8 +334,12 @@ async fn drive(
         aborts.iter().for_each(|a| a.abort());
     }
     let ended = started.elapsed();
-    let _ = monkey.await;
-    Driven { drained, ended }
+    let crashes = monkey.await.unwrap_or_default();
+    Driven {
+        drained,
+        ended,
+        crashes,
+    }
 }
 
 /// `--soak`: the service as a child process under load for `--minutes`, crashed `--crashes`
@@ -506,6 +519,15 @@ fn print_soak(s: &Summary<'_>) {
             "service crashes (SIGKILL)",
             load(&tally.restarts).to_string(),
         ),
+        (
+            "SIGKILL at, then listening again after",
+            s.driven
+                .crashes
+                .iter()
+                .map(|(at, back)| format!("{:.0} s +{:.1} s", at.as_secs_f64(), back.as_secs_f64()))
+                .collect::<Vec<_>>()
+                .join(", "),
+        ),
         ("server peak RSS (VmHWM, any process)", mib(peak)),
         ("server final RSS", mib(last.map(|i| i.last.rss_kib))),
         (
@@ -573,7 +595,7 @@ fn print_soak(s: &Summary<'_>) {
 
 fn row_header() -> String {
     format!(
-        "{:>4} {:>7} {:>6} {:>8} {:>8} {:>6} {:>5} {:>4} {:>7} {:>7} {:>7} {:>5} {:>7} {:>8} {:>5}",
+        "{:>4} {:>7} {:>6} {:>8} {:>8} {:>6} {:>5} {:>4} {:>7} {:>7} {:>7} {:>5} {:>7} {:>7} {:>8} {:>5}",
         "min",
         "req/s",
         "ans/s",
@@ -587,6 +609,7 @@ fn row_header() -> String {
         "VmHWM",
         "fds",
         "max fds",
+        "threads",
         "data MiB",
         "load"
     )
@@ -595,7 +618,7 @@ fn row_header() -> String {
 fn row_table(row: &Row) -> String {
     let seconds = row.seconds.max(f64::MIN_POSITIVE);
     format!(
-        "{:>4} {:>7.0} {:>6.0} {:>8} {:>8} {:>6} {:>5} {:>4} {:>7} {:>7} {:>7} {:>5} {:>7} {:>8.1} {:>5}",
+        "{:>4} {:>7.0} {:>6.0} {:>8} {:>8} {:>6} {:>5} {:>4} {:>7} {:>7} {:>7} {:>5} {:>7} {:>7} {:>8.1} {:>5}",
         row.minute
             .map_or_else(|| "end".to_owned(), |m| m.to_string()),
         row.requests as f64 / seconds,
@@ -611,6 +634,8 @@ fn row_table(row: &Row) -> String {
         row.last
             .map_or_else(|| "-".to_owned(), |s| s.fds.to_string()),
         row.max_fds,
+        row.last
+            .map_or_else(|| "-".to_owned(), |s| s.threads.to_string()),
         row.data_bytes as f64 / (1024.0 * 1024.0),
         load_text(row.load_average),
     )
@@ -620,7 +645,7 @@ fn row_table(row: &Row) -> String {
 fn row_line(row: &Row) -> String {
     format!(
         "{} ({:.0} s): {:.0} requests/s, p50 {} ms, p99 {} ms, {} connection errors, \
-         {} crashes; service RSS {} MiB (VmHWM {}), {} fds; data {:.1} MiB; load {}",
+         {} crashes; service RSS {} MiB (VmHWM {}), {} fds, {} threads; data {:.1} MiB; load {}",
         row.minute
             .map_or_else(|| "drain".to_owned(), |m| format!("minute {m}")),
         row.seconds,
@@ -633,6 +658,8 @@ fn row_line(row: &Row) -> String {
         mib(row.last.map(|s| s.peak_rss_kib)),
         row.last
             .map_or_else(|| "-".to_owned(), |s| s.fds.to_string()),
+        row.last
+            .map_or_else(|| "-".to_owned(), |s| s.threads.to_string()),
         row.data_bytes as f64 / (1024.0 * 1024.0),
         load_text(row.load_average),
     )
