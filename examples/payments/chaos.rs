@@ -2,12 +2,15 @@
 //! mid-flight and retried, concurrent duplicate storms, keys reused with other parameters,
 //! invalid parameters — and counts every answer.
 
+use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
 
-use axum::http::StatusCode;
+use axum::http::{StatusCode, Uri};
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::Client;
@@ -15,7 +18,9 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::Value;
+use tokio::sync::Semaphore;
 
+use crate::latency::Histogram;
 use crate::rng::Rng;
 use crate::supervisor::{self, Supervisor};
 use crate::workload::{Kind, Payment};
@@ -51,6 +56,8 @@ pub struct Tally {
     pub gave_up: AtomicU64,
     /// Service crashes (SIGKILL) followed by a restart.
     pub restarts: AtomicU64,
+    /// TCP connections the client opened (a keep-alive client reuses them).
+    pub connections_opened: AtomicU64,
 }
 
 /// Counts one.
@@ -78,10 +85,41 @@ enum Attempt {
 
 /// The client: an HTTP connection pool to the service, its tally and its randomness.
 pub struct Chaos {
-    client: Client<HttpConnector, Full<Bytes>>,
+    client: Client<Counted, Full<Bytes>>,
     addr: SocketAddr,
-    tally: Tally,
+    tally: Arc<Tally>,
     rng: Rng,
+    /// At most this many requests in flight at once, and so connections in use, if set.
+    in_flight: Option<Semaphore>,
+    /// How long the answered requests took.
+    latencies: Histogram,
+}
+
+/// The HTTP connector, counting the connections it opens.
+#[derive(Clone)]
+pub struct Counted {
+    inner: HttpConnector,
+    tally: Arc<Tally>,
+}
+
+impl tower::Service<Uri> for Counted {
+    type Response = <HttpConnector as tower::Service<Uri>>::Response;
+    type Error = <HttpConnector as tower::Service<Uri>>::Error;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Self::Error>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, uri: Uri) -> Self::Future {
+        let connecting = self.inner.call(uri);
+        let tally = Arc::clone(&self.tally);
+        Box::pin(async move {
+            let stream = connecting.await?;
+            add(&tally.connections_opened);
+            Ok(stream)
+        })
+    }
 }
 
 /// Attempts per request before the client gives up (never reached in a healthy run).
@@ -90,14 +128,35 @@ const ATTEMPTS_MAX: usize = 400;
 impl Chaos {
     /// A client of the service at `addr`, keeping up to `concurrency` idle connections.
     pub fn new(addr: SocketAddr, concurrency: usize, rng: Rng) -> Chaos {
+        let tally = Arc::new(Tally::default());
+        let connector = Counted {
+            inner: HttpConnector::new(),
+            tally: Arc::clone(&tally),
+        };
         Chaos {
             client: Client::builder(TokioExecutor::new())
                 .pool_max_idle_per_host(concurrency)
-                .build_http(),
+                .build(connector),
             addr,
-            tally: Tally::default(),
+            tally,
             rng,
+            in_flight: None,
+            latencies: Histogram::new(),
         }
+    }
+
+    /// A client that keeps at most `connections` requests in flight, so at most `connections`
+    /// connections in use (kept alive and reused, up to `connections` idle ones).
+    pub fn limited(addr: SocketAddr, connections: usize, rng: Rng) -> Chaos {
+        Chaos {
+            in_flight: Some(Semaphore::new(connections)),
+            ..Chaos::new(addr, connections, rng)
+        }
+    }
+
+    /// How long the answered requests took, so far.
+    pub fn latencies(&self) -> &Histogram {
+        &self.latencies
     }
 
     /// What the client saw so far.
@@ -106,6 +165,11 @@ impl Chaos {
     }
 
     async fn send(&self, payment: &Payment, amount: u64, drop_after: Option<Duration>) -> Attempt {
+        // The semaphore is never closed: `acquire` cannot fail.
+        let _slot = match &self.in_flight {
+            Some(limit) => limit.acquire().await.ok(),
+            None => None,
+        };
         add(&self.tally.requests);
         let request = axum::http::Request::post(format!("http://{}/v1/charges", self.addr))
             .header("authorization", payment.authorization())
@@ -116,6 +180,7 @@ impl Chaos {
         let Ok(request) = request else {
             return Attempt::Failed;
         };
+        let started = Instant::now();
         let exchange = async {
             let response = self.client.request(request).await.ok()?;
             let (parts, body) = response.into_parts();
@@ -136,6 +201,7 @@ impl Chaos {
             add(&self.tally.connection_errors);
             return Attempt::Failed;
         };
+        self.latencies.record(started.elapsed());
         let replayed = parts
             .headers
             .get("idempotent-replayed")
@@ -207,7 +273,7 @@ impl Chaos {
     }
 
     /// Runs one logical payment; returns the charge id the client ended up with.
-    async fn run(self: &Arc<Self>, payment: Arc<Payment>) -> Option<String> {
+    pub async fn run(self: &Arc<Self>, payment: Arc<Payment>) -> Option<String> {
         match payment.kind {
             Kind::Flaky => self.settle(&payment, payment.amount, true).await,
             Kind::Invalid => {

@@ -71,7 +71,16 @@ const LEDGER_BATCH_MAX: usize = 512;
 impl Ledger {
     /// Opens (or creates) the ledger at `path` and starts its writer thread.
     pub fn open(path: &Path) -> Result<Ledger, BoxError> {
-        let db = Arc::new(Database::create(path)?);
+        Ledger::open_with_cache(path, None)
+    }
+
+    /// [`Ledger::open`] with a page cache of `cache_bytes` (`None`: redb's default).
+    pub fn open_with_cache(path: &Path, cache_bytes: Option<usize>) -> Result<Ledger, BoxError> {
+        let db = match cache_bytes {
+            Some(bytes) => Database::builder().set_cache_size(bytes).create(path)?,
+            None => Database::create(path)?,
+        };
+        let db = Arc::new(db);
         let tx = db.begin_write()?;
         tx.open_table(CHARGES)?;
         tx.open_table(BY_ACCOUNT)?;

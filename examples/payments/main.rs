@@ -4,6 +4,7 @@
 //! ```sh
 //! cargo run --release --example payments --features http
 //! cargo run --release --example payments --features http -- --serve --addr 127.0.0.1:4242 --data ./payments-data
+//! cargo run --release --example payments --features http -- --soak --minutes 10 --connections 256 --crashes 2
 //! ```
 //!
 //! With no arguments it starts the service as a child process on a temporary data directory and
@@ -11,6 +12,12 @@
 //! mid-flight and retried, concurrent duplicate storms, keys reused with other parameters,
 //! invalid parameters, and the service killed with SIGKILL and restarted on the same data
 //! mid-run. Then it audits the ledger and prints a summary; "duplicates executed" must be 0.
+//!
+//! `--soak` runs the same service and client for a wall time instead of a payment count: the
+//! chaos client's payments over `--connections` keep-alive connections for `--minutes`, the
+//! service killed and restarted `--crashes` times spread over the run, then the same audit, and
+//! per-minute tables of requests/s, latency p50/p99, and the service's resident memory and open
+//! file descriptors (read from `/proc`), to show that they stay flat.
 //!
 //! `--serve` keeps serving for real clients: point an official Stripe SDK at it with its API
 //! base URL (`http://127.0.0.1:4242`) and any `sk_test_...` key.
@@ -30,15 +37,19 @@
 //! (its request parameters and Stripe-shaped errors), [`ledger`] (the charges executed, and
 //! their audit), [`workload`] and [`chaos`] (the payments and the client that sends them),
 //! [`supervisor`] (the service as a child process, and the crashes), [`report`] (the summary),
-//! [`rng`] (ids and jitter).
+//! [`rng`] (ids and jitter), [`soak`] (the soak), [`latency`] and [`probe`] (its latency
+//! histogram and its look at the service's process).
 
 mod api;
 mod chaos;
 mod errors;
+mod latency;
 mod ledger;
 mod params;
+mod probe;
 mod report;
 mod rng;
+mod soak;
 mod supervisor;
 mod workload;
 
@@ -74,6 +85,8 @@ fn main() -> ExitCode {
     };
     let result = if args.serve {
         serve_main(&args)
+    } else if args.soak {
+        soak::soak_main(&args)
     } else {
         chaos_main(&args)
     };
@@ -89,18 +102,30 @@ fn main() -> ExitCode {
 const USAGE: &str = "usage:
   payments                                   chaos run on a temporary store, then a summary
   payments --payments N --concurrency N --crashes N --seed N
+  payments --soak [--minutes 10] [--connections 256] [--crashes 2] [--seed N] [--data DIR]
+                                             load for a wall time; memory, fds, latency
   payments --serve [--addr 127.0.0.1:4242] [--data DIR]   serve real clients
-                                             (default data directory: ./payments-data)";
+                                             (default data directory: ./payments-data)
+  --cache-mib N                              with --serve or --soak: cap each database's page
+                                             cache (the store's, the ledger's) at N MiB
+                                             (default: redb's, 1 GiB)";
 
 /// The command line.
 struct Args {
     serve: bool,
+    soak: bool,
     addr: SocketAddr,
     data: Option<PathBuf>,
     payments: usize,
     concurrency: usize,
     crashes: usize,
     seed: u64,
+    /// `--soak`: how long to load the service, in minutes.
+    minutes: f64,
+    /// `--soak`: connections (and requests in flight) at most.
+    connections: usize,
+    /// The service's page cache per database, in MiB (`None`: redb's default).
+    cache_mib: Option<usize>,
     /// Set by the chaos run on its child: shut down when stdin closes (the parent is done or
     /// gone).
     parent_pipe: bool,
@@ -110,18 +135,41 @@ impl Args {
     fn parse(mut args: impl Iterator<Item = String>) -> Result<Args, String> {
         let mut parsed = Args {
             serve: false,
+            soak: false,
             addr: SocketAddr::from(([127, 0, 0, 1], 4242)),
             data: None,
             payments: 2000,
             concurrency: 48,
             crashes: 2,
             seed: 42,
+            minutes: 10.0,
+            connections: 256,
+            cache_mib: None,
             parent_pipe: false,
         };
         while let Some(arg) = args.next() {
             let mut value = |name: &str| args.next().ok_or(format!("{name} needs a value"));
             match arg.as_str() {
                 "--serve" => parsed.serve = true,
+                "--soak" => parsed.soak = true,
+                "--minutes" => {
+                    let minutes: f64 = value("--minutes")?
+                        .parse()
+                        .map_err(|e| format!("--minutes: {e}"))?;
+                    if !(minutes > 0.0 && minutes <= soak::MINUTES_MAX) {
+                        return Err(format!(
+                            "--minutes must be more than 0 and at most {}",
+                            soak::MINUTES_MAX
+                        ));
+                    }
+                    parsed.minutes = minutes;
+                }
+                "--cache-mib" => {
+                    parsed.cache_mib = Some(number(&value("--cache-mib")?)?.clamp(1, 1 << 20));
+                }
+                "--connections" => {
+                    parsed.connections = number(&value("--connections")?)?.clamp(1, 65_536);
+                }
                 "--parent-pipe" => parsed.parent_pipe = true,
                 "--addr" => {
                     parsed.addr = value("--addr")?
@@ -155,9 +203,18 @@ fn serve_main(args: &Args) -> Result<ExitCode, BoxError> {
         .enable_all()
         .build()?;
     runtime.block_on(async {
-        let store = Store::open(data.join("idempotency.redb"))?;
+        let cache_bytes = args.cache_mib.map(|mib| mib << 20);
+        let store = match cache_bytes {
+            Some(bytes) => Store::builder()
+                .cache_size(bytes)
+                .open(data.join("idempotency.redb"))?,
+            None => Store::open(data.join("idempotency.redb"))?,
+        };
         let orphans = store.orphans(10_000)?.len();
-        let ledger = Arc::new(Ledger::open(&data.join("ledger.redb"))?);
+        let ledger = Arc::new(Ledger::open_with_cache(
+            &data.join("ledger.redb"),
+            cache_bytes,
+        )?);
         let listener = tokio::net::TcpListener::bind(args.addr).await?;
         // The supervisor reads this line for the address (the port may have been 0).
         println!(

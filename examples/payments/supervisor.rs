@@ -21,6 +21,8 @@ const SPAWN_ATTEMPTS_MAX: usize = 20;
 /// Owns the service's child process.
 pub struct Supervisor {
     data: PathBuf,
+    /// Arguments added to the service's command line.
+    server_args: Vec<String>,
     /// Where the service listens, the same across restarts.
     addr: SocketAddr,
     /// `None` once stopped.
@@ -30,9 +32,17 @@ pub struct Supervisor {
 impl Supervisor {
     /// Starts the service on `data` and a free loopback port. Blocking.
     pub fn start(data: PathBuf) -> Result<Supervisor, BoxError> {
-        let (child, addr) = spawn_server(&data, SocketAddr::from(([127, 0, 0, 1], 0)))?;
+        Supervisor::start_with(data, Vec::new())
+    }
+
+    /// [`Supervisor::start`], with `server_args` added to the service's command line (on every
+    /// restart too).
+    pub fn start_with(data: PathBuf, server_args: Vec<String>) -> Result<Supervisor, BoxError> {
+        let (child, addr) =
+            spawn_server(&data, SocketAddr::from(([127, 0, 0, 1], 0)), &server_args)?;
         Ok(Supervisor {
             data,
+            server_args,
             addr,
             child: Mutex::new(Some(child)),
         })
@@ -43,6 +53,12 @@ impl Supervisor {
         self.addr
     }
 
+    /// The process id of the service now running; `None` if it is stopped or being restarted
+    /// (never waits for a restart).
+    pub fn pid(&self) -> Option<u32> {
+        Some(self.child.try_lock().ok()?.as_ref()?.id())
+    }
+
     /// Kills the service with SIGKILL — no shutdown, no flush, requests cut mid-flight — and
     /// starts it again on the same data and port. Blocking.
     pub fn crash_and_restart(&self) -> Result<(), BoxError> {
@@ -51,7 +67,7 @@ impl Supervisor {
             old.kill()?;
             old.wait()?;
         }
-        *slot = Some(spawn_server(&self.data, self.addr)?.0);
+        *slot = Some(spawn_server(&self.data, self.addr, &self.server_args)?.0);
         Ok(())
     }
 
@@ -65,8 +81,13 @@ impl Supervisor {
     }
 }
 
-/// Starts `--serve --parent-pipe` on `addr` and reads the address it announces.
-fn spawn_server(data: &Path, addr: SocketAddr) -> Result<(Child, SocketAddr), BoxError> {
+/// Starts `--serve --parent-pipe` on `addr` (plus `extra` arguments) and reads the address it
+/// announces.
+fn spawn_server(
+    data: &Path,
+    addr: SocketAddr,
+    extra: &[String],
+) -> Result<(Child, SocketAddr), BoxError> {
     let log = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
@@ -77,6 +98,7 @@ fn spawn_server(data: &Path, addr: SocketAddr) -> Result<(Child, SocketAddr), Bo
             .args(["--serve", "--parent-pipe", "--addr", &addr.to_string()])
             .arg("--data")
             .arg(data)
+            .args(extra)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(log.try_clone()?)

@@ -87,35 +87,42 @@ impl Payment {
 /// Builds the workload: mostly flaky payments, some storms, reused keys and invalid requests;
 /// one payment in twelve shares its idempotency key with another tenant's payment.
 pub fn workload(count: usize, rng: &Rng) -> Vec<Arc<Payment>> {
-    let mut payments: Vec<Payment> = Vec::with_capacity(count);
+    let mut payments: Vec<Arc<Payment>> = Vec::with_capacity(count);
     for i in 0..count {
-        let kind = match rng.below(100) {
-            0..=64 => Kind::Flaky,
-            65..=79 => Kind::Storm,
-            80..=94 => Kind::Reuse,
-            _ => Kind::Invalid,
-        };
-        let tenant = rng.below(TENANTS.len() as u64) as usize;
-        let share = rng.chance(8);
-        let (key, shares_key) = match payments.last() {
-            // The key of the previous payment, by another tenant: scopes keep the two apart.
-            // (Only pairs: a third user of the key could be the first one's tenant.)
-            Some(previous) if share && previous.tenant != tenant && !previous.shares_key => {
-                (previous.key.clone(), true)
-            }
-            _ => (
-                format!("{}-{}-{}", rng.token(8), rng.token(4), rng.token(12)),
-                false,
-            ),
-        };
-        payments.push(Payment {
-            order_id: format!("ord_{i:05}"),
-            tenant,
-            key,
-            shares_key,
-            amount: 500 + rng.below(100_000),
-            kind,
-        });
+        let payment = next_payment(i, payments.last().map(|p| &**p), rng);
+        payments.push(Arc::new(payment));
     }
-    payments.into_iter().map(Arc::new).collect()
+    payments
+}
+
+/// The workload's payment number `i`, drawn from `rng`, after `previous` (whose key it may
+/// share): [`workload`] one payment at a time, for a run that lasts a time rather than a count.
+pub fn next_payment(i: usize, previous: Option<&Payment>, rng: &Rng) -> Payment {
+    let kind = match rng.below(100) {
+        0..=64 => Kind::Flaky,
+        65..=79 => Kind::Storm,
+        80..=94 => Kind::Reuse,
+        _ => Kind::Invalid,
+    };
+    let tenant = rng.below(TENANTS.len() as u64) as usize;
+    let share = rng.chance(8);
+    let (key, shares_key) = match previous {
+        // The key of the previous payment, by another tenant: scopes keep the two apart.
+        // (Only pairs: a third user of the key could be the first one's tenant.)
+        Some(previous) if share && previous.tenant != tenant && !previous.shares_key => {
+            (previous.key.clone(), true)
+        }
+        _ => (
+            format!("{}-{}-{}", rng.token(8), rng.token(4), rng.token(12)),
+            false,
+        ),
+    };
+    Payment {
+        order_id: format!("ord_{i:05}"),
+        tenant,
+        key,
+        shares_key,
+        amount: 500 + rng.below(100_000),
+        kind,
+    }
 }
