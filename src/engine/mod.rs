@@ -19,6 +19,7 @@ pub(crate) mod apply;
 pub(crate) mod builder;
 pub(crate) mod codec;
 pub(crate) mod durability;
+pub(crate) mod lifecycle;
 pub(crate) mod queue;
 pub(crate) mod read_pool;
 pub(crate) mod reads;

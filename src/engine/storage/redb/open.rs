@@ -87,9 +87,7 @@ pub(crate) fn file(path: &Path, options: &Options) -> Result<Database> {
             let view = Overlay::open(path).map_err(Error::from_io)?;
             // The configured cache size, not redb's default (1 GiB): memory a repair touched
             // here tends to stay with the process after the view is dropped.
-            let db = builder
-                .create_with_backend(view)
-                .map_err(Error::storage)?;
+            let db = builder.create_with_backend(view).map_err(Error::storage)?;
             let read = db.begin_read().map_err(Error::storage)?;
             tables::inspect(&read, path).map(|_| ())
         }
