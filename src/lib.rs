@@ -115,6 +115,7 @@ pub use engine::{
     ASYNC_READ_THREADS_MAX, BATCH_OPS_MAX, Durability, FORMAT_VERSION, QUEUE_BYTES_MAX,
     QUEUE_CAPACITY_MAX, Stats, Store, StoreBuilder,
 };
+pub use engine::{Damage, Entry, ImportReport, ReadOnlyStore, Summary, Verification};
 pub use error::{Error, Input, Result, Source};
 pub use limits::{
     CHECKPOINT_LEN_MAX, FINGERPRINT_LEN_MAX, KEY_LEN_MAX, Limits, OUTCOME_LEN_MAX,

@@ -14,7 +14,10 @@
 //! - [`waits`] wakes duplicates that wait for their original; [`sweeper`] removes expired
 //!   records in bounded batches through the queue; [`read_pool`] runs the reads of async calls
 //!   on threads of its own, never on an executor's.
+//!
+//! [`admin`] serves operators: a read-only view of a store file, its verification, and import.
 
+pub(crate) mod admin;
 pub(crate) mod apply;
 pub(crate) mod builder;
 pub(crate) mod codec;
@@ -31,6 +34,7 @@ pub(crate) mod telemetry;
 pub(crate) mod waits;
 pub(crate) mod writer;
 
+pub use admin::{Damage, Entry, ImportReport, ReadOnlyStore, Summary, Verification};
 pub use builder::{
     ASYNC_READ_THREADS_MAX, BATCH_OPS_MAX, QUEUE_BYTES_MAX, QUEUE_CAPACITY_MAX, StoreBuilder,
 };

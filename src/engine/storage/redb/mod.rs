@@ -11,6 +11,7 @@ mod batch;
 pub(crate) mod open;
 mod overlay;
 pub(crate) mod tables;
+pub(crate) mod view;
 
 use std::path::Path;
 use std::sync::Arc;

@@ -158,7 +158,7 @@ fn create_file(path: &Path) -> Result<()> {
     Ok(())
 }
 
-fn has_redb_magic(path: &Path) -> Result<bool> {
+pub(super) fn has_redb_magic(path: &Path) -> Result<bool> {
     use std::io::Read;
     const REDB_MAGIC: [u8; 9] = [b'r', b'e', b'd', b'b', 0x1A, 0x0A, 0xA9, 0x0D, 0x0A];
     let mut head = [0u8; 9];
