@@ -603,3 +603,32 @@ fn reading_commands_leave_the_file_byte_for_byte_as_it_was() -> TestResult {
     assert_eq!(std::fs::read_dir(dir.path())?.count(), 1, "no other file");
     Ok(())
 }
+
+#[test]
+fn a_binary_scope_is_printed_as_hex_and_taken_back_as_an_argument() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let path = dir.path().join("idem.redb");
+    // The HTTP layer's scopes are often digests, not text.
+    let scope = [0xca, 0x3e, 0x00, 0x0a];
+    let store = Store::open(&path)?;
+    let lease = acquired(store.claim(scope, "k1", "fp", &ClaimOptions::default())?);
+    store.complete(&lease, b"ok", DAY)?;
+    store.close()?;
+    let p = path.to_str().ok_or("path")?;
+
+    let listed = stdout(&run(&["list", p])?);
+    assert!(listed.contains("hex:ca3e000a"), "{listed}");
+    for arg in ["hex:ca3e000a", "b64:yj4ACg=="] {
+        let shown = run(&["get", p, arg, "k1"])?;
+        assert_eq!(code(&shown), Some(0), "{arg}: {}", stderr(&shown));
+        assert!(stdout(&shown).contains("scope        hex:ca3e000a"));
+    }
+    assert_eq!(
+        code(&run(&["get", p, "hex:zz", "k1"])?),
+        Some(2),
+        "a usage error"
+    );
+    assert_eq!(code(&run(&["forget", p, "hex:ca3e000a", "k1"])?), Some(0));
+    assert_eq!(code(&run(&["get", p, "hex:ca3e000a", "k1"])?), Some(6));
+    Ok(())
+}

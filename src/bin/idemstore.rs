@@ -48,6 +48,8 @@ Exit status: 0 success; 1 error; 2 usage error; 3 damage found (verify, or a dam
 met by get/list/export); 4 the store is open in another process; 5 no store at PATH (missing,
 or not an idemstore file: left untouched); 6 get found no live record.
 
+SCOPE and KEY are taken as text; give bytes as hex:<hex digits> or b64:<base64>. Text output
+prints a scope or key that is not printable text as hex:..., which these arguments take back.
 Byte strings in JSON (scope, key, fingerprint, outcome, checkpoint) are standard base64.";
 
 #[derive(Parser, Debug)]
@@ -67,15 +69,17 @@ enum Command {
     /// The live record of SCOPE and KEY (exit 6 if there is none).
     Get {
         path: PathBuf,
-        scope: String,
-        key: String,
+        #[arg(value_parser = show::parse_ident)]
+        scope: Ident,
+        #[arg(value_parser = show::parse_ident)]
+        key: Ident,
     },
     /// Live records in key order, optionally of one scope or state.
     List {
         path: PathBuf,
         /// Only records of this scope.
-        #[arg(long)]
-        scope: Option<String>,
+        #[arg(long, value_parser = show::parse_ident)]
+        scope: Option<Ident>,
         /// Only records in this state.
         #[arg(long, value_enum)]
         state: Option<StateFilter>,
@@ -95,8 +99,10 @@ enum Command {
     /// Remove the record of SCOPE and KEY, so that the key runs again (writes).
     Forget {
         path: PathBuf,
-        scope: String,
-        key: String,
+        #[arg(value_parser = show::parse_ident)]
+        scope: Ident,
+        #[arg(value_parser = show::parse_ident)]
+        key: Ident,
     },
     /// Every live record as JSON Lines on stdout (damaged records are reported on stderr).
     Export { path: PathBuf },
@@ -110,6 +116,9 @@ enum Command {
     /// damage).
     Verify { path: PathBuf },
 }
+
+/// A scope or key given on the command line (see `AFTER_HELP`).
+type Ident = Vec<u8>;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 enum StateFilter {
@@ -305,26 +314,23 @@ fn stats(out: &mut impl Write, path: &Path, as_json: bool) -> Outcome {
     Ok(status::OK)
 }
 
-fn get(out: &mut impl Write, path: &Path, scope: &str, key: &str, as_json: bool) -> Outcome {
+fn get(out: &mut impl Write, path: &Path, scope: &[u8], key: &[u8], as_json: bool) -> Outcome {
     let store = open(path)?;
     let Some(record) = store.get(scope, key).map_err(|e| failure(path, e))? else {
         return Err(Failure {
             status: status::NOT_FOUND,
             message: format!(
-                "no live record under scope {:?}, key {:?} in {}",
-                scope,
-                key,
+                "no live record under scope {}, key {} in {}",
+                show::ident(scope),
+                show::ident(key),
                 path.display()
             ),
         });
     };
     if as_json {
-        write_line(
-            out,
-            &record_line(scope.as_bytes(), key.as_bytes(), &record)?,
-        )?;
+        write_line(out, &record_line(scope, key, &record)?)?;
     } else {
-        let text = show::record(scope.as_bytes(), key.as_bytes(), &record);
+        let text = show::record(scope, key, &record);
         out.write_all(text.as_bytes()).map_err(|e| io_failure(&e))?;
     }
     Ok(status::OK)
@@ -333,7 +339,7 @@ fn get(out: &mut impl Write, path: &Path, scope: &str, key: &str, as_json: bool)
 fn list(
     out: &mut impl Write,
     path: &Path,
-    scope: Option<&str>,
+    scope: Option<&[u8]>,
     state: Option<StateFilter>,
     limit: Option<usize>,
     as_json: bool,
@@ -352,7 +358,7 @@ fn list(
             .map_err(|e| io_failure(&e))?;
     }
     store
-        .scan(scope.map(str::as_bytes), |entry| {
+        .scan(scope, |entry| {
             if shown >= limit {
                 return false;
             }
@@ -377,8 +383,8 @@ fn list(
                             "-",
                             "-",
                             "-",
-                            show::text(&entry.scope),
-                            show::text(&entry.key)
+                            show::ident(&entry.scope),
+                            show::ident(&entry.key)
                         );
                         out.write_all(row.as_bytes()).map_err(|e| io_failure(&e))
                     }
@@ -393,8 +399,8 @@ fn list(
                         record.attempt,
                         show::time(record.updated_at_ms),
                         show::time(record.expires_at_ms),
-                        show::text(&entry.scope),
-                        show::text(&entry.key)
+                        show::ident(&entry.scope),
+                        show::ident(&entry.key)
                     );
                     out.write_all(row.as_bytes()).map_err(|e| io_failure(&e))
                 }
@@ -454,8 +460,8 @@ fn orphans(out: &mut impl Write, path: &Path, limit: Option<usize>, as_json: boo
             orphan.record.attempt,
             show::time(*lease_until_ms),
             checkpoint,
-            show::text(&orphan.scope),
-            show::text(&orphan.key)
+            show::ident(&orphan.scope),
+            show::ident(&orphan.key)
         ));
     }
     text.push_str(&format!(
@@ -492,17 +498,18 @@ fn sweep(out: &mut impl Write, path: &Path, as_json: bool) -> Outcome {
     Ok(status::OK)
 }
 
-fn forget(out: &mut impl Write, path: &Path, scope: &str, key: &str, as_json: bool) -> Outcome {
+fn forget(out: &mut impl Write, path: &Path, scope: &[u8], key: &[u8], as_json: bool) -> Outcome {
     let store = open_for_writing(path)?;
     let forgotten = store.forget(scope, key).map_err(|e| failure(path, e))?;
     store.close().map_err(|e| failure(path, e))?;
     if as_json {
         write_line(out, &json!({ "forgotten": forgotten }))?;
     } else {
+        let (scope, key) = (show::ident(scope), show::ident(key));
         let text = if forgotten {
-            format!("forgot scope {scope:?}, key {key:?}: the next claim of it runs the request\n")
+            format!("forgot scope {scope}, key {key}: the next claim of it runs the request\n")
         } else {
-            format!("no live record under scope {scope:?}, key {key:?}: nothing to forget\n")
+            format!("no live record under scope {scope}, key {key}: nothing to forget\n")
         };
         out.write_all(text.as_bytes()).map_err(|e| io_failure(&e))?;
     }

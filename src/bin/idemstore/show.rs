@@ -30,6 +30,53 @@ pub fn time(ms: u64) -> String {
     )
 }
 
+/// A scope or key as the tool's arguments take it back: as is if it is printable UTF-8 text
+/// (and does not itself start with a `hex:` or `b64:` prefix), `hex:` and its bytes in hex
+/// otherwise.
+pub fn ident(bytes: &[u8]) -> String {
+    match std::str::from_utf8(bytes) {
+        Ok(text)
+            if !text.chars().any(char::is_control)
+                && !text.starts_with("hex:")
+                && !text.starts_with("b64:") =>
+        {
+            text.to_owned()
+        }
+        _ => {
+            let mut out = String::from("hex:");
+            for b in bytes {
+                let _ = write!(out, "{b:02x}");
+            }
+            out
+        }
+    }
+}
+
+/// The bytes a scope or key argument names: `hex:` followed by hex digits, `b64:` followed by
+/// standard base64, or else the argument's own UTF-8 bytes.
+pub fn parse_ident(arg: &str) -> Result<Vec<u8>, String> {
+    use base64::Engine;
+    if let Some(hex) = arg.strip_prefix("hex:") {
+        if hex.len() % 2 != 0 {
+            return Err("hex: needs an even number of hex digits".into());
+        }
+        return (0..hex.len())
+            .step_by(2)
+            .map(|i| {
+                hex.get(i..i + 2)
+                    .and_then(|pair| u8::from_str_radix(pair, 16).ok())
+                    .ok_or_else(|| format!("hex: {hex:?} is not hex"))
+            })
+            .collect();
+    }
+    if let Some(b64) = arg.strip_prefix("b64:") {
+        return base64::engine::general_purpose::STANDARD
+            .decode(b64)
+            .map_err(|e| format!("b64: {e}"));
+    }
+    Ok(arg.as_bytes().to_vec())
+}
+
 /// A byte string as escaped text, cut after [`SHOWN_BYTES_MAX`] bytes.
 pub fn text(bytes: &[u8]) -> String {
     let shown = bytes.get(..SHOWN_BYTES_MAX).unwrap_or(bytes);
@@ -81,8 +128,8 @@ pub fn state_name(state: &RecordState) -> &'static str {
 /// Every field of a record, one per line.
 pub fn record(scope: &[u8], key: &[u8], r: &Record) -> String {
     let mut rows = vec![
-        ("scope", text(scope)),
-        ("key", text(key)),
+        ("scope", ident(scope)),
+        ("key", ident(key)),
         ("state", state_name(&r.state).to_owned()),
         ("attempt", r.attempt.to_string()),
         ("fingerprint", hex(&r.fingerprint)),
@@ -141,5 +188,21 @@ mod tests {
         assert!(text(&[b'x'; 200]).ends_with("… (200 bytes)"));
         assert_eq!(hex(&[0, 255]), "00ff");
         assert_eq!(size(1536), "1.5 KiB");
+    }
+
+    #[test]
+    fn identities_print_as_arguments_take_them_back() {
+        for bytes in [
+            &b"tenant-1"[..],
+            b"\xca>\x00",
+            b"hex:ab",
+            b"",
+            "clé".as_bytes(),
+        ] {
+            assert_eq!(parse_ident(&ident(bytes)), Ok(bytes.to_vec()), "{bytes:?}");
+        }
+        assert_eq!(ident(&[0xca, 0x3e]), "hex:ca3e");
+        assert_eq!(parse_ident("b64:yj4="), Ok(vec![0xca, 0x3e]));
+        assert!(parse_ident("hex:zz").is_err());
     }
 }
