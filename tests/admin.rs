@@ -234,3 +234,23 @@ fn an_import_whose_input_fails_adds_nothing() -> TestResult {
     assert_eq!(ReadOnlyStore::open(&to)?.summary()?.records, 0);
     Ok(())
 }
+
+#[test]
+fn import_takes_records_up_to_the_hard_caps_not_the_defaults() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let path = dir.path().join("to.redb");
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)?
+        .as_millis() as u64;
+    // Over the default outcome limit (1 MiB), as a store configured for larger outcomes keeps.
+    let outcome = vec![7u8; 2 * 1024 * 1024];
+    let state = RecordState::Completed {
+        outcome: outcome.clone(),
+    };
+    let record = Record::from_parts(b"fp".to_vec(), now_ms, now_ms, now_ms + 60_000, 1, state);
+    let input = [Ok::<_, Error>((b"s".to_vec(), b"k".to_vec(), record))];
+    assert_eq!(Store::import(&path, input)??.added, 1);
+    let stored = ReadOnlyStore::open(&path)?.get("s", "k")?.map(|r| r.state);
+    assert_eq!(stored, Some(RecordState::Completed { outcome }));
+    Ok(())
+}

@@ -10,7 +10,7 @@ use crate::engine::storage::redb::{RedbStorage, open};
 use crate::engine::storage::{Batch, Storage};
 use crate::engine::store::Store;
 use crate::error::{Error, Result};
-use crate::limits::Limits;
+use crate::limits::{CHECKPOINT_LEN_MAX, Limits, OUTCOME_LEN_MAX};
 
 /// What [`Store::import`] did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -115,7 +115,8 @@ impl Store {
     ///
     /// # Errors
     /// As [`StoreBuilder::open`](crate::StoreBuilder::open) for the file; a record over the
-    /// default [`Limits`] (nothing added); storage errors. The error of `records` itself is
+    /// hard caps ([`KEY_LEN_MAX`](crate::KEY_LEN_MAX), [`OUTCOME_LEN_MAX`](crate::OUTCOME_LEN_MAX)
+    /// and the others; nothing added); storage errors. The error of `records` itself is
     /// the inner `Err`.
     pub fn import<E>(
         path: impl AsRef<Path>,
@@ -130,7 +131,10 @@ impl Store {
         let db = open::file(path, &options)?;
         let (storage, adopted) = RedbStorage::adopt(db, path, &options)?;
         let mut importer = Importer {
-            limits: Limits::default(),
+            // What some store may have accepted: the hard caps, not this build's defaults.
+            limits: Limits::default()
+                .max_outcome_len(OUTCOME_LEN_MAX)
+                .max_checkpoint_len(CHECKPOINT_LEN_MAX),
             now_ms: SystemClock.now_ms(),
             next_token: adopted.next_token,
             scopes: BTreeMap::new(),
