@@ -205,6 +205,22 @@ impl ReadOnlyStore {
 
     /// The live record of `(scope, key)`, or `None` if there is none or it has expired.
     ///
+    /// ```
+    /// use idemstore::{ClaimOptions, ReadOnlyStore, RecordState, Store};
+    ///
+    /// let dir = tempfile::tempdir()?;
+    /// let path = dir.path().join("idem.redb");
+    /// let store = Store::open(&path)?;
+    /// store.claim("s", "k", b"fp", &ClaimOptions::default())?;
+    /// store.close()?;
+    ///
+    /// let file = ReadOnlyStore::open(&path)?;
+    /// let record = file.get("s", "k")?.expect("claimed above");
+    /// assert!(matches!(record.state, RecordState::InFlight { .. }));
+    /// assert_eq!(file.get("s", "other")?, None);
+    /// # Ok::<(), idemstore::Error>(())
+    /// ```
+    ///
     /// # Errors
     /// Bad scope or key sizes (as [`Store::get`](crate::Store::get)); [`Error::Corrupt`] if
     /// the stored bytes fail their checks; storage errors.
@@ -287,6 +303,25 @@ impl ReadOnlyStore {
     /// lost its owner (the next open takes it over at the first claim with its fingerprint).
     /// As [`Store::orphans`](crate::Store::orphans), records that fail their checks are
     /// skipped.
+    ///
+    /// ```
+    /// use idemstore::{ClaimOptions, ReadOnlyStore, Store};
+    ///
+    /// let dir = tempfile::tempdir()?;
+    /// let path = dir.path().join("idem.redb");
+    /// let store = Store::open(&path)?;
+    /// let lease = match store.claim("s", "k", b"fp", &ClaimOptions::default())? {
+    ///     idemstore::Claim::Acquired(lease) => lease,
+    ///     other => panic!("a first claim acquires, got {other:?}"),
+    /// };
+    /// store.checkpoint(&lease, b"charged, not yet recorded")?;
+    /// store.close()?; // the process "dies" before `complete`
+    ///
+    /// let orphans = ReadOnlyStore::open(&path)?.orphans(100)?;
+    /// assert_eq!(orphans.len(), 1);
+    /// assert_eq!(orphans[0].key, b"k");
+    /// # Ok::<(), idemstore::Error>(())
+    /// ```
     ///
     /// # Errors
     /// Storage errors.
