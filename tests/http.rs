@@ -27,8 +27,8 @@ use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use idemstore::http::{
-    ConfigError, HeaderScope, IdempotencyLayer, IdempotentRequest, Metrics, RequestBody,
-    StoreDecision,
+    ConfigError, HeaderScope, IdempotencyLayer, IdempotentRequest, Metrics, Problem, ProblemType,
+    RequestBody, StoreDecision,
 };
 use idemstore::{Claim, ClaimOptions, IdempotencyBackend, Lease, Limits, ManualClock, Store};
 use tokio::net::TcpListener;
@@ -1722,5 +1722,242 @@ async fn metrics_count_each_decision() {
         (1, 1, 1, 1, 1, 1)
     );
     assert_eq!((m.in_flight, m.released, m.store_errors), (0, 0, 0));
+    server.stop().await;
+}
+
+// ----- error rendering -----
+
+/// The response headers of a layer's own answer, without the ones the server adds (`Date`,
+/// `Content-Length`), in order.
+fn own_headers(reply: &Reply) -> Vec<(String, String)> {
+    reply
+        .headers
+        .iter()
+        .filter(|(name, _)| *name != "date" && *name != "content-length")
+        .map(|(name, value)| {
+            let value = value.to_str().expect("an ASCII header value").to_owned();
+            (name.as_str().to_owned(), value)
+        })
+        .collect()
+}
+
+/// The default rendering, pinned byte for byte: a reused key (422), a duplicate of a running
+/// request (409 with `Retry-After`), and a key the layer refuses (400 with `max_length`).
+#[tokio::test]
+async fn the_default_rendering_is_problem_json_byte_for_byte() {
+    let (runs, started, release) = (
+        Counter::default(),
+        Arc::new(Notify::new()),
+        Arc::new(Notify::new()),
+    );
+    let app = gated_route(&runs, &started, &release)
+        .merge(charge_route(&runs))
+        .layer(IdempotencyLayer::new(memory_store()));
+    let server = serve(app).await;
+    let (addr, client) = (server.addr, client());
+
+    post_with_key("/charges", "reused")
+        .body("amount=500")
+        .send(&client, addr)
+        .await;
+    let reused = post_with_key("/charges", "reused")
+        .body("amount=501")
+        .send(&client, addr)
+        .await;
+    assert_eq!(reused.status, StatusCode::UNPROCESSABLE_ENTITY);
+    assert_eq!(
+        own_headers(&reused),
+        [(
+            "content-type".to_owned(),
+            "application/problem+json".to_owned()
+        )]
+    );
+    assert_eq!(
+        reused.body,
+        "{\"type\":\"urn:idemstore:problem:key-reused\",\"title\":\"Idempotency key reused for \
+         another request\",\"status\":422,\"detail\":\"this idempotency key was already used for \
+         a request with another method, path, query, body or fingerprinted header; use a new \
+         key for a new request\"}"
+    );
+
+    let original = tokio::spawn({
+        let client = client.clone();
+        async move { post_with_key("/slow", "running").send(&client, addr).await }
+    });
+    within("the original to start", started.notified()).await;
+    let in_flight = post_with_key("/slow", "running").send(&client, addr).await;
+    assert_eq!(in_flight.status, StatusCode::CONFLICT);
+    assert_eq!(
+        own_headers(&in_flight),
+        [
+            (
+                "content-type".to_owned(),
+                "application/problem+json".to_owned()
+            ),
+            ("retry-after".to_owned(), "1".to_owned()),
+        ]
+    );
+    assert_eq!(
+        in_flight.body,
+        "{\"type\":\"urn:idemstore:problem:in-flight\",\"title\":\"Original request still in \
+         progress\",\"status\":409,\"detail\":\"a request with this idempotency key is still \
+         being processed; retry later\",\"retry_after\":1}"
+    );
+    release.notify_one();
+    original.await.expect("the original completes");
+
+    let invalid = post_with_key("/charges", "has space")
+        .send(&client, addr)
+        .await;
+    assert_eq!(invalid.status, StatusCode::BAD_REQUEST);
+    let body = std::str::from_utf8(&invalid.body).expect("a UTF-8 body");
+    assert!(
+        body.starts_with("{\"type\":\"urn:idemstore:problem:invalid-key\",\"title\":")
+            && body.ends_with(",\"max_length\":255}"),
+        "{body}"
+    );
+    server.stop().await;
+}
+
+/// A renderer that answers every problem with its own JSON shape, a status of its choice for a
+/// reused key, and a `Retry-After` of its own, which the layer replaces.
+fn plain_json(problem: &Problem) -> http::Response<Bytes> {
+    let status = match problem.kind() {
+        ProblemType::KeyReused => StatusCode::BAD_REQUEST,
+        _ => problem.status(),
+    };
+    let body = serde_json::json!({
+        "error": {
+            "kind": format!("{:?}", problem.kind()),
+            "status": problem.status().as_u16(),
+            "title": problem.title(),
+            "detail": problem.detail(),
+            "key": problem.key(),
+            "retry_after": problem.retry_after(),
+            "members": problem.members(),
+        }
+    });
+    http::Response::builder()
+        .status(status)
+        .header("content-type", "application/json")
+        .header("retry-after", "99")
+        .header("x-rendered", "yes")
+        .body(Bytes::from(body.to_string()))
+        .expect("a valid response")
+}
+
+#[tokio::test]
+async fn a_renderer_shapes_every_answer_of_the_layer_and_the_layer_keeps_retry_after() {
+    let (runs, started, release) = (
+        Counter::default(),
+        Arc::new(Notify::new()),
+        Arc::new(Notify::new()),
+    );
+    let layer = IdempotencyLayer::new(memory_store())
+        .require_key(true)
+        .request_body_limit(16)
+        .render_errors(plain_json);
+    let app = gated_route(&runs, &started, &release)
+        .merge(charge_route(&runs))
+        .layer(layer);
+    let server = serve(app).await;
+    let (addr, client) = (server.addr, client());
+    let error = |reply: &Reply| {
+        assert_eq!(reply.headers["content-type"], "application/json");
+        assert_eq!(reply.headers["x-rendered"], "yes");
+        reply.json()["error"].clone()
+    };
+
+    // A key reused with another body: the renderer's status (400) and the key it quotes.
+    let first = post_with_key("/charges", "k-1")
+        .body("amount=500")
+        .send(&client, addr)
+        .await;
+    assert_eq!(first.status, StatusCode::CREATED);
+    let reused = post_with_key("/charges", "k-1")
+        .body("amount=501")
+        .send(&client, addr)
+        .await;
+    assert_eq!(reused.status, StatusCode::BAD_REQUEST);
+    let reused = error(&reused);
+    assert_eq!(reused["kind"], "KeyReused");
+    assert_eq!(reused["status"], 422);
+    assert_eq!(
+        reused["title"],
+        "Idempotency key reused for another request"
+    );
+    assert_eq!(reused["key"], "k-1");
+    assert!(reused["retry_after"].is_null());
+    assert!(
+        reused["detail"]
+            .as_str()
+            .is_some_and(|d| d.contains("use a new key"))
+    );
+
+    // In flight: the renderer's `Retry-After: 99` is replaced by the layer's.
+    let original = tokio::spawn({
+        let client = client.clone();
+        async move { post_with_key("/slow", "k-2").send(&client, addr).await }
+    });
+    within("the original to start", started.notified()).await;
+    let in_flight = post_with_key("/slow", "k-2").send(&client, addr).await;
+    assert_eq!(in_flight.status, StatusCode::CONFLICT);
+    assert_eq!(in_flight.headers.get_all("retry-after").iter().count(), 1);
+    assert_eq!(in_flight.headers["retry-after"], "1");
+    let in_flight = error(&in_flight);
+    assert_eq!(in_flight["kind"], "InFlight");
+    assert_eq!(
+        (in_flight["key"].as_str(), in_flight["retry_after"].as_u64()),
+        (Some("k-2"), Some(1))
+    );
+    assert_eq!(in_flight["members"]["retry_after"], 1);
+    release.notify_one();
+    let original = original.await.expect("the original completes");
+    assert_eq!(original.status, StatusCode::CREATED);
+
+    // Answers decided before the claim: no key, an invalid key, a body over the limit.
+    let missing = call(Method::POST, "/charges").send(&client, addr).await;
+    assert_eq!(missing.status, StatusCode::BAD_REQUEST);
+    assert_eq!(
+        missing.headers["retry-after"], "99",
+        "where the layer has no Retry-After to set, the renderer's headers are left alone"
+    );
+    let missing = error(&missing);
+    assert_eq!(
+        (missing["kind"].as_str(), missing["key"].is_null()),
+        (Some("MissingKey"), true)
+    );
+    let invalid = error(
+        &post_with_key("/charges", "has space")
+            .send(&client, addr)
+            .await,
+    );
+    assert_eq!(invalid["kind"], "InvalidKey");
+    assert!(
+        invalid["key"].is_null(),
+        "an invalid key is not quoted back"
+    );
+    assert_eq!(invalid["members"]["max_length"], 255);
+    let large = post_with_key("/charges", "k-3")
+        .body("amount=500&currency=usd")
+        .send(&client, addr)
+        .await;
+    assert_eq!(large.status, StatusCode::PAYLOAD_TOO_LARGE);
+    let large = error(&large);
+    assert_eq!(
+        (large["kind"].as_str(), large["key"].as_str()),
+        (Some("BodyTooLarge"), Some("k-3"))
+    );
+    assert_eq!(large["members"]["limit"], 16);
+
+    // The handler's own responses, first and replayed, are never rendered.
+    let replay = post_with_key("/charges", "k-1")
+        .body("amount=500")
+        .send(&client, addr)
+        .await;
+    assert!(replay.replayed());
+    assert_eq!(replay.body, first.body);
+    assert!(replay.headers.get("x-rendered").is_none());
+    assert_eq!(runs.get(), 2);
     server.stop().await;
 }

@@ -1,7 +1,8 @@
 //! The Stripe-compatible HTTP API: axum routes behind authentication and the idempotency layer.
 //!
 //! `POST /v1/charges` charges (the side effect, written to the [`Ledger`]), `GET /v1/charges`
-//! lists and `GET /v1/charges/{id}` retrieves. The API key is the idempotency scope.
+//! lists and `GET /v1/charges/{id}` retrieves. The API key is the idempotency scope. Every
+//! error, the idempotency layer's included, is one of Stripe's error objects.
 
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -21,7 +22,7 @@ use idemstore::http::{IdempotencyLayer, IdempotentRequest};
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 
-use crate::errors::{api_error, invalid_param, stripe_error, unknown_param};
+use crate::errors::{api_error, invalid_param, render_problem, stripe_error, unknown_param};
 use crate::ledger::Ledger;
 use crate::params::ChargeParams;
 use crate::rng::Rng;
@@ -61,10 +62,13 @@ pub fn app(store: Store, ledger: Arc<Ledger>) -> Router {
         ledger,
         rng: Arc::new(Rng::from_time()),
     };
-    let idempotency = IdempotencyLayer::new(store).scope(|request: &axum::http::request::Parts| {
-        let principal = request.extensions.get::<Principal>()?;
-        Some(principal.scope.to_vec())
-    });
+    let idempotency = IdempotencyLayer::new(store)
+        .scope(|request: &axum::http::request::Parts| {
+            let principal = request.extensions.get::<Principal>()?;
+            Some(principal.scope.to_vec())
+        })
+        // The layer's own answers (409 in flight, a reused key, ...) as Stripe's error objects.
+        .render_errors(render_problem);
     Router::new()
         .route("/v1/charges", post(create_charge).get(list_charges))
         .route("/v1/charges/{id}", get(retrieve_charge))

@@ -40,7 +40,7 @@ pub struct Tally {
     pub replays: AtomicU64,
     /// 409: the original request was still in flight.
     pub conflicts: AtomicU64,
-    /// 422: a key reused with other parameters.
+    /// 400 `idempotency_error`: a key reused with other parameters.
     pub mismatches: AtomicU64,
     /// 400 to an invalid payment.
     pub invalid: AtomicU64,
@@ -301,13 +301,15 @@ impl Chaos {
             }
             Kind::Reuse => {
                 let id = self.settle(&payment, payment.amount, false).await;
-                // Same key, other parameters: a client bug the layer refuses with 422.
+                // Same key, other parameters: a client bug the layer refuses, as Stripe does, with
+                // a 400 `idempotency_error`.
                 for _ in 0..ATTEMPTS_MAX {
                     match self.send(&payment, payment.amount + 1, None).await {
                         Attempt::Answered {
-                            status: StatusCode::UNPROCESSABLE_ENTITY,
+                            status: StatusCode::BAD_REQUEST,
+                            body,
                             ..
-                        } => {
+                        } if error_type(&body) == Some("idempotency_error".to_owned()) => {
                             add(&self.tally.mismatches);
                             break;
                         }
@@ -412,4 +414,10 @@ async fn follow(chaos: Arc<Chaos>, bar: ProgressBar, done: Arc<AtomicBool>) {
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+}
+
+/// The `type` of a Stripe error object.
+fn error_type(body: &[u8]) -> Option<String> {
+    let error: Value = serde_json::from_slice(body).ok()?;
+    Some(error["error"]["type"].as_str()?.to_owned())
 }

@@ -90,7 +90,7 @@ pub fn print(report: &Report<'_>) -> bool {
         ),
         ("409 original in flight", load(&t.conflicts).to_string()),
         (
-            "422 key reused with other params",
+            "400 key reused with other params",
             load(&t.mismatches).to_string(),
         ),
         (

@@ -22,7 +22,8 @@ pub enum Kind {
     Flaky,
     /// Eight concurrent copies of the same request.
     Storm,
-    /// Completed, then the key is reused with another amount (422), then retried as it was.
+    /// Completed, then the key is reused with another amount (400 `idempotency_error`), then
+    /// retried as it was.
     Reuse,
     /// Invalid parameters: a Stripe 400 error, stored and replayed; no charge.
     Invalid,

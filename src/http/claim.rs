@@ -12,7 +12,7 @@ use super::body::ResponseBody;
 use super::fingerprint::FINGERPRINT_LEN;
 use super::lease::ReleaseGuard;
 use super::metrics::{Counter, Metrics};
-use super::problem::{Problem, ProblemType, problem_response, reject};
+use super::problem::{Problem, ProblemType, RenderProblem, problem_response, reject};
 use crate::{Claim, ClaimOptions, Error, IdempotencyBackend, Input, Lease};
 
 /// A claim's answer, with an acquired lease already in the guard that releases it.
@@ -59,6 +59,8 @@ pub(crate) async fn claim_detached<B: IdempotencyBackend>(
 /// 409: the original is still in flight; retry after the time left on its lease, capped.
 pub(crate) fn in_flight<ResBody: Body>(
     metrics: &Metrics,
+    renderer: &dyn RenderProblem,
+    key: &str,
     retry_after: Duration,
     retry_after_max: Duration,
 ) -> Response<ResponseBody<ResBody>> {
@@ -66,23 +68,33 @@ pub(crate) fn in_flight<ResBody: Body>(
     let retry_after_s = retry_after_seconds(retry_after, retry_after_max);
     tracing::debug!(retry_after_s, "conflict: the original is in flight");
     problem_response(
-        Problem::new(
+        renderer,
+        &Problem::new(
             ProblemType::InFlight,
             "a request with this idempotency key is still being processed; retry later",
         )
-        .retry_after(retry_after_s),
+        .with_retry_after(retry_after_s)
+        .with_key(key),
     )
 }
 
 /// 422: the key was used for another request.
-pub(crate) fn mismatch<ResBody: Body>(metrics: &Metrics) -> Response<ResponseBody<ResBody>> {
+pub(crate) fn mismatch<ResBody: Body>(
+    metrics: &Metrics,
+    renderer: &dyn RenderProblem,
+    key: &str,
+) -> Response<ResponseBody<ResBody>> {
     metrics.inc(Counter::Mismatched);
     tracing::info!("mismatch: the key was used for another request");
-    problem_response(Problem::new(
-        ProblemType::KeyReused,
-        "this idempotency key was already used for a request with another method, path, \
-         query, body or fingerprinted header; use a new key for a new request",
-    ))
+    problem_response(
+        renderer,
+        &Problem::new(
+            ProblemType::KeyReused,
+            "this idempotency key was already used for a request with another method, path, \
+             query, body or fingerprinted header; use a new key for a new request",
+        )
+        .with_key(key),
+    )
 }
 
 /// The answer to a claim the store refused. What the client sent (a key or scope over the
@@ -92,72 +104,61 @@ pub(crate) fn mismatch<ResBody: Body>(metrics: &Metrics) -> Response<ResponseBod
 /// [`FINGERPRINT_LEN`] bytes), so only a store configured below that refuses it.
 pub(crate) fn refused<ResBody: Body>(
     metrics: &Metrics,
+    renderer: &dyn RenderProblem,
+    key: &str,
     error: &Error,
 ) -> Response<ResponseBody<ResBody>> {
-    match *error {
-        Error::QuotaExceeded { limit } => reject(
-            metrics,
-            Problem::new(
-                ProblemType::QuotaExceeded,
-                format!("the scope already holds its maximum of {limit} idempotency records"),
-            )
-            .member("limit", limit),
-        ),
+    let problem = match *error {
+        Error::QuotaExceeded { limit } => Problem::new(
+            ProblemType::QuotaExceeded,
+            format!("the scope already holds its maximum of {limit} idempotency records"),
+        )
+        .with_member("limit", limit),
         Error::TooLarge {
             what: Input::Key,
             limit,
             ..
-        } => reject(
-            metrics,
-            Problem::new(
-                ProblemType::InvalidKey,
-                format!("the idempotency key is longer than {limit} characters"),
-            )
-            .member("max_length", limit),
-        ),
+        } => Problem::new(
+            ProblemType::InvalidKey,
+            format!("the idempotency key is longer than {limit} characters"),
+        )
+        .with_member("max_length", limit),
         Error::TooSmall {
             what: Input::Key,
             limit,
             ..
-        } => reject(
-            metrics,
-            Problem::new(
-                ProblemType::InvalidKey,
-                format!("the idempotency key is shorter than {limit} characters"),
-            )
-            .member("min_length", limit),
-        ),
+        } => Problem::new(
+            ProblemType::InvalidKey,
+            format!("the idempotency key is shorter than {limit} characters"),
+        )
+        .with_member("min_length", limit),
         Error::TooLarge {
             what: Input::Scope,
             limit,
             ..
-        } => reject(
-            metrics,
-            Problem::new(
-                ProblemType::InvalidScope,
-                format!("the request's scope is longer than {limit} bytes"),
-            ),
+        } => Problem::new(
+            ProblemType::InvalidScope,
+            format!("the request's scope is longer than {limit} bytes"),
         ),
         Error::TooSmall {
             what: Input::Scope,
             limit,
             ..
-        } => reject(
-            metrics,
-            Problem::new(
-                ProblemType::InvalidScope,
-                format!("the request's scope is shorter than {limit} bytes"),
-            ),
+        } => Problem::new(
+            ProblemType::InvalidScope,
+            format!("the request's scope is shorter than {limit} bytes"),
         ),
         _ => {
             metrics.inc(Counter::StoreError);
             tracing::error!(%error, "claim failed");
-            problem_response(Problem::new(
+            let problem = Problem::new(
                 ProblemType::StoreUnavailable,
                 "the idempotency store failed; the request was not run",
-            ))
+            );
+            return problem_response(renderer, &problem.with_key(key));
         }
-    }
+    };
+    reject(metrics, renderer, &problem.with_key(key))
 }
 
 /// `Retry-After` in whole seconds: the time left on the original's lease, capped, at least 1.

@@ -10,6 +10,7 @@ use tower::Layer;
 use super::config::{Config, ConfigError};
 use super::metrics::Metrics;
 use super::policy::{DefaultStorePolicy, StorePolicy};
+use super::problem::{ProblemJson, RenderProblem};
 use super::scope::{GlobalScope, ScopeExtractor};
 use super::service::Idempotency;
 use crate::IdempotencyBackend;
@@ -35,6 +36,7 @@ use crate::IdempotencyBackend;
 /// | [`stored_response_limit`](Self::stored_response_limit) | 1 MiB |
 /// | [`deny_headers`](Self::deny_headers) (not replayed) | `Date`, `Set-Cookie` |
 /// | [`store_policy`](Self::store_policy) | [`DefaultStorePolicy`]: all but 5xx, 408, 429 |
+/// | [`render_errors`](Self::render_errors) | [`ProblemJson`]: `application/problem+json` |
 ///
 /// The configuration is checked once, before the layer serves: [`build`](Self::build)
 /// returns a [`ConfigError`] for one that cannot work, and [`Layer::layer`] panics with it, so
@@ -47,6 +49,7 @@ pub struct IdempotencyLayer<B, X = GlobalScope, P = DefaultStorePolicy> {
     pub(crate) scope: Arc<X>,
     pub(crate) policy: Arc<P>,
     pub(crate) config: Arc<Config>,
+    pub(crate) renderer: Arc<dyn RenderProblem>,
     pub(crate) metrics: Metrics,
 }
 
@@ -57,6 +60,7 @@ impl<B, X, P> Clone for IdempotencyLayer<B, X, P> {
             scope: Arc::clone(&self.scope),
             policy: Arc::clone(&self.policy),
             config: Arc::clone(&self.config),
+            renderer: Arc::clone(&self.renderer),
             metrics: self.metrics.clone(),
         }
     }
@@ -79,6 +83,7 @@ impl<B: IdempotencyBackend> IdempotencyLayer<B> {
             scope: Arc::new(GlobalScope),
             policy: Arc::new(DefaultStorePolicy),
             config: Arc::new(Config::default()),
+            renderer: Arc::new(ProblemJson),
             metrics: Metrics::new(),
         }
     }
@@ -196,6 +201,7 @@ impl<B, X, P> IdempotencyLayer<B, X, P> {
             scope: Arc::new(extractor),
             policy: self.policy,
             config: self.config,
+            renderer: self.renderer,
             metrics: self.metrics,
         }
     }
@@ -207,8 +213,20 @@ impl<B, X, P> IdempotencyLayer<B, X, P> {
             scope: self.scope,
             policy: Arc::new(policy),
             config: self.config,
+            renderer: self.renderer,
             metrics: self.metrics,
         }
+    }
+
+    /// How the layer's own answers (400 key missing or invalid, 409 in flight or lease lost,
+    /// 422 key reused, 410, 413, 429, 500, 503: every [`Problem`](super::Problem)) are
+    /// rendered: a [`RenderProblem`], or a closure `|problem: &Problem| -> http::Response<Bytes>`.
+    /// The layer still sets `Retry-After` on the answers that have one, whatever the renderer
+    /// returns (see [`RenderProblem`]). Responses of the handler, stored or replayed, are never
+    /// rendered. Default: [`ProblemJson`].
+    pub fn render_errors(mut self, renderer: impl RenderProblem) -> Self {
+        self.renderer = Arc::new(renderer);
+        self
     }
 
     /// The counters of this layer's decisions (shared by its clones and services).

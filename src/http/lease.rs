@@ -18,7 +18,7 @@ use tokio::time::{Instant, sleep_until, timeout_at};
 use super::body::ResponseBody;
 use super::metrics::{Counter, Metrics};
 use super::outcome;
-use super::problem::{Problem, ProblemType, problem_response};
+use super::problem::{Problem, ProblemType, RenderProblem, problem_response};
 use super::signal::LostSignal;
 use crate::{Error, IdempotencyBackend, Lease};
 
@@ -112,15 +112,20 @@ pub(crate) enum Completion {
 /// 409: the request ran, but its lease was lost before its response could be stored. The
 /// response is not sent: the record of the attempt that holds the key is the one answer every
 /// retry gets, so this caller retries too and gets it.
-pub(crate) fn superseded<ResBody: Body>() -> Response<ResponseBody<ResBody>> {
+pub(crate) fn superseded<ResBody: Body>(
+    renderer: &dyn RenderProblem,
+    key: &str,
+) -> Response<ResponseBody<ResBody>> {
     problem_response(
-        Problem::new(
+        renderer,
+        &Problem::new(
             ProblemType::LeaseLost,
             "the request lost its claim on this idempotency key before its response could be \
              stored (it outlived its lease and another attempt took over); retry to get the \
              answer of the attempt that holds the key",
         )
-        .retry_after(1),
+        .with_retry_after(1)
+        .with_key(key),
     )
 }
 

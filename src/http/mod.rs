@@ -69,7 +69,9 @@
 //!
 //! The layer's own answers are `application/problem+json` (RFC 9457) with a stable `type` per
 //! condition: see [`ProblemType`]. What the client got wrong is a 4xx, never a store error; a
-//! failing store answers 503 and runs nothing.
+//! failing store answers 503 and runs nothing. Another shape (an API's own error objects, such
+//! as Stripe's `{"error": {"type": "idempotency_error", ...}}`) is a
+//! [renderer](IdempotencyLayer::render_errors) away: see [`RenderProblem`].
 //!
 //! # Configuration
 //!
@@ -164,7 +166,7 @@ pub use key::IDEMPOTENCY_KEY;
 pub use layer::IdempotencyLayer;
 pub use metrics::{Metrics, MetricsSnapshot};
 pub use policy::{DefaultStorePolicy, StoreDecision, StorePolicy};
-pub use problem::{PROBLEM_JSON, ProblemType};
+pub use problem::{PROBLEM_JSON, Problem, ProblemJson, ProblemType, RenderProblem};
 pub use replay::IDEMPOTENT_REPLAYED;
 pub use scope::{GlobalScope, HeaderScope, ScopeExtractor};
 pub use service::Idempotency;

@@ -11,7 +11,7 @@ use http_body::Body;
 use super::body::ResponseBody;
 use super::metrics::{Counter, Metrics};
 use super::outcome;
-use super::problem::{Problem, ProblemType, problem_response};
+use super::problem::{Problem, ProblemType, RenderProblem, problem_response};
 
 /// The response header that marks a replay: `Idempotent-Replayed: true`.
 pub const IDEMPOTENT_REPLAYED: HeaderName = HeaderName::from_static("idempotent-replayed");
@@ -55,6 +55,8 @@ pub(crate) fn replayable_headers(headers: &HeaderMap, deny: &[HeaderName]) -> He
 /// The response for a replay: the stored status, headers and body, marked as a replay.
 pub(crate) fn replay_response<ResBody: Body>(
     metrics: &Metrics,
+    renderer: &dyn RenderProblem,
+    key: &str,
     stored: &[u8],
 ) -> Response<ResponseBody<ResBody>> {
     let stored = match outcome::decode(stored) {
@@ -62,11 +64,15 @@ pub(crate) fn replay_response<ResBody: Body>(
         Err(error) => {
             metrics.inc(Counter::StoreError);
             tracing::error!(reason = error.0, "stored response unreadable");
-            return problem_response(Problem::new(
-                ProblemType::OutcomeUnreadable,
-                "the stored response of this request cannot be read; the request is not run \
-                 again",
-            ));
+            return problem_response(
+                renderer,
+                &Problem::new(
+                    ProblemType::OutcomeUnreadable,
+                    "the stored response of this request cannot be read; the request is not run \
+                     again",
+                )
+                .with_key(key),
+            );
         }
     };
     metrics.inc(Counter::Replayed);
@@ -79,12 +85,14 @@ pub(crate) fn replay_response<ResBody: Body>(
             response
         }
         None => problem_response(
-            Problem::new(
+            renderer,
+            &Problem::new(
                 ProblemType::ResponseNotStored,
                 "the request with this idempotency key ran, but its response was too large to \
                  store; it is not run again",
             )
-            .member("original_status", stored.status.as_u16()),
+            .with_member("original_status", stored.status.as_u16())
+            .with_key(key),
         ),
     };
     response

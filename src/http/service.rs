@@ -22,7 +22,7 @@ use super::lease::{Completion, ReleaseGuard, keep_alive, superseded};
 use super::metrics::{Counter, Metrics};
 use super::outcome;
 use super::policy::{StoreDecision, StorePolicy};
-use super::problem::{Problem, ProblemType, reject};
+use super::problem::{Problem, ProblemType, RenderProblem, reject};
 use super::replay::{replay_response, replayable_headers};
 use super::scope::{ScopeExtractor, read_scope};
 use crate::{IdempotencyBackend, KEY_LEN_MAX, Lease};
@@ -33,6 +33,7 @@ struct Shared<B, X, P> {
     scope: Arc<X>,
     policy: Arc<P>,
     config: Arc<Config>,
+    renderer: Arc<dyn RenderProblem>,
     metrics: Metrics,
 }
 
@@ -52,6 +53,7 @@ impl<S, B, X, P> Idempotency<S, B, X, P> {
                 scope: layer.scope,
                 policy: layer.policy,
                 config: layer.config,
+                renderer: layer.renderer,
                 metrics: layer.metrics,
             }),
         }
@@ -139,13 +141,16 @@ where
                 );
                 return ResponseFuture::ready(reject(
                     &shared.metrics,
-                    Problem::new(ProblemType::MissingKey, detail),
+                    &*shared.renderer,
+                    &Problem::new(ProblemType::MissingKey, detail),
                 ));
             }
             KeyHeader::Invalid(why) => {
                 return ResponseFuture::ready(reject(
                     &shared.metrics,
-                    Problem::new(ProblemType::InvalidKey, why).member("max_length", KEY_LEN_MAX),
+                    &*shared.renderer,
+                    &Problem::new(ProblemType::InvalidKey, why)
+                        .with_member("max_length", KEY_LEN_MAX),
                 ));
             }
         };
@@ -181,10 +186,11 @@ where
 {
     let config = Arc::clone(&shared.config);
     let metrics = &shared.metrics;
+    let renderer = &*shared.renderer;
     let (parts, body) = request.into_parts();
     let scope = match read_scope(&*shared.scope, &parts) {
         Ok(scope) => scope,
-        Err(problem) => return Ok(reject(metrics, problem)),
+        Err(problem) => return Ok(reject(metrics, renderer, &problem.with_key(key))),
     };
     let limit = config.request_body_limit_bytes;
     let body = match read_request_body(&parts.headers, body, limit).await {
@@ -192,20 +198,24 @@ where
         Err(ReadError::TooLarge) => {
             return Ok(reject(
                 metrics,
-                Problem::new(
+                renderer,
+                &Problem::new(
                     ProblemType::BodyTooLarge,
                     format!("the request body is larger than {limit} bytes"),
                 )
-                .member("limit", limit),
+                .with_member("limit", limit)
+                .with_key(key),
             ));
         }
         Err(ReadError::Read(error)) => {
             return Ok(reject(
                 metrics,
-                Problem::new(
+                renderer,
+                &Problem::new(
                     ProblemType::UnreadableBody,
                     format!("the request body could not be read: {error}"),
-                ),
+                )
+                .with_key(key),
             ));
         }
     };
@@ -230,12 +240,16 @@ where
             let request = Request::from_parts(parts, RequestBody::buffered(body));
             execute(&shared, inner, request, key, lease, guard).await
         }
-        Ok(Claimed::Replay(outcome)) => Ok(replay_response(metrics, &outcome)),
-        Ok(Claimed::InProgress { retry_after }) => {
-            Ok(in_flight(metrics, retry_after, config.retry_after_max))
-        }
-        Ok(Claimed::Mismatch) => Ok(mismatch(metrics)),
-        Err(error) => Ok(refused(metrics, &error)),
+        Ok(Claimed::Replay(outcome)) => Ok(replay_response(metrics, renderer, &key, &outcome)),
+        Ok(Claimed::InProgress { retry_after }) => Ok(in_flight(
+            metrics,
+            renderer,
+            &key,
+            retry_after,
+            config.retry_after_max,
+        )),
+        Ok(Claimed::Mismatch) => Ok(mismatch(metrics, renderer, &key)),
+        Err(error) => Ok(refused(metrics, renderer, &key, &error)),
     }
 }
 
@@ -264,6 +278,7 @@ where
 {
     let metrics = &shared.metrics;
     let config = &shared.config;
+    let renderer = &*shared.renderer;
     metrics.inc(Counter::Acquired);
     if lease.is_takeover() {
         metrics.inc(Counter::Takeover);
@@ -276,7 +291,7 @@ where
     let lost = guard.lost_signal().clone();
     request
         .extensions_mut()
-        .insert(IdempotentRequest::new(key, &lease, lost.clone()));
+        .insert(IdempotentRequest::new(key.clone(), &lease, lost.clone()));
     let work = async {
         let response = inner.call(request).await?;
         let (parts, body) = response.into_parts();
@@ -329,7 +344,7 @@ where
                 .complete(parts.status, &replayable, stored_body, config.retention)
                 .await;
             if completion == Completion::LeaseLost {
-                return Ok(superseded());
+                return Ok(superseded(renderer, &key));
             }
             Ok(Response::from_parts(parts, ResponseBody::full(body)))
         }
@@ -339,7 +354,7 @@ where
                 .complete(parts.status, &replayable, None, config.retention)
                 .await;
             if completion == Completion::LeaseLost {
-                return Ok(superseded());
+                return Ok(superseded(renderer, &key));
             }
             Ok(Response::from_parts(
                 parts,
