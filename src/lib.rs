@@ -64,6 +64,14 @@
 //!
 //!
 //! Every store of a process reports under the same names (the facade has no per-store scope).
+//!
+//! ## Tracing
+//! The engine's slow paths are [`tracing`](https://docs.rs/tracing) spans: `idemstore.open`
+//! (info, with the path), `idemstore.inspect_unclean_file` (info: a file left unclean by a crash
+//! is inspected before redb repairs it), `idemstore.commit` (debug, one per group commit, with
+//! its operation count and durability), `idemstore.sweep` and `idemstore.orphans` (debug).
+//! Events: a store that stops accepting writes after a fatal error (error, once), a failed
+//! background sweep or a swept record that failed its checks (warn).
 //! The HTTP layer keeps its own counters (`http::Metrics`, feature `http`).
 //!
 //! ## Layout

@@ -57,7 +57,8 @@ impl Principal {
 
 /// The API as an axum router: authentication first, then the idempotency layer scoped by the
 /// API key, then the routes.
-pub fn app(store: Store, ledger: Arc<Ledger>) -> Router {
+/// Also returns the idempotency layer's counters (for `GET /metrics`).
+pub fn app(store: Store, ledger: Arc<Ledger>) -> (Router, idemstore::http::Metrics) {
     let state = AppState {
         ledger,
         rng: Arc::new(Rng::from_time()),
@@ -69,14 +70,16 @@ pub fn app(store: Store, ledger: Arc<Ledger>) -> Router {
         })
         // The layer's own answers (409 in flight, a reused key, ...) as Stripe's error objects.
         .render_errors(render_problem);
-    Router::new()
+    let metrics = idempotency.metrics();
+    let router = Router::new()
         .route("/v1/charges", post(create_charge).get(list_charges))
         .route("/v1/charges/{id}", get(retrieve_charge))
         .fallback(unknown_route)
         // The last layer runs first: authenticate, then make the request idempotent.
         .layer(idempotency)
         .layer(middleware::from_fn(authenticate))
-        .with_state(state)
+        .with_state(state);
+    (router, metrics)
 }
 
 async fn authenticate(mut request: Request, next: Next) -> Response {

@@ -37,6 +37,7 @@
 //! (its request parameters and Stripe-shaped errors), [`ledger`] (the charges executed, and
 //! their audit), [`workload`] and [`chaos`] (the payments and the client that sends them),
 //! [`supervisor`] (the service as a child process, and the crashes), [`report`] (the summary),
+//! [`prometheus`] (`GET /metrics` in `--serve` mode),
 //! [`rng`] (ids and jitter), [`soak`] (the soak), [`latency`] and [`probe`] (its latency
 //! histogram and its look at the service's process).
 
@@ -47,6 +48,7 @@ mod latency;
 mod ledger;
 mod params;
 mod probe;
+mod prometheus;
 mod report;
 mod rng;
 mod soak;
@@ -238,7 +240,10 @@ fn serve_main(args: &Args) -> Result<ExitCode, BoxError> {
                 let _ = tokio::signal::ctrl_c().await;
             }
         };
-        axum::serve(listener, api::app(store, ledger))
+        let (app, layer_metrics) = api::app(store, ledger);
+        // GET /metrics (no API key needed): Prometheus text.
+        let app = prometheus::route(layer_metrics)?.merge(app);
+        axum::serve(listener, app)
             .with_graceful_shutdown(shutdown)
             .await?;
         Ok::<_, BoxError>(())

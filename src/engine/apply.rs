@@ -158,6 +158,7 @@ impl Apply<'_> {
     /// forever. Such a removal is reported through `tracing`. A stale index entry (its record
     /// gone, or carrying another expiry) is dropped.
     pub(crate) fn sweep(&mut self, now_ms: u64, limit: usize) -> Result<Swept> {
+        let _span = tracing::debug_span!("idemstore.sweep", limit).entered();
         let due = self.batch.due(now_ms, limit)?;
         let mut removed = 0;
         for (at, key) in &due {

@@ -185,6 +185,7 @@ impl StoreBuilder {
     pub fn open(self, path: impl AsRef<Path>) -> Result<Store> {
         self.validate()?;
         let path = path.as_ref();
+        let _span = tracing::info_span!("idemstore.open", path = %path.display()).entered();
         let db = open::file(path, &self.redb_options())?;
         self.start(db, path)
     }

@@ -92,6 +92,7 @@ impl Reader<'_> {
     /// In-flight records whose owner is gone, at most `limit`; records that fail their checks
     /// are skipped.
     pub(crate) fn orphans(&self, limit: usize) -> Result<Vec<Orphan>> {
+        let _span = tracing::debug_span!("idemstore.orphans", limit).entered();
         let ctx = self.shared.ctx();
         let mut out = Vec::new();
         self.shared.storage.scan(&mut |key, stored| {

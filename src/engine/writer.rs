@@ -100,7 +100,9 @@ impl Writer<'_> {
             .collect();
         let mut changed: Vec<Vec<u8>> = Vec::new();
         let started = Instant::now();
-        match self.commit(commands, durable, &mut changed) {
+        let span = tracing::debug_span!("idemstore.commit", operations = jobs.len(), durable);
+        let committed = span.in_scope(|| self.commit(commands, durable, &mut changed));
+        match committed {
             Ok(answers) => {
                 telemetry::committed(jobs.len(), durable, started.elapsed());
                 self.unsynced_since = if durable {

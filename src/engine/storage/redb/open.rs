@@ -84,6 +84,8 @@ pub(crate) fn file(path: &Path, options: &Options) -> Result<Database> {
             tables::inspect(&read, path).map(|_| ())
         }
         Err(redb::DatabaseError::RepairAborted) => {
+            let _span = tracing::info_span!("idemstore.inspect_unclean_file").entered();
+            tracing::info!("the file was not closed cleanly: inspecting it before repairing it");
             let view = Overlay::open(path).map_err(Error::from_io)?;
             // The configured cache size, not redb's default (1 GiB): memory a repair touched
             // here tends to stay with the process after the view is dropped.
