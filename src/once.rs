@@ -183,11 +183,17 @@ impl Job<'_> {
     /// The errors of [`Store::get`].
     pub fn owns(&self) -> Result<bool, Error> {
         let record = self.store.get(self.lease.scope(), self.lease.key())?;
-        Ok(matches!(
-            record.map(|r| r.state),
-            Some(crate::RecordState::InFlight { token, .. }) if token == self.lease.token()
-        ))
+        Ok(held_by(record, &self.lease))
     }
+}
+
+/// Whether `record` (the live record of the lease's key, if any) is still in flight under
+/// `lease`.
+fn held_by(record: Option<crate::Record>, lease: &Lease) -> bool {
+    matches!(
+        record.map(|r| r.state),
+        Some(crate::RecordState::InFlight { token, .. }) if token == lease.token()
+    )
 }
 
 /// The lease an async job's function runs under ([`run_async`]).
@@ -241,10 +247,7 @@ impl<B: IdempotencyBackend> JobAsync<'_, B> {
             .backend
             .get(self.lease.scope(), self.lease.key())
             .await?;
-        Ok(matches!(
-            record.map(|r| r.state),
-            Some(crate::RecordState::InFlight { token, .. }) if token == self.lease.token()
-        ))
+        Ok(held_by(record, &self.lease))
     }
 }
 
