@@ -2,6 +2,8 @@
 //! server layer on 127.0.0.1 through a proxy that drops responses, and over scripted transports
 //! in paused time for the waits. One behaviour per test.
 
+mod http_server;
+
 use std::collections::{HashMap, HashSet};
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -29,47 +31,14 @@ use idemstore::client::{
 use idemstore::http::IdempotencyLayer;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::oneshot;
+
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tower::{Layer, Service, ServiceExt, service_fn};
 
 // ----- harness: the server -----
 
-/// A server on an ephemeral port of 127.0.0.1, stopped gracefully by [`Server::stop`].
-struct Server {
-    addr: SocketAddr,
-    shutdown: oneshot::Sender<()>,
-    task: JoinHandle<()>,
-}
-
-async fn serve(app: Router) -> Server {
-    let listener = TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind 127.0.0.1");
-    let addr = listener.local_addr().expect("bound address");
-    let (shutdown, signal) = oneshot::channel::<()>();
-    let task = tokio::spawn(async move {
-        axum::serve(listener, app)
-            .with_graceful_shutdown(async {
-                let _ = signal.await;
-            })
-            .await
-            .expect("the server runs");
-    });
-    Server {
-        addr,
-        shutdown,
-        task,
-    }
-}
-
-impl Server {
-    async fn stop(self) {
-        let _ = self.shutdown.send(());
-        self.task.await.expect("the server stops cleanly");
-    }
-}
+use http_server::serve;
 
 fn memory_store() -> Store {
     Store::builder()

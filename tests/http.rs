@@ -8,6 +8,8 @@
 //! layer's lease keeper, the store's clock decides expiry, and each test advances the ones it
 //! needs.
 
+mod http_server;
+
 use std::convert::Infallible;
 use std::future::{Future, poll_fn};
 use std::net::SocketAddr;
@@ -32,48 +34,14 @@ use idemstore::http::{
 };
 use idemstore::{Claim, ClaimOptions, IdempotencyBackend, Lease, Limits, ManualClock, Store};
 use tokio::net::TcpListener;
-use tokio::sync::{Notify, mpsc, oneshot};
-use tokio::task::{JoinHandle, JoinSet};
+use tokio::sync::{Notify, mpsc};
+use tokio::task::JoinSet;
 use tokio::time::Instant;
 use tower::ServiceExt;
 
 // ----- harness -----
 
-/// A server on an ephemeral port of 127.0.0.1, stopped gracefully by [`Server::stop`].
-struct Server {
-    addr: SocketAddr,
-    shutdown: oneshot::Sender<()>,
-    task: JoinHandle<()>,
-}
-
-async fn serve(app: Router) -> Server {
-    let listener = TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind 127.0.0.1");
-    let addr = listener.local_addr().expect("bound address");
-    let (shutdown, signal) = oneshot::channel::<()>();
-    let task = tokio::spawn(async move {
-        axum::serve(listener, app)
-            .with_graceful_shutdown(async {
-                let _ = signal.await;
-            })
-            .await
-            .expect("the server runs");
-    });
-    Server {
-        addr,
-        shutdown,
-        task,
-    }
-}
-
-impl Server {
-    /// Stops accepting, waits for every connection to close, and drops the app (and its store).
-    async fn stop(self) {
-        let _ = self.shutdown.send(());
-        self.task.await.expect("the server stops cleanly");
-    }
-}
+use http_server::serve;
 
 type HttpClient = Client<HttpConnector, Full<Bytes>>;
 
