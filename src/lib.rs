@@ -121,7 +121,8 @@ pub use core::claim::{Claim, ClaimOptions, Lease, Replay};
 pub use core::record::{Record, RecordState};
 pub use engine::{
     ASYNC_READ_THREADS_MAX, BATCH_OPS_MAX, Durability, FORMAT_VERSION, QUEUE_BYTES_MAX,
-    QUEUE_CAPACITY_MAX, Stats, Store, StoreBuilder,
+    QUEUE_CAPACITY_MAX, Stats, Store, StoreBuilder, WAL_SEGMENT_BYTES_MAX, WAL_SEGMENT_BYTES_MIN,
+    WAL_SEGMENTS_MAX, WalStats,
 };
 pub use engine::{Damage, Entry, ImportReport, ReadOnlyStore, Summary, Verification};
 pub use error::{Error, Input, Result, Source};

@@ -12,8 +12,11 @@
 //! - the fencing counter did not go back (the next token is above every acknowledged one) and
 //!   the recovered store accepts writes.
 //!
-//! Both commit modes are covered: redb's default one-phase commit (checksums + one fsync) and
-//! `two_phase_commit(true)`. Default run: a few seeds; `IDEMSTORE_LONG=1` runs many more
+//! Three commit paths are covered: redb's default one-phase commit (checksums + one fsync),
+//! `two_phase_commit(true)`, and the write-ahead log (`write_ahead_log(true)`: the crash comes
+//! during each sync of the log file, torn frames and batch headers included; the database
+//! file keeps its image of after the open, since no checkpoint runs during the recording —
+//! checkpoints are cut by tests/wal.rs). Default run: a few seeds; `IDEMSTORE_LONG=1` runs many more
 //! (`IDEMSTORE_SEEDS=n` overrides the count, `IDEMSTORE_SEED=s` the first seed).
 //!
 //! Simplification, documented: the disk is one file whose length changes (`set_len`) are
@@ -40,6 +43,9 @@ struct Recording {
     /// The store's next fencing token at each boundary.
     next_tokens: Vec<u64>,
     steps: Vec<Step>,
+    /// With a write-ahead log: the database file's durable image once the store opened (no
+    /// checkpoint runs during the recording, so the log's windows are the only changes).
+    redb_image: Option<Vec<u8>>,
 }
 
 fn store_builder(clock: ManualClock, two_phase: bool) -> idemstore::StoreBuilder {
@@ -49,13 +55,53 @@ fn store_builder(clock: ManualClock, two_phase: bool) -> idemstore::StoreBuilder
         .two_phase_commit(two_phase)
 }
 
-fn record(seed: u64, n_steps: usize, two_phase: bool) -> Recording {
-    let disk = SimDisk::new();
-    disk.start_recording();
+/// With a write-ahead log: small segments, and no checkpoint during the run.
+fn wal_builder(clock: ManualClock) -> idemstore::StoreBuilder {
+    store_builder(clock, false)
+        .write_ahead_log(true)
+        .wal_segment_bytes(1 << 20)
+        .wal_segments(2)
+        .checkpoint_interval(Duration::from_secs(3600))
+}
+
+/// The commit paths covered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    /// redb alone, with one-phase or two-phase commits.
+    Redb { two_phase: bool },
+    /// The write-ahead log: crashes at every sync of the log.
+    Wal,
+}
+
+impl Mode {
+    fn two_phase(self) -> bool {
+        self == Mode::Redb { two_phase: true }
+    }
+}
+
+fn record(seed: u64, n_steps: usize, mode: Mode) -> Recording {
+    let redb_disk = SimDisk::new();
+    let log = SimDisk::new();
     let clock = ManualClock::new(workload::T0_MS);
-    let store = store_builder(clock.clone(), two_phase)
-        .open_with_backend(disk.clone())
-        .expect("a store opens on an empty disk");
+    let disk = redb_disk.clone();
+    let (store, synced) = match mode {
+        Mode::Redb { two_phase } => {
+            disk.start_recording();
+            let store = store_builder(clock.clone(), two_phase)
+                .open_with_backend(disk.clone())
+                .expect("a store opens on an empty disk");
+            (store, disk.clone())
+        }
+        Mode::Wal => {
+            log.start_recording();
+            let store = wal_builder(clock.clone())
+                .open_with_backends(disk.clone(), log.clone())
+                .expect("a store opens on empty disks");
+            (store, log.clone())
+        }
+    };
+    // The disk whose syncs acknowledge operations.
+    let disk = synced;
     let steps = workload::generate(seed, n_steps);
     let mut driver = Driver::new(seed, clock.clone());
     let mut rec = Recording {
@@ -64,6 +110,7 @@ fn record(seed: u64, n_steps: usize, two_phase: bool) -> Recording {
         snapshots: Vec::new(),
         next_tokens: Vec::new(),
         steps: steps.clone(),
+        redb_image: (mode == Mode::Wal).then(|| redb_disk.durable_image()),
     };
     let boundary = |store: &Store, rec: &mut Recording| {
         rec.acked_after_syncs.push(disk.successful_syncs());
@@ -138,7 +185,7 @@ fn check_image(
     rec: &Recording,
     lo: Option<usize>,
     hi: usize,
-    two_phase: bool,
+    mode: Mode,
     tally: &mut Tally,
     label: &str,
 ) {
@@ -147,8 +194,14 @@ fn check_image(
         tally.before_first_open += 1;
     }
     let started = Instant::now();
-    let opened =
-        store_builder(ManualClock::new(0), two_phase).open_with_backend(SimDisk::from_image(image));
+    let opened = match &rec.redb_image {
+        None => store_builder(ManualClock::new(0), mode.two_phase())
+            .open_with_backend(SimDisk::from_image(image)),
+        Some(redb_image) => wal_builder(ManualClock::new(0)).open_with_backends(
+            SimDisk::from_image(redb_image.clone()),
+            SimDisk::from_image(image),
+        ),
+    };
     tally.open_time += started.elapsed();
     let store = match opened {
         Ok(store) => store,
@@ -224,14 +277,12 @@ fn check_image(
 }
 
 /// Checks a crash at every sync point of one recording.
-fn sweep_sync_points(
-    seed: u64,
-    rec: &Recording,
-    two_phase: bool,
-    variants: u64,
-    tally: &mut Tally,
-) {
-    let mut rng = Rng::new(seed.wrapping_mul(31).wrapping_add(u64::from(two_phase)));
+fn sweep_sync_points(seed: u64, rec: &Recording, mode: Mode, variants: u64, tally: &mut Tally) {
+    let salt = match mode {
+        Mode::Redb { two_phase } => u64::from(two_phase),
+        Mode::Wal => 2,
+    };
+    let mut rng = Rng::new(seed.wrapping_mul(31).wrapping_add(salt));
     let mut durable: Vec<u8> = Vec::new();
     for (w, window) in rec.windows.iter().enumerate() {
         let syncs_done = w as u64;
@@ -242,26 +293,32 @@ fn sweep_sync_points(
             .rev()
             .find(|&i| rec.acked_after_syncs[i - 1] <= syncs_done)
             .unwrap_or(0);
+        if lo.is_none() && mode == Mode::Wal {
+            // The log's creation (preallocation), before the store opened: the database file's
+            // image is that of after the open, so these windows are not crash states. A log
+            // file is created under a temporary name and renamed into place (builder.rs).
+            for op in window {
+                op.apply_to(&mut durable);
+            }
+            continue;
+        }
         for v in 0..variants {
             let image =
                 testkit::crash_image(&durable, window, &mut |n| rng.below(n), &mut tally.fates);
             let label = format!(
-                "seed {seed} two_phase {two_phase} sync {} variant {v} ({} pending ops)",
+                "seed {seed} {mode:?} sync {} variant {v} ({} pending ops)",
                 w + 1,
                 window.len()
             );
-            check_image(image, rec, lo, hi, two_phase, tally, &label);
+            check_image(image, rec, lo, hi, mode, tally, &label);
         }
         // The whole window reached the disk, just before its sync returned.
         let mut full = durable.clone();
         for op in window {
             op.apply_to(&mut full);
         }
-        let label = format!(
-            "seed {seed} two_phase {two_phase} sync {} fully written",
-            w + 1
-        );
-        check_image(full.clone(), rec, lo, hi, two_phase, tally, &label);
+        let label = format!("seed {seed} {mode:?} sync {} fully written", w + 1);
+        check_image(full.clone(), rec, lo, hi, mode, tally, &label);
         durable = full;
     }
 }
@@ -274,17 +331,22 @@ fn every_sync_point_of_a_workload_recovers_with_every_acknowledged_write() {
     let steps = if long { 120 } else { 60 };
     let variants = if long { 3 } else { 1 };
     let started = Instant::now();
-    let jobs: Vec<(bool, u64)> = [false, true]
+    let modes = [
+        Mode::Redb { two_phase: false },
+        Mode::Redb { two_phase: true },
+        Mode::Wal,
+    ];
+    let jobs: Vec<(Mode, u64)> = modes
         .into_iter()
-        .flat_map(|two_phase| (first_seed..first_seed + seeds).map(move |seed| (two_phase, seed)))
+        .flat_map(|mode| (first_seed..first_seed + seeds).map(move |seed| (mode, seed)))
         .collect();
     let mut tally = Tally::default();
     let mut sync_points = 0u64;
     let mut acked_ops = 0u64;
-    for (t, windows, ops) in support::parallel_map(jobs, |(two_phase, seed)| {
-        let rec = record(seed, steps, two_phase);
+    for (t, windows, ops) in support::parallel_map(jobs, |(mode, seed)| {
+        let rec = record(seed, steps, mode);
         let mut tally = Tally::default();
-        sweep_sync_points(seed, &rec, two_phase, variants, &mut tally);
+        sweep_sync_points(seed, &rec, mode, variants, &mut tally);
         (tally, rec.windows.len() as u64, rec.steps.len() as u64)
     }) {
         tally.merge(t);
@@ -292,7 +354,7 @@ fn every_sync_point_of_a_workload_recovers_with_every_acknowledged_write() {
         acked_ops += ops;
     }
     println!(
-        "power loss: {seeds} seeds x 2 commit modes x {steps} steps: {sync_points} sync points, \
+        "power loss: {seeds} seeds x 3 commit modes (redb one-phase, redb two-phase, write-ahead log) x {steps} steps: {sync_points} sync points, \
          {} images checked ({variants} torn variant(s) + 1 fully written per sync point; {} before \
          the first open was acknowledged, of which {} refused as \"not a redb database\"), {acked_ops} operations; pending ops applied {} / \
          dropped {} / torn {}; failed recoveries {}, lost acks {}, resurrected {}, other \

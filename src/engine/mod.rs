@@ -37,8 +37,10 @@ pub(crate) mod writer;
 pub use admin::{Damage, Entry, ImportReport, ReadOnlyStore, Summary, Verification};
 pub use builder::{
     ASYNC_READ_THREADS_MAX, BATCH_OPS_MAX, QUEUE_BYTES_MAX, QUEUE_CAPACITY_MAX, StoreBuilder,
+    WAL_SEGMENT_BYTES_MAX, WAL_SEGMENT_BYTES_MIN, WAL_SEGMENTS_MAX,
 };
 pub use durability::Durability;
 pub use reads::Stats;
 pub use storage::redb::tables::FORMAT_VERSION;
+pub use storage::wal::WalStats;
 pub use store::Store;

@@ -15,6 +15,11 @@ use crate::core::admin::Swept;
 use crate::core::transition::{Op, Reply};
 use crate::error::{Error, Result};
 
+/// The most bytes of commands one drain takes (one commit), unless a single command is larger:
+/// keeps a commit's transaction, or its write-ahead-log batch, bounded whatever the queue
+/// holds.
+pub(crate) const BATCH_BYTES_MAX: usize = 8 * 1024 * 1024;
+
 /// What a caller asks the writer for.
 #[derive(Debug)]
 pub(crate) enum Command {
@@ -262,8 +267,8 @@ impl Queue {
         Poll::Pending
     }
 
-    /// Takes up to `max` queued jobs, waiting for the first until `deadline` (forever if
-    /// `None`).
+    /// Takes up to `max` queued jobs and [`BATCH_BYTES_MAX`] bytes (at least one job), waiting
+    /// for the first until `deadline` (forever if `None`).
     pub(crate) fn drain(&self, max: usize, deadline: Option<Instant>) -> Drained {
         let mut s = self.state.lock();
         while s.jobs.is_empty() {
@@ -279,9 +284,17 @@ impl Queue {
                 None => self.not_empty.wait(&mut s),
             }
         }
-        let n = s.jobs.len().min(max);
+        // At most `max` commands and BATCH_BYTES_MAX bytes (but always the first command).
+        let mut n = 0;
+        let mut drained = 0usize;
+        for job in s.jobs.iter().take(max) {
+            if n > 0 && drained.saturating_add(job.weight) > BATCH_BYTES_MAX {
+                break;
+            }
+            drained = drained.saturating_add(job.weight);
+            n += 1;
+        }
         let jobs: Vec<Job> = s.jobs.drain(..n).collect();
-        let drained: usize = jobs.iter().map(|j| j.weight).sum();
         s.bytes = s.bytes.saturating_sub(drained);
         let wakers = std::mem::take(&mut s.space_wakers);
         drop(s);

@@ -9,6 +9,7 @@ use crate::core::record::{Record, RecordState, scoped_key, split_scoped_key};
 use crate::core::transition::{self, Op, Reply, Write};
 use crate::engine::apply::corrupt_record;
 use crate::engine::shared::Shared;
+use crate::engine::storage::wal::WalStats;
 use crate::engine::store::Store;
 use crate::error::{Error, Result};
 
@@ -44,6 +45,9 @@ pub struct Stats {
     pub waiting: usize,
     /// Whether a fatal error has stopped writes until reopen.
     pub poisoned: bool,
+    /// The write-ahead log's figures, for a store opened with one
+    /// ([`StoreBuilder::write_ahead_log`](crate::StoreBuilder::write_ahead_log)).
+    pub wal: Option<WalStats>,
 }
 
 /// Reads committed state for one store.
@@ -139,6 +143,7 @@ impl Reader<'_> {
             queue_bytes: self.shared.queue.bytes(),
             waiting: self.shared.waiters.len(),
             poisoned: self.shared.is_poisoned(),
+            wal: self.shared.storage.wal_figures(),
         })
     }
 }

@@ -129,7 +129,7 @@ impl Store {
             two_phase_commit: false,
         };
         let db = open::file(path, &options)?;
-        let (storage, adopted) = RedbStorage::adopt(db, path, &options)?;
+        let (storage, adopted) = RedbStorage::adopt(db, path, &options, None)?;
         let mut importer = Importer {
             // What some store may have accepted: the hard caps, not this build's defaults.
             limits: Limits::default()

@@ -10,7 +10,7 @@ use crate::core::record::{Record, RecordState, scoped_key, split_scoped_key};
 use crate::core::transition::{Ctx, owner_is_gone};
 use crate::engine::apply::corrupt_record;
 use crate::engine::codec;
-use crate::engine::storage::redb::tables::{Adopted, EXPIRY, FORMAT_VERSION, RECORDS, SCOPES};
+use crate::engine::storage::redb::tables::{Adopted, EXPIRY, RECORDS, SCOPES};
 use crate::engine::storage::redb::view;
 use crate::error::{Error, Result};
 use crate::limits::Limits;
@@ -60,7 +60,8 @@ impl std::fmt::Debug for ReadOnlyStore {
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct Summary {
-    /// The database format version ([`FORMAT_VERSION`](crate::FORMAT_VERSION)).
+    /// The database format version (1; a read-only view refuses format 2, see
+    /// [`FORMAT_VERSION`](crate::FORMAT_VERSION)).
     pub format_version: u64,
     /// The process epoch of the last open for writing.
     pub epoch: u64,
@@ -174,7 +175,7 @@ impl ReadOnlyStore {
         let scopes = read.open_table(SCOPES).map_err(Error::storage)?;
         let ctx = self.ctx();
         let mut summary = Summary {
-            format_version: FORMAT_VERSION,
+            format_version: self.meta.format,
             epoch: self.meta.epoch,
             next_token: self.meta.next_token,
             file_bytes: std::fs::metadata(&self.path)?.len(),

@@ -11,10 +11,12 @@
 //!
 //! What the engine keeps consistent across the tables (an expiry entry per record, the scope
 //! counts) is decided once, above the seam (`engine::apply`); an implementation stores what it
-//! is told. `redb/` is the implementation: a redb database on a file, in memory, or on any
-//! `redb::StorageBackend`.
+//! is told. `redb/` is the format-1 implementation: a redb database on a file, in memory, or on
+//! any `redb::StorageBackend`; `wal/` (format 2) puts a write-ahead log and a record map in
+//! front of it.
 
 pub(crate) mod redb;
+pub(crate) mod wal;
 
 use crate::core::record::Record;
 use crate::engine::codec::DecodeError;
@@ -63,6 +65,11 @@ pub(crate) trait Storage: Send + Sync {
     /// Stops serving reads from cached state: the writer calls it when it stops, and after a
     /// commit failed (readers then read the file directly and see any error themselves).
     fn release_reads(&self);
+
+    /// The write-ahead log's figures, for a store that has one.
+    fn wal_figures(&self) -> Option<wal::WalStats> {
+        None
+    }
 }
 
 /// The writes of one commit, inside [`Storage::write`]. Reads through a batch see its own

@@ -33,7 +33,7 @@ impl<'t> RedbBatch<'t> {
 }
 
 /// The expiry-index range of entries due at `now_ms`: every `(at, key)` with `at <= now_ms`.
-fn due_range(now_ms: u64) -> std::ops::Range<(u64, &'static [u8])> {
+pub(super) fn due_range(now_ms: u64) -> std::ops::Range<(u64, &'static [u8])> {
     let empty: &[u8] = &[];
     (0u64, empty)..(now_ms.saturating_add(1), empty)
 }

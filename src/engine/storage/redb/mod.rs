@@ -24,8 +24,10 @@ use crate::engine::storage::{Batch, Counts, Storage, Stored};
 use crate::error::{Error, Result};
 
 pub(crate) use open::Options;
-pub(crate) use tables::Adopted;
-use tables::{EXPIRY, META, META_NEXT_TOKEN, RECORDS, SCOPES};
+pub(crate) use tables::{Adopted, WalMeta};
+use tables::{EXPIRY, META, META_NEXT_TOKEN, META_WAL_CHECKPOINT_LSN, RECORDS, SCOPES};
+
+use crate::engine::storage::wal::layer::Layer;
 
 /// The records table of one committed state, readable from any thread.
 type RecordsSnapshot = redb::ReadOnlyTable<&'static [u8], &'static [u8]>;
@@ -42,9 +44,15 @@ pub(crate) struct RedbStorage {
 
 impl RedbStorage {
     /// Adopts `db` as an idemstore database (initialising an empty one, refusing a foreign
-    /// one, bumping the process epoch durably) and serves it.
-    pub(crate) fn adopt(db: Database, path: &Path, options: &Options) -> Result<(Self, Adopted)> {
-        let adopted = tables::adopt(&db, path)?;
+    /// one, bumping the process epoch durably; with `upgrade`, moving it to format 2 with that
+    /// write-ahead log) and serves it.
+    pub(crate) fn adopt(
+        db: Database,
+        path: &Path,
+        options: &Options,
+        upgrade: Option<WalMeta>,
+    ) -> Result<(Self, Adopted)> {
+        let adopted = tables::adopt(&db, path, upgrade)?;
         let storage = RedbStorage {
             snapshot: RwLock::new(None),
             db,
@@ -67,6 +75,95 @@ impl RedbStorage {
 
     fn read_txn(&self) -> Result<redb::ReadTransaction> {
         self.db.begin_read().map_err(Error::storage)
+    }
+
+    /// Writes `layer` into the tables in one durable transaction that also records `lsn` as
+    /// the write-ahead log's checkpoint (and the layer's next token), then serves it to readers.
+    pub(crate) fn checkpoint(&self, layer: &Layer, lsn: u64) -> Result<()> {
+        let mut txn = self.db.begin_write().map_err(Error::storage)?;
+        txn.set_durability(redb::Durability::Immediate)
+            .map_err(Error::storage)?;
+        txn.set_two_phase_commit(self.two_phase_commit);
+        {
+            let mut records = txn.open_table(RECORDS).map_err(Error::storage)?;
+            for (key, value) in &layer.records {
+                match value {
+                    Some(bytes) => records.insert(key.as_slice(), &**bytes).map(|_| ()),
+                    None => records.remove(key.as_slice()).map(|_| ()),
+                }
+                .map_err(Error::storage)?;
+            }
+            let mut expiry = txn.open_table(EXPIRY).map_err(Error::storage)?;
+            for ((at, key), present) in &layer.expiry {
+                let entry = (*at, key.as_slice());
+                if *present {
+                    expiry.insert(entry, ()).map(|_| ())
+                } else {
+                    expiry.remove(entry).map(|_| ())
+                }
+                .map_err(Error::storage)?;
+            }
+            let mut scopes = txn.open_table(SCOPES).map_err(Error::storage)?;
+            for (scope, count) in &layer.scopes {
+                if *count == 0 {
+                    scopes.remove(scope.as_slice()).map(|_| ())
+                } else {
+                    scopes.insert(scope.as_slice(), *count).map(|_| ())
+                }
+                .map_err(Error::storage)?;
+            }
+            let mut meta = txn.open_table(META).map_err(Error::storage)?;
+            if let Some(token) = layer.next_token {
+                tables::put_u64(&mut meta, META_NEXT_TOKEN, token)?;
+            }
+            tables::put_u64(&mut meta, META_WAL_CHECKPOINT_LSN, lsn)?;
+        }
+        if let Err(e) = txn.commit() {
+            self.release_reads();
+            return Err(Error::CommitOutcomeUnknown {
+                source: Box::new(Error::storage(e)),
+            });
+        }
+        self.refresh_snapshot();
+        Ok(())
+    }
+
+    /// Up to `limit` committed expiry-index entries due at `now_ms`, oldest first, leaving out
+    /// those `skip` names.
+    pub(crate) fn due_except(
+        &self,
+        now_ms: u64,
+        limit: usize,
+        skip: &dyn Fn(u64, &[u8]) -> bool,
+    ) -> Result<Vec<(u64, Vec<u8>)>> {
+        let read = self.read_txn()?;
+        let expiry = read.open_table(EXPIRY).map_err(Error::storage)?;
+        let mut out = Vec::new();
+        if limit == 0 {
+            return Ok(out);
+        }
+        for entry in expiry
+            .range(batch::due_range(now_ms))
+            .map_err(Error::storage)?
+        {
+            let (k, _) = entry.map_err(Error::storage)?;
+            let (at, key) = k.value();
+            if skip(at, key) {
+                continue;
+            }
+            out.push((at, key.to_vec()));
+            if out.len() == limit {
+                break;
+            }
+        }
+        Ok(out)
+    }
+
+    /// Whether the committed expiry index holds `(at_ms, key)`.
+    pub(crate) fn has_expiry(&self, at_ms: u64, key: &[u8]) -> Result<bool> {
+        let read = self.read_txn()?;
+        let expiry = read.open_table(EXPIRY).map_err(Error::storage)?;
+        Ok(expiry.get((at_ms, key)).map_err(Error::storage)?.is_some())
     }
 }
 

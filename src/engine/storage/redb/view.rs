@@ -146,5 +146,13 @@ pub(crate) fn open(path: &Path, verify_pages: bool) -> Result<(Database, Adopted
     })?;
     let adopted =
         adopted.ok_or_else(|| refuse("it is a redb database without idemstore tables"))?;
+    if adopted.wal.is_some() {
+        // Batches not yet checkpointed live in the write-ahead log, which this view does not
+        // read: answering from the redb file alone could show stale records.
+        return Err(Error::UnsupportedFormat {
+            found: adopted.format,
+            supported: tables::FORMAT_REDB_ONLY,
+        });
+    }
     Ok((db, adopted))
 }

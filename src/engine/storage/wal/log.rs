@@ -1,0 +1,634 @@
+//! The write-ahead log on disk: one preallocated file of fixed-size segments, written in order
+//! and recycled once a checkpoint covers them.
+//!
+//! ```text
+//! file     = segment 0 | segment 1 | ... | segment n-1       (each `segment_bytes`, zero-filled)
+//! segment  = header sector | chunk | chunk | ...              (segment seq s lives in slot s % n)
+//! header   = "IDEMWAL\x01" store_id seq first_lsn salt crc    (the first 512-byte sector)
+//! chunk    = chunk header | payload | zero padding to 512     (a batch is 1..k chunks)
+//! c.header = magic flags lsn durable_lsn next_token len part crc
+//! ```
+//!
+//! - A batch (one commit of the writer) gets the next log sequence number (LSN); its payload is
+//!   a [`Layer`](super::layer::Layer) encoding, split into chunks only when it does not fit in
+//!   the space left in a segment. It counts only if every chunk is valid, up to the last one.
+//! - Every CRC covers the segment's random salt, so the stale bytes of a recycled segment (and
+//!   client bytes that happen to look like a header) never validate.
+//! - `durable_lsn` in each chunk is the LSN up to which the log had been synced when the chunk
+//!   was written. Recovery uses it to tell a torn unsynced tail (dropped: nothing in it was
+//!   acknowledged as durable) from damage to synced batches that later ones prove were
+//!   acknowledged (the open is refused with [`Error::Corrupt`]).
+//! - One `write` per segment a batch touches and one `sync_data` per durable batch.
+//! - After recovery the log continues in a new segment (new salt), so bytes of a dropped tail
+//!   can never be read as a continuation of what is written next.
+
+use std::fmt;
+
+use redb::StorageBackend;
+
+use crate::error::{Error, Result};
+
+/// The unit of alignment: chunks start on sector boundaries, and a torn write loses whole
+/// sectors.
+pub(crate) const SECTOR: u64 = 512;
+const SEGMENT_MAGIC: &[u8; 8] = b"IDEMWAL\x01";
+const SEGMENT_HEADER_LEN: usize = 44;
+const CHUNK_MAGIC: u32 = 0x4257_4449; // "IDWB"
+const CHUNK_HEADER_LEN: u64 = 48;
+const FLAG_LAST: u32 = 1;
+
+/// The shape of a log file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Geometry {
+    /// Bytes per segment, a multiple of [`SECTOR`].
+    pub segment_bytes: u64,
+    /// Segments in the file.
+    pub segments: u64,
+}
+
+impl Geometry {
+    /// The file's length.
+    pub(crate) fn file_len(&self) -> u64 {
+        self.segment_bytes * self.segments
+    }
+
+    fn slot_offset(&self, seq: u64) -> u64 {
+        (seq % self.segments) * self.segment_bytes
+    }
+
+    fn slot(&self, seq: u64) -> usize {
+        usize::try_from(seq % self.segments).unwrap_or(0)
+    }
+}
+
+/// Why [`Log::append`] did not write.
+#[derive(Debug)]
+pub(crate) enum AppendError {
+    /// The segments the batch needs still hold batches no checkpoint covers: checkpoint, then
+    /// try again.
+    Full,
+    /// The write or the sync failed; the log accepts nothing more.
+    Failed(Error),
+}
+
+/// A segment header as read from disk.
+#[derive(Debug, Clone, Copy)]
+struct SegmentHeader {
+    seq: u64,
+    first_lsn: u64,
+    salt: u64,
+}
+
+/// A chunk header as read from disk (its CRC already checked).
+#[derive(Debug, Clone, Copy)]
+struct Chunk {
+    last: bool,
+    lsn: u64,
+    durable_lsn: u64,
+    next_token: u64,
+    part: u32,
+    /// Sector-rounded length of the whole chunk.
+    span: u64,
+}
+
+/// The write-ahead log file and where the next batch goes.
+pub(crate) struct Log {
+    file: Box<dyn StorageBackend>,
+    geometry: Geometry,
+    store_id: u64,
+    /// The segment being written (0: none yet; the next batch starts segment `seq + 1`).
+    seq: u64,
+    salt: u64,
+    /// Where the next chunk goes in the current segment.
+    offset: u64,
+    /// Start a new segment before the next batch.
+    must_advance: bool,
+    /// The LSN the next batch gets.
+    next_lsn: u64,
+    /// The highest LSN written, and the highest known to be on stable storage.
+    written_lsn: u64,
+    synced_lsn: u64,
+    /// Per slot, the highest LSN it holds (0: nothing a checkpoint has not covered).
+    slot_max_lsn: Vec<u64>,
+    salt_state: u64,
+    failed: bool,
+}
+
+impl fmt::Debug for Log {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Log")
+            .field("geometry", &self.geometry)
+            .field("seq", &self.seq)
+            .field("offset", &self.offset)
+            .field("next_lsn", &self.next_lsn)
+            .field("synced_lsn", &self.synced_lsn)
+            .finish_non_exhaustive()
+    }
+}
+
+/// What recovery found after the checkpoint.
+pub(crate) struct Recovered {
+    /// The payloads of the complete batches after the checkpoint, in LSN order.
+    pub batches: Vec<(u64, Vec<u8>)>,
+    /// The highest next token any replayed batch carried.
+    pub next_token: Option<u64>,
+}
+
+fn io_error(e: std::io::Error) -> Error {
+    Error::from_io(e)
+}
+
+fn corrupt(reason: impl Into<String>) -> Error {
+    Error::corrupt("write-ahead log", reason)
+}
+
+fn crc(salt: u64, parts: &[&[u8]]) -> u32 {
+    let mut h = crc32fast::Hasher::new();
+    h.update(&salt.to_le_bytes());
+    for p in parts {
+        h.update(p);
+    }
+    h.finalize()
+}
+
+/// The `N` bytes at `at` (zeros past the end: callers read fixed fields of fixed-size headers).
+fn bytes_at<const N: usize>(b: &[u8], at: usize) -> [u8; N] {
+    b.get(at..at + N)
+        .and_then(|s| s.try_into().ok())
+        .unwrap_or([0; N])
+}
+
+fn u64_at(b: &[u8], at: usize) -> u64 {
+    u64::from_le_bytes(bytes_at(b, at))
+}
+
+fn u32_at(b: &[u8], at: usize) -> u32 {
+    u32::from_le_bytes(bytes_at(b, at))
+}
+
+/// `b[..n]` (all of `b` if shorter).
+fn head(b: &[u8], n: usize) -> &[u8] {
+    b.get(..n).unwrap_or(b)
+}
+
+fn round_up(n: u64) -> u64 {
+    n.div_ceil(SECTOR) * SECTOR
+}
+
+fn to_usize(n: u64) -> usize {
+    usize::try_from(n).unwrap_or(usize::MAX)
+}
+
+impl Log {
+    /// Scans `file` for the batches after `checkpoint_lsn` and returns the log, ready to append
+    /// after them, with what it found. Refuses (typed [`Error::Corrupt`]) when damage is
+    /// followed by a batch proving the damaged one had been synced.
+    pub(crate) fn recover(
+        file: Box<dyn StorageBackend>,
+        geometry: Geometry,
+        store_id: u64,
+        checkpoint_lsn: u64,
+    ) -> Result<(Log, Recovered)> {
+        let len = file.len().map_err(io_error)?;
+        if len < geometry.file_len() {
+            return Err(corrupt(format!(
+                "the log file holds {len} bytes, its geometry needs {}",
+                geometry.file_len()
+            )));
+        }
+        let mut log = Log {
+            file,
+            geometry,
+            store_id,
+            seq: 0,
+            salt: 0,
+            offset: 0,
+            must_advance: true,
+            next_lsn: checkpoint_lsn + 1,
+            written_lsn: checkpoint_lsn,
+            synced_lsn: checkpoint_lsn,
+            slot_max_lsn: vec![0; to_usize(geometry.segments)],
+            salt_state: seed(),
+            failed: false,
+        };
+        let mut headers = Vec::new();
+        for slot in 0..geometry.segments {
+            if let Some(h) = log.read_segment_header(slot)? {
+                headers.push(h);
+            }
+        }
+        headers.sort_by_key(|h| h.seq);
+        let cp = checkpoint_lsn;
+        let start = headers
+            .iter()
+            .rposition(|h| h.first_lsn <= cp)
+            .or_else(|| headers.iter().position(|h| h.first_lsn == cp + 1));
+        let mut recovered = Recovered {
+            batches: Vec::new(),
+            next_token: None,
+        };
+        let mut last_seq = headers.iter().map(|h| h.seq).max().unwrap_or(0);
+        let mut end_seq = None;
+        if let Some(start) = start {
+            let mut expected: Option<(u64, u32)> = None;
+            let mut assembling: Vec<u8> = Vec::new();
+            let mut last_complete = cp;
+            let mut index = start;
+            while let Some(&header) = headers.get(index) {
+                let (end, max_lsn) = log.walk_segment(
+                    header,
+                    cp,
+                    &mut expected,
+                    &mut assembling,
+                    &mut recovered,
+                    &mut last_complete,
+                )?;
+                log.set_slot_max(header.seq, max_lsn);
+                end_seq = Some(header.seq);
+                let next = headers.get(index + 1).copied();
+                let continues = match (next, expected) {
+                    (Some(n), Some((lsn, part))) if n.seq == header.seq + 1 => log
+                        .first_chunk(n)?
+                        .is_some_and(|c| c.lsn == lsn && c.part == part),
+                    _ => false,
+                };
+                if continues {
+                    index += 1;
+                    continue;
+                }
+                // The end of the log: nothing after it may prove that a synced batch is lost.
+                let missing = expected.map_or(last_complete + 1, |(lsn, _)| lsn);
+                log.check_no_synced_after(header, end, missing)?;
+                for later in headers.get(index + 1..).unwrap_or_default() {
+                    log.check_no_synced_after(*later, SECTOR, missing)?;
+                }
+                break;
+            }
+            log.next_lsn = last_complete.max(cp) + 1;
+        } else {
+            for h in &headers {
+                log.check_no_synced_after(*h, SECTOR, cp + 1)?;
+            }
+        }
+        // Segments past the end of the log hold nothing to keep: erase their headers, so that
+        // none is ever read as a continuation of what is written next.
+        let orphans: Vec<u64> = headers
+            .iter()
+            .filter(|h| end_seq.is_none_or(|e| h.seq > e))
+            .map(|h| h.seq)
+            .collect();
+        if !orphans.is_empty() {
+            for seq in &orphans {
+                log.file
+                    .write(geometry.slot_offset(*seq), &[0u8; SECTOR as usize])
+                    .map_err(io_error)?;
+                log.set_slot_max(*seq, 0);
+            }
+            log.file.sync_data().map_err(io_error)?;
+        }
+        if let Some(e) = end_seq {
+            last_seq = e;
+        }
+        log.seq = last_seq;
+        log.written_lsn = log.next_lsn - 1;
+        log.synced_lsn = log.written_lsn;
+        Ok((log, recovered))
+    }
+
+    fn read_segment_header(&self, slot: u64) -> Result<Option<SegmentHeader>> {
+        let mut b = [0u8; SEGMENT_HEADER_LEN];
+        self.file
+            .read(slot * self.geometry.segment_bytes, &mut b)
+            .map_err(io_error)?;
+        if bytes_at::<8>(&b, 0) != *SEGMENT_MAGIC {
+            return Ok(None);
+        }
+        let stored = u32_at(&b, 40);
+        if crc(0, &[head(&b, 40)]) != stored || u64_at(&b, 8) != self.store_id {
+            return Ok(None);
+        }
+        let header = SegmentHeader {
+            seq: u64_at(&b, 16),
+            first_lsn: u64_at(&b, 24),
+            salt: u64_at(&b, 32),
+        };
+        if header.seq == 0 || header.seq % self.geometry.segments != slot {
+            return Ok(None);
+        }
+        Ok(Some(header))
+    }
+
+    /// The valid chunk at `offset` of `segment`, with its payload, if there is one.
+    fn read_chunk(
+        &self,
+        segment: SegmentHeader,
+        offset: u64,
+        payload: &mut Vec<u8>,
+    ) -> Result<Option<Chunk>> {
+        let seg_end = self.geometry.segment_bytes;
+        if offset + CHUNK_HEADER_LEN > seg_end {
+            return Ok(None);
+        }
+        let base = self.geometry.slot_offset(segment.seq);
+        let mut h = [0u8; CHUNK_HEADER_LEN as usize];
+        self.file.read(base + offset, &mut h).map_err(io_error)?;
+        if u32_at(&h, 0) != CHUNK_MAGIC {
+            return Ok(None);
+        }
+        let len = u64::from(u32_at(&h, 36));
+        if offset + CHUNK_HEADER_LEN + len > seg_end {
+            return Ok(None);
+        }
+        payload.clear();
+        payload.resize(to_usize(len), 0);
+        self.file
+            .read(base + offset + CHUNK_HEADER_LEN, payload)
+            .map_err(io_error)?;
+        if crc(segment.salt, &[head(&h, 44), payload]) != u32_at(&h, 44) {
+            return Ok(None);
+        }
+        Ok(Some(Chunk {
+            last: u32_at(&h, 4) & FLAG_LAST != 0,
+            lsn: u64_at(&h, 8),
+            durable_lsn: u64_at(&h, 16),
+            next_token: u64_at(&h, 24),
+            part: u32_at(&h, 40),
+            span: round_up(CHUNK_HEADER_LEN + len),
+        }))
+    }
+
+    fn first_chunk(&self, segment: SegmentHeader) -> Result<Option<Chunk>> {
+        let mut payload = Vec::new();
+        self.read_chunk(segment, SECTOR, &mut payload)
+    }
+
+    /// Reads the chunks of one segment that continue the log. Returns where they end and the
+    /// highest LSN among them.
+    fn walk_segment(
+        &self,
+        segment: SegmentHeader,
+        checkpoint_lsn: u64,
+        expected: &mut Option<(u64, u32)>,
+        assembling: &mut Vec<u8>,
+        recovered: &mut Recovered,
+        last_complete: &mut u64,
+    ) -> Result<(u64, u64)> {
+        let mut offset = SECTOR;
+        let mut max_lsn = 0;
+        let mut payload = Vec::new();
+        while let Some(chunk) = self.read_chunk(segment, offset, &mut payload)? {
+            let fits = match *expected {
+                Some((lsn, part)) => chunk.lsn == lsn && chunk.part == part,
+                // The first chunk read: a batch the checkpoint covers, or the one after it.
+                None => {
+                    chunk.lsn <= checkpoint_lsn
+                        || (chunk.lsn == checkpoint_lsn + 1 && chunk.part == 0)
+                }
+            };
+            if !fits {
+                break;
+            }
+            if chunk.lsn > checkpoint_lsn {
+                if chunk.part == 0 {
+                    assembling.clear();
+                }
+                assembling.extend_from_slice(&payload);
+            }
+            if chunk.last {
+                if chunk.lsn > checkpoint_lsn {
+                    recovered
+                        .batches
+                        .push((chunk.lsn, std::mem::take(assembling)));
+                    recovered.next_token = recovered.next_token.max(Some(chunk.next_token));
+                }
+                *last_complete = (*last_complete).max(chunk.lsn);
+                *expected = Some((chunk.lsn + 1, 0));
+            } else {
+                *expected = Some((chunk.lsn, chunk.part + 1));
+            }
+            max_lsn = max_lsn.max(chunk.lsn);
+            offset += chunk.span;
+        }
+        Ok((offset, max_lsn))
+    }
+
+    /// Refuses the log if any valid chunk of `segment` at or after `from` says the log had
+    /// been synced through `missing`: that batch was acknowledged and cannot be read back.
+    fn check_no_synced_after(&self, segment: SegmentHeader, from: u64, missing: u64) -> Result<()> {
+        let mut offset = from.max(SECTOR);
+        let mut payload = Vec::new();
+        while offset + CHUNK_HEADER_LEN <= self.geometry.segment_bytes {
+            if let Some(chunk) = self.read_chunk(segment, offset, &mut payload)?
+                && chunk.durable_lsn >= missing
+            {
+                return Err(corrupt(format!(
+                    "batch {missing} is damaged or missing, but batch {} after it shows it \
+                     had been synced: acknowledged writes would be lost, so the store is not \
+                     opened (restore the files from a backup, or inspect them)",
+                    chunk.lsn
+                )));
+            }
+            offset += SECTOR;
+        }
+        Ok(())
+    }
+
+    /// The highest LSN the slot of segment `seq` holds.
+    fn slot_max(&self, seq: u64) -> u64 {
+        self.slot_max_lsn
+            .get(self.geometry.slot(seq))
+            .copied()
+            .unwrap_or(0)
+    }
+
+    fn set_slot_max(&mut self, seq: u64, lsn: u64) {
+        let slot = self.geometry.slot(seq);
+        if let Some(max) = self.slot_max_lsn.get_mut(slot) {
+            *max = lsn;
+        }
+    }
+
+    /// The LSN the next batch gets.
+    pub(crate) fn next_lsn(&self) -> u64 {
+        self.next_lsn
+    }
+
+    /// Appends one batch; with `durable`, returns only after the sync that covers it. Returns
+    /// the batch's LSN.
+    pub(crate) fn append(
+        &mut self,
+        payload: &[u8],
+        next_token: u64,
+        durable: bool,
+        checkpoint_lsn: u64,
+    ) -> std::result::Result<u64, AppendError> {
+        if self.failed {
+            return Err(AppendError::Failed(Error::Internal(
+                "the write-ahead log failed earlier and accepts no more writes".into(),
+            )));
+        }
+        let lsn = self.next_lsn;
+        let g = self.geometry;
+        // Plan every write first; nothing changes unless all of it can go ahead.
+        let mut seq = self.seq;
+        let mut salt = self.salt;
+        let mut offset = self.offset;
+        let mut advance = self.must_advance || seq == 0;
+        let mut writes: Vec<(u64, Vec<u8>)> = Vec::new();
+        let mut new_slots = Vec::new();
+        let mut rest = payload;
+        let mut part = 0u32;
+        loop {
+            if !advance && offset + CHUNK_HEADER_LEN + SECTOR > g.segment_bytes {
+                advance = true;
+            }
+            if advance {
+                seq += 1;
+                let slot = g.slot(seq);
+                if self.slot_max(seq) > checkpoint_lsn || new_slots.contains(&slot) {
+                    return Err(AppendError::Full);
+                }
+                new_slots.push(slot);
+                salt = self.next_salt();
+                let mut header = Vec::with_capacity(SECTOR as usize);
+                header.extend_from_slice(SEGMENT_MAGIC);
+                header.extend_from_slice(&self.store_id.to_le_bytes());
+                header.extend_from_slice(&seq.to_le_bytes());
+                header.extend_from_slice(&lsn.to_le_bytes());
+                header.extend_from_slice(&salt.to_le_bytes());
+                let c = crc(0, &[&header]);
+                header.extend_from_slice(&c.to_le_bytes());
+                header.resize(SECTOR as usize, 0);
+                writes.push((g.slot_offset(seq), header));
+                offset = SECTOR;
+            }
+            let room = g.segment_bytes - offset - CHUNK_HEADER_LEN;
+            let take = rest.len().min(to_usize(room));
+            let (now, later) = rest.split_at(take);
+            let last = later.is_empty();
+            let len32 = u32::try_from(now.len()).unwrap_or(u32::MAX);
+            let mut h = Vec::with_capacity(CHUNK_HEADER_LEN as usize);
+            h.extend_from_slice(&CHUNK_MAGIC.to_le_bytes());
+            h.extend_from_slice(&(if last { FLAG_LAST } else { 0 }).to_le_bytes());
+            h.extend_from_slice(&lsn.to_le_bytes());
+            h.extend_from_slice(&self.synced_lsn.to_le_bytes());
+            h.extend_from_slice(&next_token.to_le_bytes());
+            h.extend_from_slice(&0u32.to_le_bytes());
+            h.extend_from_slice(&len32.to_le_bytes());
+            h.extend_from_slice(&part.to_le_bytes());
+            let c = crc(salt, &[&h, now]);
+            h.extend_from_slice(&c.to_le_bytes());
+            let span = round_up(CHUNK_HEADER_LEN + now.len() as u64);
+            // Append to this segment's write (it follows the header or the previous chunk).
+            let base = g.slot_offset(seq);
+            let buf = match writes.last_mut() {
+                Some((at, buf)) if *at + buf.len() as u64 == base + offset => buf,
+                _ => {
+                    writes.push((base + offset, Vec::new()));
+                    &mut writes.last_mut().expect("just pushed").1
+                }
+            };
+            let start = buf.len();
+            buf.extend_from_slice(&h);
+            buf.extend_from_slice(now);
+            buf.resize(start + to_usize(span), 0);
+            offset += span;
+            rest = later;
+            if last {
+                break;
+            }
+            part += 1;
+            advance = true;
+        }
+        for (at, buf) in &writes {
+            if let Err(e) = self.file.write(*at, buf) {
+                self.failed = true;
+                return Err(AppendError::Failed(io_error(e)));
+            }
+        }
+        if durable && let Err(e) = self.file.sync_data() {
+            self.failed = true;
+            return Err(AppendError::Failed(io_error(e)));
+        }
+        for slot in new_slots {
+            if let Some(max) = self.slot_max_lsn.get_mut(slot) {
+                *max = lsn;
+            }
+        }
+        self.set_slot_max(seq, self.slot_max(seq).max(lsn));
+        self.seq = seq;
+        self.salt = salt;
+        self.offset = offset;
+        self.must_advance = false;
+        self.next_lsn = lsn + 1;
+        self.written_lsn = lsn;
+        if durable {
+            self.synced_lsn = lsn;
+        }
+        Ok(lsn)
+    }
+
+    /// Makes every written batch durable (one `sync_data`, if any is unsynced).
+    pub(crate) fn sync(&mut self) -> Result<()> {
+        if self.failed {
+            return Err(Error::Internal(
+                "the write-ahead log failed earlier and accepts no more writes".into(),
+            ));
+        }
+        if self.written_lsn > self.synced_lsn {
+            if let Err(e) = self.file.sync_data() {
+                self.failed = true;
+                return Err(io_error(e));
+            }
+            self.synced_lsn = self.written_lsn;
+        }
+        Ok(())
+    }
+
+    /// Bytes of the log holding batches no checkpoint covers (whole segments, approximately).
+    pub(crate) fn live_segments(&self, checkpoint_lsn: u64) -> u64 {
+        self.slot_max_lsn
+            .iter()
+            .filter(|&&max| max > checkpoint_lsn)
+            .count() as u64
+    }
+
+    fn next_salt(&mut self) -> u64 {
+        // splitmix64 over a seed taken from the clock and the process at open.
+        self.salt_state = self.salt_state.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.salt_state;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+}
+
+/// A seed for segment salts that differs between opens: the time, the process, and the
+/// randomly keyed std hasher.
+pub(crate) fn seed() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos()),
+    );
+    h.write_u32(std::process::id());
+    h.finish()
+}
+
+/// Writes a new log file's full length in zeros and syncs it: later batches overwrite
+/// preallocated blocks, which is cheaper to sync than growing the file.
+pub(crate) fn preallocate(file: &dyn StorageBackend, geometry: Geometry) -> Result<()> {
+    const STEP: u64 = 1 << 20;
+    file.set_len(geometry.file_len()).map_err(io_error)?;
+    let zeros = vec![0u8; to_usize(STEP)];
+    let mut at = 0;
+    while at < geometry.file_len() {
+        let n = STEP.min(geometry.file_len() - at);
+        file.write(at, head(&zeros, to_usize(n)))
+            .map_err(io_error)?;
+        at += n;
+    }
+    file.sync_data().map_err(io_error)
+}

@@ -1,0 +1,641 @@
+//! The write-ahead-log implementation of the storage seam (format 2): a log file in front of
+//! the redb tables, a record map in memory, and a checkpointer thread.
+//!
+//! - **Write**: a batch collects its changes in a [`Layer`]; the commit appends the layer to
+//!   the log ([`log`]: one write, and one `sync_data` for a durable batch), then lays it over
+//!   the map's *active* layer. Readers see a batch only after that, so never before its sync.
+//! - **Read**: the active layer, then the *frozen* one (being checkpointed), then redb.
+//! - **Checkpoint**: the active layer is frozen (under the writer's lock, so between batches),
+//!   written into redb in one durable transaction that records the last LSN it covers, and
+//!   then dropped; only then are the log segments it covered recycled. It runs every
+//!   `checkpoint_interval`, when the active layer passes half the memory budget, and when the
+//!   log has no free segment. Past the whole budget, the writer waits for the running
+//!   checkpoint (back-pressure): memory never grows without bound.
+//! - **Recovery**: open redb, replay the log's batches after the checkpoint LSN into the active
+//!   layer ([`log::Log::recover`]), resume tokens above both.
+//!
+//! A failed log write or sync fails its batch as outcome unknown and the store stops writing
+//! (no retried fsync); a failed checkpoint loses nothing (the log still holds every batch, and
+//! the frozen layer stays readable) and also stops writes until the store is reopened, which
+//! replays the log.
+
+pub(crate) mod layer;
+pub(crate) mod log;
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use parking_lot::{Condvar, Mutex, RwLock};
+
+use crate::core::record::Record;
+use crate::engine::codec;
+use crate::engine::storage::redb::RedbStorage;
+use crate::engine::storage::{Batch, Counts, Storage, Stored};
+use crate::error::{Error, Result};
+use layer::{Layer, Lookup};
+use log::{AppendError, Geometry, Log};
+
+/// How a store's write-ahead log behaves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct WalConfig {
+    /// The longest time a change stays in the map before a checkpoint writes it into redb
+    /// (zero: a checkpoint after every batch).
+    pub checkpoint_interval: Duration,
+    /// The map's memory budget in bytes: a checkpoint starts at half of it, and writers wait
+    /// past it.
+    pub memory_budget: usize,
+}
+
+/// The write-ahead log's figures in [`Stats::wal`](crate::Stats::wal): how far checkpoints
+/// trail the log, and the memory and log space that takes.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct WalStats {
+    /// Bytes of records and index entries held in memory until a checkpoint writes them.
+    pub map_bytes: u64,
+    /// Bytes of log segments holding batches no checkpoint covers yet.
+    pub log_bytes: u64,
+    /// Batches committed since the last completed checkpoint (the checkpoint lag).
+    pub checkpoint_lag_batches: u64,
+    /// Milliseconds since the last completed checkpoint (or since open).
+    pub checkpoint_lag_ms: u64,
+    /// Checkpoints completed since open.
+    pub checkpoints: u64,
+    /// How long the last checkpoint took, in milliseconds.
+    pub last_checkpoint_ms: u64,
+}
+
+#[derive(Default)]
+struct Layers {
+    active: Layer,
+    frozen: Option<Arc<Layer>>,
+}
+
+#[derive(Default)]
+struct Control {
+    /// A frozen layer waits to be written.
+    requested: bool,
+    stop: bool,
+    checkpoints: u64,
+    last_checkpoint_ms: u64,
+}
+
+struct Inner {
+    base: RedbStorage,
+    /// The log and the writer's lock: held for a whole batch, and to freeze the active layer.
+    log: Mutex<Log>,
+    layers: RwLock<Layers>,
+    /// Held (write) by a checkpoint from its redb commit until it drops the frozen layer, and
+    /// (read) by whole-store reads that combine the map with redb.
+    gate: RwLock<()>,
+    control: Mutex<Control>,
+    /// Signalled when a checkpoint is requested, ends, or the store stops.
+    changed: Condvar,
+    checkpoint_lsn: AtomicU64,
+    next_token: AtomicU64,
+    last_checkpoint_at: Mutex<Instant>,
+    failed: Mutex<Option<Error>>,
+    config: WalConfig,
+    geometry: Geometry,
+}
+
+/// The storage: redb behind a write-ahead log and a record map.
+pub(crate) struct WalStorage {
+    inner: Arc<Inner>,
+    checkpointer: Mutex<Option<JoinHandle<()>>>,
+}
+
+impl WalStorage {
+    /// Replays `log_file` over `base` (whose checkpoint LSN is `checkpoint_lsn`) and starts
+    /// the checkpointer. Returns the storage and the next fencing token to use.
+    pub(crate) fn open(
+        base: RedbStorage,
+        log_file: Box<dyn redb::StorageBackend>,
+        geometry: Geometry,
+        store_id: u64,
+        checkpoint_lsn: u64,
+        next_token: u64,
+        config: WalConfig,
+    ) -> Result<(WalStorage, u64)> {
+        let (log, recovered) = Log::recover(log_file, geometry, store_id, checkpoint_lsn)?;
+        let mut active = Layer::default();
+        for (lsn, payload) in &recovered.batches {
+            let mut batch = Layer::decode(payload)?;
+            batch.last_lsn = *lsn;
+            active.absorb(batch);
+        }
+        let next_token = next_token.max(recovered.next_token.unwrap_or(0));
+        if !recovered.batches.is_empty() {
+            tracing::info!(
+                batches = recovered.batches.len(),
+                checkpoint_lsn,
+                "replayed the write-ahead log"
+            );
+        }
+        let inner = Arc::new(Inner {
+            base,
+            log: Mutex::new(log),
+            layers: RwLock::new(Layers {
+                active,
+                frozen: None,
+            }),
+            gate: RwLock::new(()),
+            control: Mutex::new(Control::default()),
+            changed: Condvar::new(),
+            checkpoint_lsn: AtomicU64::new(checkpoint_lsn),
+            next_token: AtomicU64::new(next_token),
+            last_checkpoint_at: Mutex::new(Instant::now()),
+            failed: Mutex::new(None),
+            config,
+            geometry,
+        });
+        let worker = Arc::clone(&inner);
+        let checkpointer = std::thread::Builder::new()
+            .name("idemstore-checkpointer".into())
+            .spawn(move || worker.run_checkpointer())
+            .map_err(Error::from_io)?;
+        Ok((
+            WalStorage {
+                inner,
+                checkpointer: Mutex::new(Some(checkpointer)),
+            },
+            next_token,
+        ))
+    }
+
+    /// Figures for `Stats`.
+    pub(crate) fn figures(&self) -> WalStats {
+        self.inner.figures()
+    }
+}
+
+impl Drop for WalStorage {
+    /// Stops the checkpointer after a last checkpoint, so that the next open replays nothing.
+    fn drop(&mut self) {
+        self.inner.control.lock().stop = true;
+        self.inner.changed.notify_all();
+        if let Some(handle) = self.checkpointer.lock().take() {
+            let _ = handle.join();
+        }
+    }
+}
+
+impl Inner {
+    fn failure(&self) -> Option<Error> {
+        self.failed.lock().clone()
+    }
+
+    fn fail(&self, e: &Error) {
+        let mut failed = self.failed.lock();
+        if failed.is_none() {
+            *failed = Some(e.clone());
+        }
+        drop(failed);
+        self.changed.notify_all();
+    }
+
+    /// The record under `key` in the map or, failing that, in redb.
+    fn read(&self, key: &[u8]) -> Result<Option<Stored>> {
+        {
+            let layers = self.layers.read();
+            let frozen = layers.frozen.as_deref();
+            for layer in std::iter::once(&layers.active).chain(frozen) {
+                match layer.lookup(key) {
+                    Lookup::Found(bytes) => return Ok(Some(codec::decode(key, &bytes))),
+                    Lookup::Removed => return Ok(None),
+                    Lookup::Unknown => {}
+                }
+            }
+        }
+        // A frozen layer is dropped only after redb serves its changes, so a key it held is
+        // found in redb now.
+        self.base.read(key)
+    }
+
+    fn scope_records(&self, scope: &[u8]) -> Result<u64> {
+        {
+            let layers = self.layers.read();
+            if let Some(count) = layers.active.scopes.get(scope) {
+                return Ok(*count);
+            }
+            if let Some(count) = layers.frozen.as_ref().and_then(|f| f.scopes.get(scope)) {
+                return Ok(*count);
+            }
+        }
+        self.base.scope_records(scope)
+    }
+
+    /// Freezes the active layer if it holds anything and no checkpoint is pending; with the
+    /// writer's lock held (`_log`), so between batches.
+    fn freeze(&self, _log: &Log) -> bool {
+        let mut layers = self.layers.write();
+        if layers.frozen.is_some() || layers.active.is_empty() {
+            return false;
+        }
+        let active = std::mem::take(&mut layers.active);
+        layers.frozen = Some(Arc::new(active));
+        drop(layers);
+        self.control.lock().requested = true;
+        self.changed.notify_all();
+        true
+    }
+
+    /// Waits until no frozen layer is pending (the checkpoint ended) or the store failed.
+    fn wait_for_checkpoint(&self) -> Result<()> {
+        let mut control = self.control.lock();
+        loop {
+            if let Some(e) = self.failure() {
+                return Err(e);
+            }
+            if self.layers.read().frozen.is_none() {
+                return Ok(());
+            }
+            self.changed
+                .wait_for(&mut control, Duration::from_millis(100));
+        }
+    }
+
+    /// Checkpoints everything written so far, with the writer's lock held: the log has no room.
+    fn checkpoint_all(&self, log: &Log) -> Result<()> {
+        self.wait_for_checkpoint()?;
+        if self.freeze(log) {
+            self.wait_for_checkpoint()?;
+        }
+        Ok(())
+    }
+
+    fn write(
+        &self,
+        durable: bool,
+        apply: &mut dyn FnMut(&mut dyn Batch) -> Result<()>,
+    ) -> Result<()> {
+        let mut log = self.log.lock();
+        if let Some(e) = self.failure() {
+            return Err(e);
+        }
+        let mut batch = WalBatch {
+            inner: self,
+            layer: Layer::default(),
+        };
+        apply(&mut batch)?;
+        let mut layer = batch.layer;
+        if layer.is_empty() {
+            // Nothing to log: a durable empty batch is a flush of what was written unsynced.
+            if durable {
+                log.sync().map_err(|e| {
+                    self.fail(&e);
+                    outcome_unknown(e)
+                })?;
+            }
+            return Ok(());
+        }
+        let payload = layer.encode();
+        let token = layer
+            .next_token
+            .unwrap_or_else(|| self.next_token.load(Ordering::SeqCst));
+        let mut retried = false;
+        let lsn = loop {
+            let checkpoint_lsn = self.checkpoint_lsn.load(Ordering::SeqCst);
+            match log.append(&payload, token, durable, checkpoint_lsn) {
+                Ok(lsn) => break lsn,
+                Err(AppendError::Full) if !retried => {
+                    self.checkpoint_all(&log)?;
+                    retried = true;
+                }
+                Err(AppendError::Full) => {
+                    let e = Error::Internal(format!(
+                        "a batch of {} bytes does not fit in the write-ahead log",
+                        payload.len()
+                    ));
+                    self.fail(&e);
+                    return Err(e);
+                }
+                Err(AppendError::Failed(e)) => {
+                    self.fail(&e);
+                    return Err(outcome_unknown(e));
+                }
+            }
+        };
+        self.next_token.store(token, Ordering::SeqCst);
+        layer.last_lsn = lsn;
+        let (bytes, frozen) = {
+            let mut layers = self.layers.write();
+            layers.active.absorb(layer);
+            (layers.active.bytes, layers.frozen.is_some())
+        };
+        let budget = self.config.memory_budget;
+        if bytes >= budget / 2 || self.config.checkpoint_interval.is_zero() {
+            if frozen && bytes >= budget {
+                // Back-pressure: the checkpointer is behind; wait for it before taking more.
+                self.wait_for_checkpoint()?;
+            }
+            self.freeze(&log);
+        }
+        Ok(())
+    }
+
+    fn run_checkpointer(&self) {
+        loop {
+            let stop = {
+                let mut control = self.control.lock();
+                if !control.requested && !control.stop {
+                    let timeout = self
+                        .config
+                        .checkpoint_interval
+                        .max(Duration::from_millis(1));
+                    self.changed.wait_for(&mut control, timeout);
+                }
+                control.requested = false;
+                control.stop
+            };
+            if self.failure().is_some() {
+                if stop {
+                    return;
+                }
+                continue;
+            }
+            if self.layers.read().frozen.is_none() {
+                let due =
+                    self.last_checkpoint_at.lock().elapsed() >= self.config.checkpoint_interval;
+                if (due || stop) && !self.layers.read().active.is_empty() {
+                    let log = self.log.lock();
+                    self.freeze(&log);
+                }
+            }
+            let frozen = self.layers.read().frozen.clone();
+            if let Some(frozen) = frozen {
+                self.checkpoint(&frozen);
+            } else {
+                *self.last_checkpoint_at.lock() = Instant::now();
+            }
+            if stop && self.layers.read().frozen.is_none() {
+                return;
+            }
+        }
+    }
+
+    /// Writes the frozen layer into redb, then drops it.
+    fn checkpoint(&self, frozen: &Layer) {
+        let started = Instant::now();
+        let span = tracing::debug_span!("idemstore.checkpoint", bytes = frozen.bytes);
+        let _entered = span.enter();
+        let gate = self.gate.write();
+        if let Err(e) = self.base.checkpoint(frozen, frozen.last_lsn) {
+            drop(gate);
+            tracing::error!(error = %e, "a checkpoint failed; the store accepts no more writes until reopened (the log keeps every acknowledged batch)");
+            self.fail(&e);
+            return;
+        }
+        self.layers.write().frozen = None;
+        self.checkpoint_lsn.store(frozen.last_lsn, Ordering::SeqCst);
+        drop(gate);
+        *self.last_checkpoint_at.lock() = Instant::now();
+        {
+            let mut control = self.control.lock();
+            control.checkpoints += 1;
+            control.last_checkpoint_ms =
+                u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
+        }
+        self.changed.notify_all();
+    }
+
+    fn figures(&self) -> WalStats {
+        let map_bytes = {
+            let layers = self.layers.read();
+            layers.active.bytes + layers.frozen.as_ref().map_or(0, |f| f.bytes)
+        };
+        let checkpoint_lsn = self.checkpoint_lsn.load(Ordering::SeqCst);
+        let (live_segments, next_lsn) = {
+            let log = self.log.lock();
+            (log.live_segments(checkpoint_lsn), log.next_lsn())
+        };
+        let control = self.control.lock();
+        WalStats {
+            map_bytes: map_bytes as u64,
+            log_bytes: live_segments * self.geometry.segment_bytes,
+            checkpoint_lag_batches: next_lsn.saturating_sub(checkpoint_lsn + 1),
+            checkpoint_lag_ms: u64::try_from(self.last_checkpoint_at.lock().elapsed().as_millis())
+                .unwrap_or(u64::MAX),
+            checkpoints: control.checkpoints,
+            last_checkpoint_ms: control.last_checkpoint_ms,
+        }
+    }
+
+    /// The map's changes (frozen, then active over it), for whole-store reads.
+    fn overlay(&self) -> Layer {
+        let layers = self.layers.read();
+        let mut merged = layers.frozen.as_deref().cloned().unwrap_or_default();
+        merged.absorb(layers.active.clone());
+        merged
+    }
+}
+
+fn outcome_unknown(e: Error) -> Error {
+    match e {
+        e @ Error::CommitOutcomeUnknown { .. } => e,
+        e => Error::CommitOutcomeUnknown {
+            source: Box::new(e),
+        },
+    }
+}
+
+impl Storage for WalStorage {
+    fn read(&self, key: &[u8]) -> Result<Option<Stored>> {
+        self.inner.read(key)
+    }
+
+    fn scan(&self, visit: &mut dyn FnMut(&[u8], Stored) -> bool) -> Result<()> {
+        let _gate = self.inner.gate.read();
+        let overlay = self.inner.overlay();
+        let mut changed: BTreeMap<&[u8], &Option<Arc<[u8]>>> = overlay
+            .records
+            .iter()
+            .map(|(k, v)| (k.as_slice(), v))
+            .collect();
+        let mut go_on = true;
+        // Emits the map's records ordered before `upto` (all of them for `None`).
+        let emit_before = |upto: Option<&[u8]>,
+                           changed: &mut BTreeMap<&[u8], &Option<Arc<[u8]>>>,
+                           visit: &mut dyn FnMut(&[u8], Stored) -> bool|
+         -> bool {
+            while let Some((&k, _)) = changed.first_key_value() {
+                if upto.is_some_and(|u| k >= u) {
+                    break;
+                }
+                let (k, v) = changed.pop_first().expect("non-empty");
+                if let Some(bytes) = v
+                    && !visit(k, codec::decode(k, bytes))
+                {
+                    return false;
+                }
+            }
+            true
+        };
+        self.inner.base.scan(&mut |key, stored| {
+            if !emit_before(Some(key), &mut changed, visit) {
+                go_on = false;
+                return false;
+            }
+            match changed.remove(key) {
+                Some(Some(bytes)) => {
+                    go_on = visit(key, codec::decode(key, bytes));
+                }
+                Some(None) => {}
+                None => go_on = visit(key, stored),
+            }
+            go_on
+        })?;
+        if go_on {
+            emit_before(None, &mut changed, visit);
+        }
+        Ok(())
+    }
+
+    fn scope_records(&self, scope: &[u8]) -> Result<u64> {
+        self.inner.scope_records(scope)
+    }
+
+    fn counts(&self) -> Result<Counts> {
+        let _gate = self.inner.gate.read();
+        let overlay = self.inner.overlay();
+        let mut counts = self.inner.base.counts()?;
+        for (key, value) in &overlay.records {
+            let below = self.inner.base.read(key)?.is_some();
+            match (below, value.is_some()) {
+                (false, true) => counts.records += 1,
+                (true, false) => counts.records = counts.records.saturating_sub(1),
+                _ => {}
+            }
+        }
+        for ((at, key), present) in &overlay.expiry {
+            let below = self.inner.base.has_expiry(*at, key)?;
+            match (below, *present) {
+                (false, true) => counts.expiry_entries += 1,
+                (true, false) => counts.expiry_entries = counts.expiry_entries.saturating_sub(1),
+                _ => {}
+            }
+        }
+        Ok(counts)
+    }
+
+    fn write(
+        &self,
+        durable: bool,
+        apply: &mut dyn FnMut(&mut dyn Batch) -> Result<()>,
+    ) -> Result<()> {
+        self.inner.write(durable, apply)
+    }
+
+    fn release_reads(&self) {
+        self.inner.base.release_reads();
+    }
+
+    fn wal_figures(&self) -> Option<WalStats> {
+        Some(self.figures())
+    }
+}
+
+/// One batch: its own changes over the map and redb.
+struct WalBatch<'a> {
+    inner: &'a Inner,
+    layer: Layer,
+}
+
+impl Batch for WalBatch<'_> {
+    fn get(&mut self, key: &[u8]) -> Result<Option<Stored>> {
+        match self.layer.lookup(key) {
+            Lookup::Found(bytes) => Ok(Some(codec::decode(key, &bytes))),
+            Lookup::Removed => Ok(None),
+            Lookup::Unknown => self.inner.read(key),
+        }
+    }
+
+    fn put(&mut self, key: &[u8], record: &Record) -> Result<()> {
+        let bytes: Arc<[u8]> = Arc::from(codec::encode(key, record));
+        self.layer.set_record(key, Some(bytes));
+        Ok(())
+    }
+
+    fn remove(&mut self, key: &[u8]) -> Result<()> {
+        // A removal of a key that is not stored is harmless: the checkpoint's remove finds
+        // nothing, and counts compare with what is below.
+        self.layer.set_record(key, None);
+        Ok(())
+    }
+
+    fn remove_if(&mut self, key: &[u8], goes: &mut dyn FnMut(&Stored) -> bool) -> Result<bool> {
+        let Some(stored) = self.get(key)? else {
+            return Ok(false);
+        };
+        if goes(&stored) {
+            self.layer.set_record(key, None);
+            return Ok(true);
+        }
+        Ok(false)
+    }
+
+    fn index(&mut self, at_ms: u64, key: &[u8]) -> Result<()> {
+        self.layer.set_expiry(at_ms, key, true);
+        Ok(())
+    }
+
+    fn unindex(&mut self, at_ms: u64, key: &[u8]) -> Result<()> {
+        self.layer.set_expiry(at_ms, key, false);
+        Ok(())
+    }
+
+    fn due(&mut self, now_ms: u64, limit: usize) -> Result<Vec<(u64, Vec<u8>)>> {
+        // The map's and this batch's word on every due entry they changed, newest last.
+        let upto = (now_ms.saturating_add(1), Vec::new());
+        let mut marks: BTreeMap<(u64, Vec<u8>), bool> = BTreeMap::new();
+        {
+            let layers = self.inner.layers.read();
+            let frozen = layers.frozen.as_deref();
+            for layer in frozen.into_iter().chain(std::iter::once(&layers.active)) {
+                for (entry, present) in layer.expiry.range(..upto.clone()) {
+                    marks.insert(entry.clone(), *present);
+                }
+            }
+        }
+        for (entry, present) in self.layer.expiry.range(..upto) {
+            marks.insert(entry.clone(), *present);
+        }
+        let committed = self.inner.base.due_except(now_ms, limit, &|at, key| {
+            marks.contains_key(&(at, key.to_vec()))
+        })?;
+        let mut due: Vec<(u64, Vec<u8>)> = marks
+            .into_iter()
+            .filter(|(_, present)| *present)
+            .map(|(entry, _)| entry)
+            .take(limit)
+            .chain(committed)
+            .collect();
+        due.sort();
+        due.truncate(limit);
+        Ok(due)
+    }
+
+    fn any_due(&mut self, now_ms: u64) -> Result<bool> {
+        Ok(!self.due(now_ms, 1)?.is_empty())
+    }
+
+    fn scope_records(&mut self, scope: &[u8]) -> Result<u64> {
+        match self.layer.scopes.get(scope) {
+            Some(count) => Ok(*count),
+            None => self.inner.scope_records(scope),
+        }
+    }
+
+    fn set_scope_records(&mut self, scope: &[u8], count: u64) -> Result<()> {
+        self.layer.set_scope(scope, count);
+        Ok(())
+    }
+
+    fn set_next_token(&mut self, token: u64) -> Result<()> {
+        self.layer.next_token = Some(token);
+        Ok(())
+    }
+}

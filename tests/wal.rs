@@ -1,0 +1,283 @@
+//! The write-ahead log (format 2, `StoreBuilder::write_ahead_log`): what it acknowledges
+//! survives reopen, a crash and a power cut; checkpoints move it into the database file and
+//! recycle the log; damage that would lose an acknowledged batch is refused; a format-1 store
+//! upgrades; failed log writes and syncs never acknowledge.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use idemstore::testkit::{Call, Fault, SimDisk, Target};
+use idemstore::{Claim, Error, ReadOnlyStore, RecordState, Store, StoreBuilder};
+
+fn wal_builder(clock: &idemstore::ManualClock) -> StoreBuilder {
+    Store::builder()
+        .clock(clock.clone())
+        .sweep_interval(None)
+        .write_ahead_log(true)
+        .wal_segment_bytes(1 << 20)
+}
+
+/// Claims and completes `n` keys from `from`, each with an outcome of `size` bytes.
+fn complete_keys(store: &Store, from: u32, n: u32, size: usize) -> TestResult {
+    for i in from..from + n {
+        let lease = acquired(store.claim("s", format!("k{i}"), "fp", &opts(60_000))?);
+        let mut outcome = vec![(i % 251) as u8; size];
+        outcome[..4].copy_from_slice(&i.to_le_bytes());
+        store.complete(&lease, &outcome, DAY)?;
+    }
+    Ok(())
+}
+
+/// Asserts that keys `from..from + n` replay their outcomes.
+fn assert_replays(store: &Store, from: u32, n: u32, size: usize) -> TestResult {
+    for i in from..from + n {
+        let r = replay(store.claim("s", format!("k{i}"), "fp", &opts(60_000))?);
+        assert_eq!(r.outcome.len(), size, "key k{i}");
+        assert_eq!(r.outcome[..4], i.to_le_bytes(), "key k{i}");
+    }
+    Ok(())
+}
+
+#[test]
+fn acknowledged_writes_survive_reopen_and_a_format_2_store_opens_with_its_log() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let path = dir.path().join("idem.redb");
+    let clock = clock();
+    {
+        let store = wal_builder(&clock).open(&path)?;
+        complete_keys(&store, 0, 200, 100)?;
+        assert!(store.forget("s", "k7")?);
+        let stats = store.stats()?;
+        assert_eq!(stats.records, 199);
+        assert!(stats.wal.is_some());
+        store.close()?;
+    }
+    assert!(dir.path().join("idem.redb.wal").exists());
+    // Without the builder setting: a format-2 store always opens with its log.
+    let store = file_store(&path, &clock);
+    assert!(store.stats()?.wal.is_some());
+    assert_replays(&store, 0, 7, 100)?;
+    assert_replays(&store, 8, 192, 100)?;
+    assert!(store.get("s", "k7")?.is_none());
+    assert_eq!(store.stats()?.records, 199);
+    drop(store);
+    // The read-only view does not read the log: it refuses rather than show stale records.
+    match ReadOnlyStore::open(&path) {
+        Err(Error::UnsupportedFormat { found: 2, .. }) => {}
+        other => panic!("expected UnsupportedFormat, got {other:?}"),
+    }
+    Ok(())
+}
+
+#[test]
+fn checkpoints_move_the_log_into_the_database_and_recycle_its_segments() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let path = dir.path().join("idem.redb");
+    let clock = clock();
+    // Two 1 MiB segments; 6 MiB of outcomes: the log must be recycled several times.
+    let store = wal_builder(&clock)
+        .wal_segment_bytes(1 << 20)
+        .wal_segments(2)
+        .checkpoint_interval(Duration::from_secs(3600))
+        .open(&path)?;
+    complete_keys(&store, 0, 96, 64 * 1024)?;
+    let wal = store.stats()?.wal.expect("a log");
+    assert!(wal.checkpoints >= 2, "{wal:?}");
+    assert_replays(&store, 0, 96, 64 * 1024)?;
+    store.close()?;
+    let store = wal_builder(&clock).open(&path)?;
+    assert_replays(&store, 0, 96, 64 * 1024)?;
+    assert_eq!(store.stats()?.records, 96);
+    Ok(())
+}
+
+#[test]
+fn reads_and_sweeps_see_the_map_and_the_database_as_one() -> TestResult {
+    let clock = clock();
+    let disk = SimDisk::new();
+    let log = SimDisk::new();
+    let store = wal_builder(&clock)
+        .checkpoint_interval(Duration::ZERO)
+        .map_budget(1 << 20)
+        .open_with_backends(disk.clone(), log.clone())?;
+    // Short retention: these expire.
+    for i in 0..50u32 {
+        let lease = acquired(store.claim("s", format!("old{i}"), "fp", &opts(1_000))?);
+        store.complete(&lease, b"old", Duration::from_secs(10))?;
+    }
+    complete_keys(&store, 0, 50, 10)?;
+    clock.advance(Duration::from_secs(60));
+    let swept = store.sweep(1_000)?;
+    assert_eq!(swept.removed, 50);
+    assert_eq!(store.stats()?.records, 50);
+    assert_eq!(store.stats()?.expiry_entries, 50);
+    assert_replays(&store, 0, 50, 10)?;
+    assert!(store.get("s", "old3")?.is_none());
+    Ok(())
+}
+
+/// A power cut right now: the durable images of both disks, each on a new disk.
+fn power_cut(disk: &SimDisk, log: &SimDisk) -> (SimDisk, SimDisk) {
+    (
+        SimDisk::from_image(disk.durable_image()),
+        SimDisk::from_image(log.durable_image()),
+    )
+}
+
+#[test]
+fn a_power_cut_keeps_every_acknowledged_batch_with_or_without_checkpoints() -> TestResult {
+    for interval in [Duration::from_secs(3600), Duration::ZERO] {
+        let clock = clock();
+        let (disk, log) = (SimDisk::new(), SimDisk::new());
+        let store = wal_builder(&clock)
+            .checkpoint_interval(interval)
+            .open_with_backends(disk.clone(), log.clone())?;
+        let mut token = 0;
+        for round in 0..5u32 {
+            complete_keys(&store, round * 20, 20, 300)?;
+            let (d, l) = power_cut(&disk, &log);
+            let recovered = wal_builder(&clock).open_with_backends(d, l)?;
+            assert_replays(&recovered, 0, (round + 1) * 20, 300)?;
+            // Tokens never go back: a new lease is above every acknowledged one.
+            let lease = acquired(recovered.claim("s", format!("new{round}"), "fp", &opts(1))?);
+            assert!(lease.token() > token, "interval {interval:?}");
+            token = lease.token();
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn a_failed_log_sync_acknowledges_nothing_and_stops_writes() -> TestResult {
+    let clock = clock();
+    let (disk, log) = (SimDisk::new(), SimDisk::new());
+    let store = wal_builder(&clock)
+        .checkpoint_interval(Duration::from_secs(3600))
+        .open_with_backends(disk.clone(), log.clone())?;
+    complete_keys(&store, 0, 10, 50)?;
+    log.set_fault(Some(Fault {
+        on: Target::Only(Call::Sync),
+        nth: log.counts().syncs + 1,
+        persistent: false,
+        full: false,
+    }));
+    let lease = store.claim("s", "doomed", "fp", &opts(60_000));
+    assert!(
+        matches!(lease, Err(Error::CommitOutcomeUnknown { .. })),
+        "{lease:?}"
+    );
+    // No retried fsync: the store refuses writes until reopened.
+    assert!(matches!(
+        store.claim("s", "after", "fp", &opts(60_000)),
+        Err(Error::Poisoned { .. })
+    ));
+    assert_replays(&store, 0, 10, 50)?;
+    drop(store);
+    let (d, l) = power_cut(&disk, &log);
+    let recovered = wal_builder(&clock).open_with_backends(d, l)?;
+    assert_replays(&recovered, 0, 10, 50)?;
+    // The failed batch was never acknowledged: either outcome is allowed, but the key works.
+    match recovered.claim("s", "doomed", "fp", &opts(60_000))? {
+        Claim::Acquired(_) | Claim::InProgress { .. } => {}
+        other => panic!("unexpected {other:?}"),
+    }
+    Ok(())
+}
+
+#[test]
+fn damage_before_synced_batches_is_refused_but_a_torn_tail_is_dropped() -> TestResult {
+    let clock = clock();
+    let (disk, log) = (SimDisk::new(), SimDisk::new());
+    let store = wal_builder(&clock)
+        .checkpoint_interval(Duration::from_secs(3600))
+        .open_with_backends(disk.clone(), log.clone())?;
+    complete_keys(&store, 0, 30, 200)?;
+    drop_without_checkpoint(store, &disk, &log, |disk_image, mut log_image| {
+        // The first batch: the segment's header sector, then its first chunk. Flip a payload
+        // byte of it.
+        let segment = first_nonzero(&log_image);
+        log_image[segment + 512 + 100] ^= 0x40;
+        let r = wal_builder(&clock).open_with_backends(
+            SimDisk::from_image(disk_image),
+            SimDisk::from_image(log_image),
+        );
+        match r {
+            Err(Error::Corrupt { location, .. }) => assert!(location.contains("log"), "{location}"),
+            other => panic!("expected Corrupt, got {other:?}"),
+        }
+    });
+
+    let (disk, log) = (SimDisk::new(), SimDisk::new());
+    let store = wal_builder(&clock)
+        .checkpoint_interval(Duration::from_secs(3600))
+        .open_with_backends(disk.clone(), log.clone())?;
+    complete_keys(&store, 0, 30, 200)?;
+    drop_without_checkpoint(store, &disk, &log, |disk_image, mut log_image| {
+        // The last batch written (the completion of k29): zero its sectors, as a torn write.
+        let end = last_nonzero(&log_image);
+        let start = end.saturating_sub(1) / 512 * 512;
+        log_image[start..end].fill(0);
+        let recovered = wal_builder(&clock)
+            .open_with_backends(
+                SimDisk::from_image(disk_image),
+                SimDisk::from_image(log_image),
+            )
+            .expect("a torn tail is dropped");
+        assert_replays(&recovered, 0, 29, 200).expect("all but the torn batch");
+        let r = recovered
+            .get("s", "k29")
+            .expect("readable")
+            .expect("claimed");
+        assert!(
+            matches!(r.state, RecordState::InFlight { .. }),
+            "{:?}",
+            r.state
+        );
+    });
+    Ok(())
+}
+
+fn first_nonzero(image: &[u8]) -> usize {
+    image.iter().position(|&b| b != 0).expect("a written log")
+}
+
+fn last_nonzero(image: &[u8]) -> usize {
+    image.iter().rposition(|&b| b != 0).map_or(0, |i| i + 1)
+}
+
+/// The durable images as a crash would leave them (no final checkpoint), handed to `check`.
+fn drop_without_checkpoint(
+    store: Store,
+    disk: &SimDisk,
+    log: &SimDisk,
+    check: impl FnOnce(Vec<u8>, Vec<u8>),
+) {
+    let (d, l) = (disk.durable_image(), log.durable_image());
+    drop(store);
+    check(d, l);
+}
+
+#[test]
+fn a_format_1_store_upgrades_to_format_2() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let path = dir.path().join("v1.redb");
+    std::fs::copy(
+        concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/v1.redb"),
+        &path,
+    )?;
+    let before = ReadOnlyStore::open(&path)?.summary()?;
+    assert_eq!(before.format_version, 1);
+    let clock = clock();
+    {
+        let store = wal_builder(&clock).open(&path)?;
+        assert_eq!(store.stats()?.records, before.records);
+        complete_keys(&store, 0, 5, 10)?;
+        store.close()?;
+    }
+    let store = file_store(&path, &clock);
+    assert_eq!(store.stats()?.records, before.records + 5);
+    assert_replays(&store, 0, 5, 10)?;
+    Ok(())
+}
