@@ -120,9 +120,9 @@ pub use core::admin::{Orphan, Swept};
 pub use core::claim::{Claim, ClaimOptions, Lease, Replay};
 pub use core::record::{Record, RecordState};
 pub use engine::{
-    ASYNC_READ_THREADS_MAX, BATCH_OPS_MAX, Durability, FORMAT_VERSION, QUEUE_BYTES_MAX,
-    QUEUE_CAPACITY_MAX, Stats, Store, StoreBuilder, WAL_SEGMENT_BYTES_MAX, WAL_SEGMENT_BYTES_MIN,
-    WAL_SEGMENTS_MAX, WalStats,
+    ASYNC_READ_THREADS_MAX, BATCH_OPS_MAX, Durability, FORMAT_VERSION, MAP_BUDGET_MIN,
+    QUEUE_BYTES_MAX, QUEUE_CAPACITY_MAX, Stats, Store, StoreBuilder, WAL_SEGMENT_BYTES_MAX,
+    WAL_SEGMENT_BYTES_MIN, WAL_SEGMENTS_MAX, WalStats,
 };
 pub use engine::{Damage, Entry, ImportReport, ReadOnlyStore, Summary, Verification};
 pub use error::{Error, Input, Result, Source};

@@ -33,6 +33,8 @@ const CHILD_DB_ENV: &str = "IDEMSTORE_CRASH_CHILD_DB";
 const CHILD_SEED_ENV: &str = "IDEMSTORE_CRASH_CHILD_SEED";
 const CHILD_CYCLE_ENV: &str = "IDEMSTORE_CRASH_CHILD_CYCLE";
 const CHILD_CREATE_DIR_ENV: &str = "IDEMSTORE_CRASH_CHILD_CREATE_DIR";
+/// The name ending of databases the child opens with a write-ahead log.
+const WAL_SUFFIX: &str = "-wal.redb";
 const SCOPE: &str = "crash";
 const GLOBAL_KEYS: u64 = 48;
 const LOCAL_KEYS: u64 = 24;
@@ -111,7 +113,19 @@ fn crash_child() {
     };
     let seed = support::env_u64(CHILD_SEED_ENV, 0);
     let cycle = support::env_u64(CHILD_CYCLE_ENV, 0);
-    let store = match Store::builder().sweep_interval(None).open(&path) {
+    let builder = Store::builder().sweep_interval(None);
+    // A database named `*-wal.redb` runs with a write-ahead log, checkpointed every 20 ms into
+    // small recycled segments, so that kills land during checkpoints and recycling too.
+    let builder = if path.ends_with(WAL_SUFFIX) {
+        builder
+            .write_ahead_log(true)
+            .checkpoint_interval(Duration::from_millis(20))
+            .wal_segment_bytes(idemstore::WAL_SEGMENT_BYTES_MIN)
+            .wal_segments(3)
+    } else {
+        builder
+    };
+    let store = match builder.open(&path) {
         Ok(store) => Arc::new(store),
         Err(e) => {
             emit(&format!("ERR open {e}"));
@@ -764,8 +778,22 @@ fn one_cycle(
 
 #[test]
 fn sigkill_at_random_moments_loses_no_acknowledged_transition() {
+    kill_loop(false, 200);
+}
+
+/// The same loop on a store with a write-ahead log (checkpoints every 20 ms, three 1 MiB
+/// segments recycled): kills land during log appends, checkpoints and recycling.
+#[test]
+fn sigkill_with_a_write_ahead_log_loses_no_acknowledged_transition() {
+    kill_loop(true, 100);
+}
+
+fn kill_loop(wal: bool, default_cycles: u64) {
     let long = support::long_run();
-    let cycles = support::env_u64("IDEMSTORE_CRASH_CYCLES", if long { 2_000 } else { 200 });
+    let cycles = support::env_u64(
+        "IDEMSTORE_CRASH_CYCLES",
+        if long { 2_000 } else { default_cycles },
+    );
     let seed = support::env_u64("IDEMSTORE_SEED", 0x1DE5_7012);
     // A new database every `generation` cycles: redb's recovery after a kill walks the whole
     // file, so a single ever-growing database would make late cycles slower and slower.
@@ -778,7 +806,11 @@ fn sigkill_at_random_moments_loses_no_acknowledged_transition() {
     let mut first = 0;
     while first < cycles {
         let n = generation.min(cycles - first);
-        let db = dir.path().join(format!("crash-{first}.redb"));
+        let db = dir.path().join(if wal {
+            format!("crash-{first}{WAL_SUFFIX}")
+        } else {
+            format!("crash-{first}.redb")
+        });
         let mut model = Model::default();
         let recovery_start = stats.recovery.len();
         for cycle in first..first + n {
@@ -824,9 +856,10 @@ fn sigkill_at_random_moments_loses_no_acknowledged_transition() {
     let mut recovery: Vec<Duration> = stats.recovery.iter().map(|(d, _)| *d).collect();
     recovery.sort();
     println!(
-        "crash: {cycles} SIGKILL cycles in {:?} (children ran {:?} in all before the kill; \
+        "crash{}: {cycles} SIGKILL cycles in {:?} (children ran {:?} in all before the kill; \
          parent recovery + checks {:?}); recovery (open after kill) min {:?} / median {:?} / max \
          {:?}; {counters:?}\n  {}",
+        if wal { " (write-ahead log)" } else { "" },
         started.elapsed(),
         stats.slept,
         stats.verifying,

@@ -33,6 +33,58 @@ fn builder(clock: ManualClock) -> idemstore::StoreBuilder {
     Store::builder().clock(clock).sweep_interval(None)
 }
 
+/// With a write-ahead log: small segments, no checkpoint before close.
+fn wal_builder(clock: ManualClock) -> idemstore::StoreBuilder {
+    builder(clock)
+        .write_ahead_log(true)
+        .wal_segment_bytes(1 << 20)
+        .wal_segments(2)
+        .checkpoint_interval(Duration::from_secs(3600))
+}
+
+/// The disks of one store: the database file, and the log when there is one. Faults go to
+/// the log when there is one (its writes and syncs acknowledge), else to the database file.
+struct Disks {
+    redb: SimDisk,
+    log: Option<SimDisk>,
+}
+
+impl Disks {
+    fn new(wal: bool) -> Disks {
+        Disks {
+            redb: SimDisk::new(),
+            log: wal.then(SimDisk::new),
+        }
+    }
+
+    /// The disk faults are planned on.
+    fn faulty(&self) -> &SimDisk {
+        self.log.as_ref().unwrap_or(&self.redb)
+    }
+
+    fn open(&self, clock: ManualClock) -> idemstore::Result<Store> {
+        match &self.log {
+            None => builder(clock).open_with_backend(self.redb.clone()),
+            Some(log) => wal_builder(clock).open_with_backends(self.redb.clone(), log.clone()),
+        }
+    }
+
+    /// New disks holding the durable (`durable`) or the written images of these.
+    fn images(&self, durable: bool) -> Disks {
+        let image = |d: &SimDisk| {
+            SimDisk::from_image(if durable {
+                d.durable_image()
+            } else {
+                d.live_image()
+            })
+        };
+        Disks {
+            redb: image(&self.redb),
+            log: self.log.as_ref().map(image),
+        }
+    }
+}
+
 /// The clean run: per boundary (0 = open, i = after step i) the physical state, the next
 /// token and what each step did; and how many calls of each kind the disk saw.
 struct Clean {
@@ -45,12 +97,11 @@ struct Clean {
     counts_before_close: Counts,
 }
 
-fn clean_run(seed: u64, n_steps: usize) -> Clean {
-    let disk = SimDisk::new();
+fn clean_run(seed: u64, n_steps: usize, wal: bool) -> Clean {
+    let disks = Disks::new(wal);
+    let disk = disks.faulty().clone();
     let clock = ManualClock::new(workload::T0_MS);
-    let store = builder(clock.clone())
-        .open_with_backend(disk.clone())
-        .expect("a clean open");
+    let store = disks.open(clock.clone()).expect("a clean open");
     let steps = workload::generate(seed, n_steps);
     let mut driver = Driver::new(seed, clock.clone());
     let mut clean = Clean {
@@ -145,15 +196,19 @@ fn allowed_first_error(e: &Error) -> bool {
 }
 
 /// Runs the workload with `fault` injected and checks everything; returns a label for failures.
-fn faulty_run(seed: u64, clean: &Clean, fault: Fault, tally: &mut Tally) {
+fn faulty_run(seed: u64, clean: &Clean, fault: Fault, wal: bool, tally: &mut Tally) {
     tally.runs += 1;
-    let label = format!("seed {seed} {fault:?}");
-    let disk = SimDisk::new();
+    let label = format!(
+        "seed {seed} {fault:?}{}",
+        if wal { " on the log" } else { "" }
+    );
+    let disks = Disks::new(wal);
+    let disk = disks.faulty().clone();
     disk.set_fault(Some(fault));
     let clock = ManualClock::new(workload::T0_MS);
     // `first_failure`: the boundary index of the failed operation (0 = the open).
     let mut first_failure: Option<(usize, String, bool)> = None;
-    match builder(clock.clone()).open_with_backend(disk.clone()) {
+    match disks.open(clock.clone()) {
         Err(e) => {
             // A failed open acknowledged nothing; it must say so with a storage error.
             let kind = error_kind(&e);
@@ -241,14 +296,11 @@ fn faulty_run(seed: u64, clean: &Clean, fault: Fault, tally: &mut Tally) {
     }
     // Reopen: the durable image (a power cut now) and the written image (everything written
     // reached the disk). Both must hold the state before or after the failed operation.
-    for (which, image) in [
-        ("durable", disk.durable_image()),
-        ("written", disk.live_image()),
-    ] {
+    for (which, durable) in [("durable", true), ("written", false)] {
         check_reopen(
             clean,
             &first_failure,
-            image,
+            disks.images(durable),
             &format!("{label} {which}"),
             tally,
         );
@@ -258,7 +310,7 @@ fn faulty_run(seed: u64, clean: &Clean, fault: Fault, tally: &mut Tally) {
 fn check_reopen(
     clean: &Clean,
     first_failure: &Option<(usize, String, bool)>,
-    image: Vec<u8>,
+    images: Disks,
     label: &str,
     tally: &mut Tally,
 ) {
@@ -268,7 +320,7 @@ fn check_reopen(
         Some((f, _, unknown)) => (f.saturating_sub(1), *f, *unknown || *f == 0),
         None => (last, last, false),
     };
-    let store = match builder(ManualClock::new(0)).open_with_backend(SimDisk::from_image(image)) {
+    let store = match images.open(ManualClock::new(0)) {
         Ok(store) => store,
         Err(e)
             if matches!(first_failure, Some((0, ..)))
@@ -326,13 +378,24 @@ fn check_reopen(
 
 #[test]
 fn a_fault_at_every_io_call_never_acknowledges_a_lost_write() {
+    every_io_call(false);
+}
+
+/// The same on a store with a write-ahead log: a fault at every write and sync of the log
+/// (its preallocation, segment headers, batches), once and for good.
+#[test]
+fn a_fault_at_every_log_call_never_acknowledges_a_lost_write() {
+    every_io_call(true);
+}
+
+fn every_io_call(wal: bool) {
     let long = support::long_run();
     let seeds = support::env_u64("IDEMSTORE_SEEDS", if long { 6 } else { 1 });
     let first_seed = support::env_u64("IDEMSTORE_SEED", 1);
     let steps = if long { 80 } else { 30 };
     let started = Instant::now();
     let cleans: Vec<(u64, Clean)> = (first_seed..first_seed + seeds)
-        .map(|seed| (seed, clean_run(seed, steps)))
+        .map(|seed| (seed, clean_run(seed, steps, wal)))
         .collect();
     let mut per_call = BTreeMap::new();
     let mut jobs = Vec::new();
@@ -359,17 +422,18 @@ fn a_fault_at_every_io_call_never_acknowledges_a_lost_write() {
     let mut tally = Tally::default();
     for t in support::parallel_map(jobs, |(c, fault)| {
         let mut tally = Tally::default();
-        faulty_run(cleans[c].0, &cleans[c].1, fault, &mut tally);
+        faulty_run(cleans[c].0, &cleans[c].1, fault, wal, &mut tally);
         tally
     }) {
         tally.merge(t);
     }
     println!(
-        "io faults: {seeds} seed(s) x {steps} steps; calls per clean run {per_call:?}; \
+        "io faults{}: {seeds} seed(s) x {steps} steps; calls per clean run {per_call:?}; \
          {points} injection points (one-shot + persistent), {} runs, {} faults injected; first \
          errors {:?}; {} runs where no caller saw the fault; {} reopened images: {} in the state \
          before the failed operation, {} after it, {} refused (fault before the first open wrote \
          redb's magic); {} failures; {:?}",
+        if wal { " (write-ahead log)" } else { "" },
         tally.runs,
         tally.faults_injected,
         tally.first_errors,

@@ -768,6 +768,32 @@ fn mixed_operations_on_a_file_store_with_reopens_are_linearizable() {
     check_report("file store (reopened every 7 rounds)", &report, started);
 }
 
+#[test]
+fn mixed_operations_on_a_write_ahead_log_store_with_checkpoints_and_reopens_are_linearizable() {
+    let started = Instant::now();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("lin.redb");
+    // A checkpoint after every commit and the smallest map budget: reads race fills of the
+    // map, checkpoints and the frozen layer's release.
+    let report = run_rounds("write-ahead log", rounds(150), 2, Some(7), &|clock| {
+        Store::builder()
+            .clock(clock.clone())
+            .sweep_interval(None)
+            .write_ahead_log(true)
+            .checkpoint_interval(Duration::ZERO)
+            .map_budget(idemstore::MAP_BUDGET_MIN)
+            .wal_segment_bytes(idemstore::WAL_SEGMENT_BYTES_MIN)
+            .wal_segments(2)
+            .open(&path)
+            .expect("file store with a log")
+    });
+    check_report(
+        "write-ahead log store (checkpoint interval 0, reopened every 7 rounds)",
+        &report,
+        started,
+    );
+}
+
 // ----- the checker checks -----
 
 fn ev(invoked: u64, returned: u64, call: Call, ret: Ret) -> Event {

@@ -1,5 +1,7 @@
-//! Model-based test: random operation sequences run against a real file store and against a
-//! small reference model of DESIGN §2, written independently of the engine's state machine.
+//! Model-based test: random operation sequences run against a real file store (with and
+//! without a write-ahead log; the log checkpointed after every commit, with the smallest map
+//! budget) and against a small reference model of DESIGN §2, written independently of the
+//! engine's state machine.
 //! After every operation the store's answer, every record of the key space, and the store's
 //! counters must agree with the model.
 //!
@@ -148,11 +150,21 @@ fn fenced(result: idemstore::Result<()>, lease: &Lease) -> Result<bool, String> 
 
 // ----- the driver -----
 
-fn open(path: &Path, clock: &ManualClock) -> Result<Store, String> {
-    io(Store::builder()
-        .clock(clock.clone())
-        .sweep_interval(None)
-        .open(path))
+/// Opens the store; `wal`: with a write-ahead log checkpointed after every commit and the
+/// smallest map budget, so that reads race checkpoints and evictions of the map.
+fn open(path: &Path, clock: &ManualClock, wal: bool) -> Result<Store, String> {
+    let builder = Store::builder().clock(clock.clone()).sweep_interval(None);
+    let builder = if wal {
+        builder
+            .write_ahead_log(true)
+            .checkpoint_interval(Duration::ZERO)
+            .map_budget(idemstore::MAP_BUDGET_MIN)
+            .wal_segment_bytes(idemstore::WAL_SEGMENT_BYTES_MIN)
+            .wal_segments(2)
+    } else {
+        builder
+    };
+    io(builder.open(path))
 }
 
 fn slot_of(lease: &Lease) -> Result<Slot, String> {
@@ -170,13 +182,15 @@ struct Harness {
     model: Model,
     leases: Vec<Lease>,
     last_token: u64,
+    wal: bool,
 }
 
 impl Harness {
-    fn new(path: std::path::PathBuf) -> Result<Harness, String> {
+    fn new(path: std::path::PathBuf, wal: bool) -> Result<Harness, String> {
         let clock = ManualClock::new(T0_MS);
-        let store = open(&path, &clock)?;
+        let store = open(&path, &clock, wal)?;
         Ok(Harness {
+            wal,
             path,
             model: Model::new(T0_MS, store.epoch()),
             clock,
@@ -265,7 +279,7 @@ impl Harness {
                 // Close releases the file; the reopen starts the next process epoch.
                 let store = self.store.take().ok_or("the store is not open")?;
                 io(store.close())?;
-                self.store = Some(open(&self.path, &self.clock)?);
+                self.store = Some(open(&self.path, &self.clock, self.wal)?);
                 self.model.epoch += 1;
             }
         }
@@ -387,9 +401,9 @@ impl Harness {
     }
 }
 
-fn run(ops: &[Op]) -> Result<(), String> {
+fn run(ops: &[Op], wal: bool) -> Result<(), String> {
     let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
-    let mut harness = Harness::new(dir.path().join("model.redb"))?;
+    let mut harness = Harness::new(dir.path().join("model.redb"), wal)?;
     expect_eq("epoch of a new database", harness.model.epoch, 1)?;
     harness.check_everything()?;
     for (i, op) in ops.iter().enumerate() {
@@ -405,7 +419,16 @@ proptest! {
 
     #[test]
     fn store_matches_reference_model(ops in prop::collection::vec(op_strategy(), 1..60)) {
-        if let Err(divergence) = run(&ops) {
+        if let Err(divergence) = run(&ops, false) {
+            return Err(TestCaseError::fail(divergence));
+        }
+    }
+
+    #[test]
+    fn store_with_a_write_ahead_log_matches_reference_model(
+        ops in prop::collection::vec(op_strategy(), 1..60)
+    ) {
+        if let Err(divergence) = run(&ops, true) {
             return Err(TestCaseError::fail(divergence));
         }
     }

@@ -281,3 +281,41 @@ fn a_format_1_store_upgrades_to_format_2() -> TestResult {
     assert_replays(&store, 0, 5, 10)?;
     Ok(())
 }
+
+#[test]
+fn a_failed_checkpoint_loses_nothing_acknowledged_and_stops_writes() -> TestResult {
+    let clock = clock();
+    let (disk, log) = (SimDisk::new(), SimDisk::new());
+    let store = wal_builder(&clock)
+        .checkpoint_interval(Duration::ZERO)
+        .open_with_backends(disk.clone(), log.clone())?;
+    complete_keys(&store, 0, 20, 100)?;
+    // Every later sync of the database file fails: the next checkpoint cannot commit.
+    disk.set_fault(Some(Fault {
+        on: Target::Only(Call::Sync),
+        nth: disk.counts().syncs + 1,
+        persistent: true,
+        full: false,
+    }));
+    let mut acknowledged = 20;
+    let mut refused = None;
+    for i in 20..2_000u32 {
+        match complete_keys(&store, i, 1, 100) {
+            Ok(()) => acknowledged += 1,
+            Err(e) => {
+                refused = Some(e.to_string());
+                break;
+            }
+        }
+    }
+    let refused = refused.expect("a failed checkpoint stops writes");
+    assert!(disk.injected() > 0);
+    // Reads keep working, from the map and the log.
+    assert_replays(&store, 0, acknowledged, 100)?;
+    let (d, l) = power_cut(&disk, &log);
+    drop(store);
+    let recovered = wal_builder(&clock).open_with_backends(d, l)?;
+    assert_replays(&recovered, 0, acknowledged, 100)
+        .map_err(|e| format!("after {refused}: {e}"))?;
+    Ok(())
+}

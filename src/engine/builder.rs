@@ -34,6 +34,8 @@ pub const WAL_SEGMENT_BYTES_MIN: u64 = 1 << 20;
 pub const WAL_SEGMENT_BYTES_MAX: u64 = 1 << 30;
 /// Upper bound of [`StoreBuilder::wal_segments`] (at least 2).
 pub const WAL_SEGMENTS_MAX: u64 = 256;
+/// Lower bound of [`StoreBuilder::map_budget`].
+pub const MAP_BUDGET_MIN: usize = 64 * 1024;
 
 /// Where a store's write-ahead log lives, if it may have one.
 enum LogSource {
@@ -255,7 +257,7 @@ impl StoreBuilder {
 
     /// With a write-ahead log: the memory the records not yet checkpointed may take. A
     /// checkpoint starts when they reach half of it; past all of it, commits wait for the
-    /// checkpoint (back-pressure). Default: 256 MiB.
+    /// checkpoint (back-pressure). At least [`MAP_BUDGET_MIN`]. Default: 256 MiB.
     pub fn map_budget(mut self, bytes: usize) -> Self {
         self.map_budget_bytes = bytes;
         self
@@ -362,7 +364,12 @@ impl StoreBuilder {
                 WAL_SEGMENT_BYTES_MAX,
             ),
             ("wal_segments", self.wal_segments, 2, WAL_SEGMENTS_MAX),
-            ("map_budget", self.map_budget_bytes as u64, 1 << 20, 1 << 40),
+            (
+                "map_budget",
+                self.map_budget_bytes as u64,
+                MAP_BUDGET_MIN as u64,
+                1 << 40,
+            ),
         ];
         for (name, value, min, max) in wal_checks {
             if value > max {
