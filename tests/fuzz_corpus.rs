@@ -116,3 +116,23 @@ fn ops_corpus_and_generated_inputs() {
         "faults are exercised"
     );
 }
+
+#[test]
+fn wal_corpus_and_generated_inputs() {
+    let total = std::sync::Mutex::new(testkit::WalSummary::default());
+    replay("wal", 3_000, 1_200, |bytes| {
+        let s = testkit::scan_log(bytes);
+        let mut t = total
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        t.appended += s.appended;
+        t.recovered += s.recovered;
+        t.refused += s.refused;
+    });
+    let t = total
+        .into_inner()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    eprintln!("wal: {t:?}");
+    // The inputs reached both outcomes of a damaged log.
+    assert!(t.appended > 0 && t.recovered > 0 && t.refused > 0, "{t:?}");
+}

@@ -19,4 +19,4 @@ pub mod model;
 
 pub use crash::{Fates, SECTOR, crash_image};
 pub use disk::{Call, Counts, DiskOp, Fault, SimDisk, Target};
-pub use fuzz::{OpsSummary, decode_record, run_ops, validate_input};
+pub use fuzz::{OpsSummary, WalSummary, decode_record, run_ops, scan_log, validate_input};

@@ -11,16 +11,19 @@
 //!   durations against the store's input validation.
 //! - [`run_ops`]: arbitrary operation sequences against the reference model of DESIGN §2, on a
 //!   [`SimDisk`](super::SimDisk) that fails writes, syncs or resizes at fuzzer-chosen points.
+//! - [`scan_log`]: the write-ahead log's recovery over logs damaged in arbitrary ways.
 
 mod decode;
 mod harness;
 mod ops;
 mod reader;
 mod validate;
+mod wal;
 
 pub use decode::decode_record;
 pub use ops::{OpsSummary, run_ops};
 pub use validate::validate_input;
+pub use wal::{WalSummary, scan_log};
 
 /// A fixed start time: 2023-11-14T22:13:20Z.
 const T0_MS: u64 = 1_700_000_000_000;
