@@ -1,7 +1,7 @@
 //! Claim + complete throughput from N threads sharing one store.
 //!
 //! ```text
-//! cargo run --release --example throughput -- [--threads N] [--seconds S] [--memory]
+//! cargo run --release --example throughput -- [--threads N] [--seconds S] [--memory | --wal]
 //! ```
 //!
 //! Each cycle claims a fresh UUID-like 36-byte key with a 32-byte fingerprint and completes it
@@ -26,16 +26,18 @@ const FINGERPRINT_LEN: usize = 32;
 const OUTCOME_LEN: usize = 512;
 const RETENTION: Duration = Duration::from_secs(24 * 3600);
 
-const USAGE: &str = "usage: throughput [--threads N] [--seconds S] [--memory]
+const USAGE: &str = "usage: throughput [--threads N] [--seconds S] [--memory | --wal]
 
   --threads N   concurrent client threads (default 1)
   --seconds S   how long to run, in seconds, fractions allowed (default 3)
-  --memory      use an in-memory store instead of a file in a temporary directory";
+  --memory      use an in-memory store instead of a file in a temporary directory
+  --wal         put a write-ahead log in front of the file (StoreBuilder::write_ahead_log)";
 
 struct Args {
     threads: usize,
     seconds: f64,
     memory: bool,
+    wal: bool,
 }
 
 fn parse_args() -> Result<Args, String> {
@@ -43,6 +45,7 @@ fn parse_args() -> Result<Args, String> {
         threads: 1,
         seconds: 3.0,
         memory: false,
+        wal: false,
     };
     let mut it = std::env::args().skip(1);
     while let Some(arg) = it.next() {
@@ -72,12 +75,16 @@ fn parse_args() -> Result<Args, String> {
                 };
             }
             "--memory" | "-m" if inline.is_none() => args.memory = true,
+            "--wal" if inline.is_none() => args.wal = true,
             "--help" | "-h" => {
                 println!("{USAGE}");
                 std::process::exit(0);
             }
             _ => return Err(format!("unknown argument {flag:?}")),
         }
+    }
+    if args.memory && args.wal {
+        return Err("--memory and --wal exclude each other".into());
     }
     Ok(args)
 }
@@ -143,10 +150,11 @@ fn run(args: &Args) -> Result<(), BoxError> {
         (builder.open_in_memory()?, "in-memory".to_owned())
     } else {
         let path = dir.path().join("throughput.redb");
-        let store = builder.open(&path)?;
+        let store = builder.write_ahead_log(args.wal).open(&path)?;
+        let log = if args.wal { ", write-ahead log" } else { "" };
         (
             store,
-            format!("file {} (durability Immediate)", path.display()),
+            format!("file {} (durability Immediate{log})", path.display()),
         )
     };
     let store = Arc::new(store);

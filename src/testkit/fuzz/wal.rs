@@ -1,6 +1,7 @@
 //! The `wal` target: the write-ahead log's recovery scan over damaged log files.
 //!
-//! The input drives a log on a [`SimDisk`]: a few appends (payloads of arbitrary bytes and
+//! The input drives a log on a [`SimDisk`], in two rounds (the second continues the log the
+//! first recovered, as a reopened store does): a few appends (payloads of arbitrary bytes and
 //! sizes, so batches also span segments; durable or not; checkpoints that let segments be
 //! recycled), then damage to the file (bit flips, zeroed sectors, sectors copied elsewhere —
 //! stale bytes of the same segment —, arbitrary bytes written anywhere), then recovery. The
@@ -41,30 +42,88 @@ pub fn scan_log(bytes: &[u8]) -> WalSummary {
     let mut r = Reader::new(bytes);
     let disk = SimDisk::new();
     preallocate(&disk, GEOMETRY).expect("the simulated disk takes the log");
-    let (mut log, found) =
+    let (log, found) =
         Log::recover(Box::new(disk.clone()), GEOMETRY, STORE_ID, 0).expect("an empty log opens");
     assert!(found.batches.is_empty(), "an empty log holds no batch");
-    let mut appended: Vec<(u64, Vec<u8>)> = Vec::new();
+    let mut summary = WalSummary::default();
+    // Two rounds: the second continues the log the first recovered, as a reopened store does.
+    let mut log = Some(log);
+    let mut kept: Vec<(u64, Vec<u8>)> = Vec::new();
     let mut checkpoint = 0;
-    for _ in 0..r.below(10) {
-        let payload = r.bytes(3 * SECTOR as usize);
-        let durable = !r.u8().is_multiple_of(4);
-        if r.u8().is_multiple_of(4) {
-            checkpoint = appended.last().map_or(0, |(lsn, _)| *lsn);
+    for _round in 0..2 {
+        let Some(mut current) = log.take() else {
+            break;
+        };
+        let mut appended = kept.clone();
+        for _ in 0..r.below(10) {
+            let payload = r.bytes(3 * SECTOR as usize);
+            let durable = !r.u8().is_multiple_of(4);
+            if r.u8().is_multiple_of(4) {
+                checkpoint = checkpoint.max(appended.last().map_or(0, |(lsn, _)| *lsn));
+            }
+            let mut result = current.append(&payload, 1, durable, checkpoint);
+            if matches!(result, Err(AppendError::Full)) {
+                // What the storage does: checkpoint everything, then try again.
+                checkpoint = checkpoint.max(appended.last().map_or(0, |(lsn, _)| *lsn));
+                result = current.append(&payload, 1, durable, checkpoint);
+            }
+            match result {
+                Ok(lsn) => {
+                    summary.appended += 1;
+                    appended.push((lsn, payload));
+                }
+                // A batch larger than the whole log (the storage refuses those as Internal).
+                Err(AppendError::Full) => break,
+                Err(AppendError::Failed(e)) => panic!("the simulated disk failed: {e}"),
+            }
         }
-        let mut result = log.append(&payload, 1, durable, checkpoint);
-        if matches!(result, Err(AppendError::Full)) {
-            // What the storage does: checkpoint everything, then try again.
-            checkpoint = appended.last().map_or(0, |(lsn, _)| *lsn);
-            result = log.append(&payload, 1, durable, checkpoint);
-        }
-        match result {
-            Ok(lsn) => appended.push((lsn, payload)),
-            // A batch larger than the whole log (the storage refuses those as Internal).
-            Err(AppendError::Full) => break,
-            Err(AppendError::Failed(e)) => panic!("the simulated disk failed: {e}"),
+        drop(current);
+        let damages = damage(&mut r, &disk);
+        let expected: Vec<&(u64, Vec<u8>)> = appended
+            .iter()
+            .filter(|(lsn, _)| *lsn > checkpoint)
+            .collect();
+        match Log::recover(Box::new(disk.clone()), GEOMETRY, STORE_ID, checkpoint) {
+            Err(Error::Corrupt { .. }) => {
+                assert!(damages > 0, "an undamaged log is refused");
+                summary.refused += 1;
+            }
+            Err(e) => panic!("recovery failed with {e:?}"),
+            Ok((next, recovered)) => {
+                assert!(
+                    recovered.batches.len() <= expected.len(),
+                    "recovered {} batches, {} were appended after the checkpoint",
+                    recovered.batches.len(),
+                    expected.len()
+                );
+                for (got, want) in recovered.batches.iter().zip(&expected) {
+                    assert_eq!(
+                        got, *want,
+                        "a recovered batch differs from the one appended"
+                    );
+                }
+                if damages == 0 {
+                    assert_eq!(recovered.batches.len(), expected.len(), "an undamaged log");
+                }
+                summary.recovered += recovered.batches.len() as u64;
+                for (_, payload) in &recovered.batches {
+                    let _ = Layer::decode(payload);
+                }
+                kept = appended
+                    .iter()
+                    .filter(|(lsn, _)| *lsn <= checkpoint)
+                    .cloned()
+                    .chain(recovered.batches)
+                    .collect();
+                log = Some(next);
+            }
         }
     }
+    summary
+}
+
+/// Damages the log file as the input says; returns how many changes it made.
+fn damage(r: &mut Reader<'_>, disk: &SimDisk) -> usize {
     let len = GEOMETRY.file_len();
     let damages = r.below(4);
     for _ in 0..damages {
@@ -93,41 +152,5 @@ pub fn scan_log(bytes: &[u8]) -> WalSummary {
             }
         }
     }
-    let expected: Vec<&(u64, Vec<u8>)> = appended
-        .iter()
-        .filter(|(lsn, _)| *lsn > checkpoint)
-        .collect();
-    let mut summary = WalSummary {
-        appended: appended.len() as u64,
-        ..WalSummary::default()
-    };
-    match Log::recover(Box::new(disk), GEOMETRY, STORE_ID, checkpoint) {
-        Err(Error::Corrupt { .. }) => {
-            assert!(damages > 0, "an undamaged log is refused");
-            summary.refused = 1;
-        }
-        Err(e) => panic!("recovery failed with {e:?}"),
-        Ok((_, recovered)) => {
-            assert!(
-                recovered.batches.len() <= expected.len(),
-                "recovered {} batches, {} were appended after the checkpoint",
-                recovered.batches.len(),
-                expected.len()
-            );
-            for (got, want) in recovered.batches.iter().zip(&expected) {
-                assert_eq!(
-                    got, *want,
-                    "a recovered batch differs from the one appended"
-                );
-            }
-            if damages == 0 {
-                assert_eq!(recovered.batches.len(), expected.len(), "an undamaged log");
-            }
-            summary.recovered = recovered.batches.len() as u64;
-        }
-    }
-    for (_, payload) in &appended {
-        let _ = Layer::decode(payload);
-    }
-    summary
+    damages
 }

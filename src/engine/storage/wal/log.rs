@@ -219,10 +219,20 @@ impl Log {
         }
         headers.sort_by_key(|h| h.seq);
         let cp = checkpoint_lsn;
-        let start = headers
-            .iter()
-            .rposition(|h| h.first_lsn <= cp)
-            .or_else(|| headers.iter().position(|h| h.first_lsn == cp + 1));
+        // The newest segment that starts at or before the first batch to replay (cp + 1):
+        // the newest, because after a recovery that dropped a torn tail the log continues in a
+        // new segment that may start at the same LSN as the one holding the dropped batch. A
+        // segment starting at cp + 1 with a continuation chunk holds the rest of a batch begun
+        // in the segment before it, where the walk must start.
+        let mut start = None;
+        for (i, h) in headers.iter().enumerate().rev() {
+            if h.first_lsn < cp + 1
+                || (h.first_lsn == cp + 1 && log.first_chunk(*h)?.is_some_and(|c| c.part == 0))
+            {
+                start = Some(i);
+                break;
+            }
+        }
         let mut recovered = Recovered {
             batches: Vec::new(),
             next_token: None,
@@ -631,4 +641,104 @@ pub(crate) fn preallocate(file: &dyn StorageBackend, geometry: Geometry) -> Resu
         at += n;
     }
     file.sync_data().map_err(io_error)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use redb::backends::InMemoryBackend;
+
+    use super::*;
+
+    /// One in-memory file shared by the logs of successive "opens".
+    #[derive(Debug, Clone)]
+    struct File(Arc<InMemoryBackend>);
+
+    impl StorageBackend for File {
+        fn len(&self) -> std::io::Result<u64> {
+            self.0.len()
+        }
+        fn read(&self, offset: u64, out: &mut [u8]) -> std::io::Result<()> {
+            self.0.read(offset, out)
+        }
+        fn set_len(&self, len: u64) -> std::io::Result<()> {
+            self.0.set_len(len)
+        }
+        fn sync_data(&self) -> std::io::Result<()> {
+            self.0.sync_data()
+        }
+        fn write(&self, offset: u64, data: &[u8]) -> std::io::Result<()> {
+            self.0.write(offset, data)
+        }
+    }
+
+    const G: Geometry = Geometry {
+        segment_bytes: 8 * SECTOR,
+        segments: 3,
+    };
+
+    fn recover(file: &File, cp: u64) -> Result<(Log, Recovered)> {
+        Log::recover(Box::new(file.clone()), G, 7, cp)
+    }
+
+    fn payloads(r: &Recovered) -> Vec<(u64, Vec<u8>)> {
+        r.batches.clone()
+    }
+
+    #[test]
+    fn a_torn_first_batch_of_a_segment_does_not_hide_the_log_written_after_recovery() {
+        let file = File(Arc::new(InMemoryBackend::new()));
+        preallocate(&file, G).expect("preallocate");
+        let (mut log, _) = recover(&file, 0).expect("empty");
+        assert_eq!(log.append(b"lost", 1, true, 0).expect("append"), 1);
+        // Tear it: the first chunk of segment 1 (slot 1) is zeroed.
+        file.write(G.segment_bytes + SECTOR, &[0; SECTOR as usize])
+            .expect("tear");
+        let (mut log, found) = recover(&file, 0).expect("a torn tail is dropped");
+        assert!(found.batches.is_empty());
+        // The log continues in a new segment starting at the same LSN.
+        assert_eq!(log.append(b"one", 1, true, 0).expect("append"), 1);
+        assert_eq!(log.append(b"two", 2, true, 0).expect("append"), 2);
+        let (_, found) = recover(&file, 0).expect("the continued log opens");
+        assert_eq!(
+            payloads(&found),
+            vec![(1, b"one".to_vec()), (2, b"two".to_vec())]
+        );
+        assert_eq!(found.next_token, Some(2));
+    }
+
+    #[test]
+    fn a_batch_spanning_segments_is_replayed_whole_from_where_it_begins() {
+        let file = File(Arc::new(InMemoryBackend::new()));
+        preallocate(&file, G).expect("preallocate");
+        let (mut log, _) = recover(&file, 0).expect("empty");
+        let big = vec![7u8; 5 * SECTOR as usize];
+        assert_eq!(log.append(b"small", 1, true, 0).expect("append"), 1);
+        assert_eq!(log.append(&big, 2, true, 0).expect("append"), 2);
+        assert_eq!(log.append(b"after", 3, true, 0).expect("append"), 3);
+        // Checkpoint 1: batch 2 begins in the segment that also holds batch 1.
+        let (_, found) = recover(&file, 1).expect("opens");
+        assert_eq!(
+            payloads(&found),
+            vec![(2, big.clone()), (3, b"after".to_vec())]
+        );
+        let (_, found) = recover(&file, 2).expect("opens");
+        assert_eq!(payloads(&found), vec![(3, b"after".to_vec())]);
+    }
+
+    #[test]
+    fn damage_followed_by_a_synced_batch_is_refused() {
+        let file = File(Arc::new(InMemoryBackend::new()));
+        preallocate(&file, G).expect("preallocate");
+        let (mut log, _) = recover(&file, 0).expect("empty");
+        log.append(b"first", 1, true, 0).expect("append");
+        log.append(b"second", 2, true, 0).expect("append");
+        // Flip a payload byte of the first batch.
+        let at = G.segment_bytes + SECTOR + CHUNK_HEADER_LEN;
+        let mut b = [0u8; 1];
+        file.read(at, &mut b).expect("read");
+        file.write(at, &[b[0] ^ 1]).expect("write");
+        assert!(matches!(recover(&file, 0), Err(Error::Corrupt { .. })));
+    }
 }
