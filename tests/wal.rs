@@ -319,3 +319,32 @@ fn a_failed_checkpoint_loses_nothing_acknowledged_and_stops_writes() -> TestResu
         .map_err(|e| format!("after {refused}: {e}"))?;
     Ok(())
 }
+
+#[test]
+fn stats_report_the_checkpoint_lag_and_a_clean_close_leaves_nothing_to_replay() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let path = dir.path().join("idem.redb");
+    let clock = clock();
+    let store = wal_builder(&clock)
+        .checkpoint_interval(Duration::from_secs(3600))
+        .open(&path)?;
+    complete_keys(&store, 0, 10, 100)?;
+    let wal = store.stats()?.wal.expect("a log");
+    // One batch per claim and per completion (one caller), none checkpointed yet.
+    assert_eq!(wal.checkpoint_lag_batches, 20, "{wal:?}");
+    assert!(wal.checkpoint_lag_bytes >= 20 * 512, "{wal:?}");
+    assert!(wal.map_bytes >= 10 * 100, "{wal:?}");
+    assert!(wal.log_bytes > 0, "{wal:?}");
+    assert_eq!(wal.checkpoints, 0, "{wal:?}");
+    store.close()?;
+    // The close checkpointed everything: the next open replays nothing.
+    let store = wal_builder(&clock).open(&path)?;
+    let wal = store.stats()?.wal.expect("a log");
+    assert_eq!(
+        (wal.checkpoint_lag_batches, wal.map_bytes),
+        (0, 0),
+        "{wal:?}"
+    );
+    assert_replays(&store, 0, 10, 100)?;
+    Ok(())
+}

@@ -112,6 +112,8 @@ pub(crate) struct Log {
     slot_max_lsn: Vec<u64>,
     salt_state: u64,
     failed: bool,
+    /// Bytes appended since open (chunks with their headers and padding).
+    appended_bytes: u64,
 }
 
 impl fmt::Debug for Log {
@@ -210,6 +212,7 @@ impl Log {
             slot_max_lsn: vec![0; to_usize(geometry.segments)],
             salt_state: seed(),
             failed: false,
+            appended_bytes: 0,
         };
         let mut headers = Vec::new();
         for slot in 0..geometry.segments {
@@ -458,6 +461,11 @@ impl Log {
         }
     }
 
+    /// Bytes appended since open.
+    pub(crate) fn appended_bytes(&self) -> u64 {
+        self.appended_bytes
+    }
+
     /// The LSN the next batch gets.
     pub(crate) fn next_lsn(&self) -> u64 {
         self.next_lsn
@@ -550,7 +558,9 @@ impl Log {
             part += 1;
             advance = true;
         }
+        let mut bytes = 0;
         for (at, buf) in &writes {
+            bytes += buf.len() as u64;
             if let Err(e) = self.file.write(*at, buf) {
                 self.failed = true;
                 return Err(AppendError::Failed(io_error(e)));
@@ -572,6 +582,7 @@ impl Log {
         self.must_advance = false;
         self.next_lsn = lsn + 1;
         self.written_lsn = lsn;
+        self.appended_bytes += bytes;
         if durable {
             self.synced_lsn = lsn;
         }

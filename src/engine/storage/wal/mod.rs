@@ -60,6 +60,8 @@ pub struct WalStats {
     pub log_bytes: u64,
     /// Batches committed since the last completed checkpoint (the checkpoint lag).
     pub checkpoint_lag_batches: u64,
+    /// Log bytes appended since what the last completed checkpoint covers.
+    pub checkpoint_lag_bytes: u64,
     /// Milliseconds since the last completed checkpoint (or since open).
     pub checkpoint_lag_ms: u64,
     /// Checkpoints completed since open.
@@ -78,6 +80,10 @@ struct Layers {
 struct Control {
     /// A frozen layer waits to be written.
     requested: bool,
+    /// The log's appended bytes when the pending frozen layer was frozen, and as of what the
+    /// last completed checkpoint covers.
+    frozen_at_bytes: u64,
+    checkpointed_bytes: u64,
     stop: bool,
     checkpoints: u64,
     last_checkpoint_ms: u64,
@@ -230,7 +236,7 @@ impl Inner {
 
     /// Freezes the active layer if it holds anything and no checkpoint is pending; with the
     /// writer's lock held (`_log`), so between batches.
-    fn freeze(&self, _log: &Log) -> bool {
+    fn freeze(&self, log: &Log) -> bool {
         let mut layers = self.layers.write();
         if layers.frozen.is_some() || layers.active.is_empty() {
             return false;
@@ -238,7 +244,10 @@ impl Inner {
         let active = std::mem::take(&mut layers.active);
         layers.frozen = Some(Arc::new(active));
         drop(layers);
-        self.control.lock().requested = true;
+        let mut control = self.control.lock();
+        control.requested = true;
+        control.frozen_at_bytes = log.appended_bytes();
+        drop(control);
         self.changed.notify_all();
         true
     }
@@ -396,6 +405,7 @@ impl Inner {
         {
             let mut control = self.control.lock();
             control.checkpoints += 1;
+            control.checkpointed_bytes = control.frozen_at_bytes;
             control.last_checkpoint_ms =
                 u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
         }
@@ -408,15 +418,20 @@ impl Inner {
             layers.active.bytes + layers.frozen.as_ref().map_or(0, |f| f.bytes)
         };
         let checkpoint_lsn = self.checkpoint_lsn.load(Ordering::SeqCst);
-        let (live_segments, next_lsn) = {
+        let (live_segments, next_lsn, appended) = {
             let log = self.log.lock();
-            (log.live_segments(checkpoint_lsn), log.next_lsn())
+            (
+                log.live_segments(checkpoint_lsn),
+                log.next_lsn(),
+                log.appended_bytes(),
+            )
         };
         let control = self.control.lock();
         WalStats {
             map_bytes: map_bytes as u64,
             log_bytes: live_segments * self.geometry.segment_bytes,
             checkpoint_lag_batches: next_lsn.saturating_sub(checkpoint_lsn + 1),
+            checkpoint_lag_bytes: appended.saturating_sub(control.checkpointed_bytes),
             checkpoint_lag_ms: u64::try_from(self.last_checkpoint_at.lock().elapsed().as_millis())
                 .unwrap_or(u64::MAX),
             checkpoints: control.checkpoints,
