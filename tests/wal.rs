@@ -348,3 +348,32 @@ fn stats_report_the_checkpoint_lag_and_a_clean_close_leaves_nothing_to_replay() 
     assert_replays(&store, 0, 10, 100)?;
     Ok(())
 }
+
+#[test]
+fn the_map_stays_within_its_budget_under_a_steady_stream_of_writes() -> TestResult {
+    let clock = clock();
+    let budget = idemstore::MAP_BUDGET_MIN;
+    let (disk, log) = (SimDisk::new(), SimDisk::new());
+    // Checkpoints come from size alone: the budget, not the interval, bounds the map.
+    let store = wal_builder(&clock)
+        .checkpoint_interval(Duration::from_secs(3600))
+        .map_budget(budget)
+        .open_with_backends(disk, log)?;
+    let outcome = 4 * 1024;
+    let mut peak = 0;
+    for i in 0..200u32 {
+        complete_keys(&store, i, 1, outcome)?;
+        let wal = store.stats()?.wal.expect("a log");
+        peak = peak.max(wal.map_bytes);
+    }
+    let wal = store.stats()?.wal.expect("a log");
+    assert!(wal.checkpoints >= 5, "{wal:?}");
+    // Two layers of half the budget each, each past it by at most one batch.
+    let slack = 2 * (outcome as u64 + 1024);
+    assert!(
+        peak <= budget as u64 + slack,
+        "peak {peak} over budget {budget}"
+    );
+    assert_replays(&store, 0, 200, outcome)?;
+    Ok(())
+}

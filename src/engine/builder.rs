@@ -255,9 +255,10 @@ impl StoreBuilder {
         self
     }
 
-    /// With a write-ahead log: the memory the records not yet checkpointed may take. A
-    /// checkpoint starts when they reach half of it; past all of it, commits wait for the
-    /// checkpoint (back-pressure). At least [`MAP_BUDGET_MIN`]. Default: 256 MiB.
+    /// With a write-ahead log: the memory the records not yet checkpointed may take (plus one
+    /// commit's worth). A checkpoint starts when the changes since the last one reach half of
+    /// it; if they reach half again while that checkpoint runs, commits wait for it
+    /// (back-pressure). At least [`MAP_BUDGET_MIN`]. Default: 256 MiB.
     pub fn map_budget(mut self, bytes: usize) -> Self {
         self.map_budget_bytes = bytes;
         self

@@ -9,8 +9,9 @@
 //!   written into redb in one durable transaction that records the last LSN it covers, and
 //!   then dropped; only then are the log segments it covered recycled. It runs every
 //!   `checkpoint_interval`, when the active layer passes half the memory budget, and when the
-//!   log has no free segment. Past the whole budget, the writer waits for the running
-//!   checkpoint (back-pressure): memory never grows without bound.
+//!   log has no free segment. When the active layer reaches half the budget while a checkpoint
+//!   is still running, the writer waits for it (back-pressure): the map stays within the
+//!   budget, plus one batch.
 //! - **Recovery**: open redb, replay the log's batches after the checkpoint LSN into the active
 //!   layer ([`log::Log::recover`]), resume tokens above both.
 //!
@@ -335,9 +336,11 @@ impl Inner {
             layers.active.absorb(layer);
             (layers.active.bytes, layers.frozen.is_some())
         };
-        let budget = self.config.memory_budget;
-        if bytes >= budget / 2 || self.config.checkpoint_interval.is_zero() {
-            if frozen && bytes >= budget {
+        // Each layer is frozen once it holds half the budget, so the two together stay within
+        // it (plus one batch): past that, the writer waits for the running checkpoint.
+        let half = self.config.memory_budget / 2;
+        if bytes >= half || self.config.checkpoint_interval.is_zero() {
+            if frozen && bytes >= half {
                 // Back-pressure: the checkpointer is behind; wait for it before taking more.
                 self.wait_for_checkpoint()?;
             }
