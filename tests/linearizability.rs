@@ -21,6 +21,9 @@
 //!   (threads, and async tasks): exactly one `Acquired`, every other claim a `Replay` of exactly
 //!   the bytes the winner completed.
 //!
+//! The checker lives in `tests/support/linearizability/`, shared with the conformance suite's
+//! `linearizability` case, which runs the same rounds as async tasks on every backend.
+//!
 //! The clock is a `ManualClock` frozen while a round runs, so that time-dependent answers are
 //! deterministic given the order; the storms run on the system clock.
 //!
@@ -30,14 +33,17 @@
 mod common;
 mod support;
 
-use std::collections::{BTreeMap, HashSet};
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Barrier, Mutex};
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::{Arc, Barrier};
 use std::time::{Duration, Instant};
 
 use common::{DAY, T0_MS};
-use idemstore::testkit::model::{Expected, MRecord, Model};
-use idemstore::{Claim, ClaimOptions, Clock, Error, Lease, ManualClock, RecordState, Store};
+use idemstore::testkit::model::Expected;
+use idemstore::{Claim, ClaimOptions, Clock, ManualClock, RecordState, Store};
+use support::linearizability::{
+    CALLS_PER_KEY, Call, Checker, Ctx, Event, KEYS, KeyState, MANUAL, Pool, Report, Ret, THREADS,
+    fencing_violations, linearize, pick_lease, plan_call, round_plans, ticket,
+};
 use support::long_run;
 use support::rng::Rng;
 
@@ -46,309 +52,12 @@ fn seeded(seed: u64) -> Rng {
     Rng::from_state(seed ^ 0x9E37_79B9_7F4A_7C15)
 }
 
-// ----- histories -----
-
-/// One call on one key, as invoked.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-enum Call {
-    Claim {
-        fingerprint: Vec<u8>,
-        lease_ms: u64,
-        retention_ms: u64,
-        wait: bool,
-    },
-    Complete {
-        token: u64,
-        outcome: Vec<u8>,
-        retention_ms: u64,
-    },
-    Fail {
-        token: u64,
-    },
-    Extend {
-        token: u64,
-        by_ms: u64,
-    },
-    Checkpoint {
-        token: u64,
-        bytes: Vec<u8>,
-    },
-    Forget,
-    Get,
-}
-
-/// What the call returned.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-enum Ret {
-    /// A claim's answer in the model's terms, with the token the store granted (0 unless the
-    /// answer is `Expected::Acquired`).
-    Claimed {
-        answer: Expected,
-        token: u64,
-    },
-    Done,
-    LeaseLost,
-    Extended {
-        until: u64,
-    },
-    Forgotten(bool),
-    Got(Option<MRecord>),
-    /// Anything else: no sequential execution produces it.
-    Unexpected(String),
-}
-
-#[derive(Debug, Clone)]
-struct Event {
-    thread: usize,
-    invoked: u64,
-    returned: u64,
-    call: Call,
-    ret: Ret,
-}
-
-// ----- the sequential model of one record (DESIGN §2) -----
-
-/// The name a key's history is checked under in the model: each history is one key's.
-const MODEL_SCOPE: &[u8] = b"scope";
-const MODEL_KEY: &[u8] = b"key";
-
-/// The model state of one key: the shared reference model holding (at most) that key's record,
-/// expired ones dropped, and the newest token granted on the key so far (tokens granted on a
-/// key increase in linearisation order).
-#[derive(Debug, Clone, PartialEq, Eq, Hash, Default)]
-struct KeyState {
-    model: Model,
-    last_token: u64,
-}
-
-impl KeyState {
-    /// A key whose record is `record`, with tokens up to `last_token` granted.
-    fn holding(record: Option<MRecord>, last_token: u64) -> KeyState {
-        let mut model = Model::default();
-        model.set(MODEL_SCOPE, MODEL_KEY, record);
-        KeyState { model, last_token }
-    }
-}
-
-/// The time and process epoch of a round: fixed while the round runs.
-#[derive(Debug, Clone, Copy)]
-struct Ctx {
-    now: u64,
-    epoch: u64,
-}
-
-/// Applies `call` to `state` and returns the next state if `ret` is what the model answers.
-/// The token of an acquisition is the store's choice: any token above the key's last one.
-fn step(state: &KeyState, call: &Call, ret: &Ret, ctx: Ctx) -> Option<KeyState> {
-    let (s, k) = (MODEL_SCOPE, MODEL_KEY);
-    let mut next = state.clone();
-    next.model.now = ctx.now;
-    next.model.epoch = ctx.epoch;
-    // Expired records are absent to every call: dropping them keeps the memo small.
-    next.model.drop_expired();
-    let m = &mut next.model;
-    let lease = |took_effect: bool, done: Ret| if took_effect { done } else { Ret::LeaseLost };
-    let want = match call {
-        Call::Get => Ret::Got(m.live(s, k).cloned()),
-        Call::Forget => Ret::Forgotten(m.forget(s, k)),
-        Call::Claim {
-            fingerprint,
-            lease_ms,
-            retention_ms,
-            wait: _,
-        } => {
-            let answer = m.claim(s, k, fingerprint, *lease_ms, *retention_ms);
-            let mut token = 0;
-            if let Expected::Acquired { .. } = answer {
-                let granted = acquired_token(ret)?;
-                if granted <= state.last_token {
-                    return None;
-                }
-                m.grant(s, k, granted);
-                next.last_token = granted;
-                token = granted;
-            }
-            Ret::Claimed { answer, token }
-        }
-        Call::Complete {
-            token,
-            outcome,
-            retention_ms,
-        } => lease(m.complete(s, k, *token, outcome, *retention_ms), Ret::Done),
-        Call::Fail { token } => lease(m.fail(s, k, *token), Ret::Done),
-        Call::Extend { token, by_ms } => match m.extend(s, k, *token, *by_ms) {
-            Some(until) => Ret::Extended { until },
-            None => Ret::LeaseLost,
-        },
-        Call::Checkpoint { token, bytes } => lease(m.checkpoint(s, k, *token, bytes), Ret::Done),
-    };
-    (*ret == want).then_some(next)
-}
-
-// ----- the checker (Wing & Gong, memoised) -----
-
-/// The outcome of checking one key's history.
-#[derive(Debug)]
-struct Verdict {
-    /// The state after a full linearisation, if there is one.
-    end: Option<KeyState>,
-    /// Search nodes visited.
-    explored: usize,
-}
-
-/// Searches for an order of `events` that respects real time and that the model accepts from
-/// `start`. At most 64 events.
-fn linearize(events: &[Event], start: &KeyState, ctx: Ctx) -> Verdict {
-    assert!(events.len() <= 64, "histories are kept small");
-    let all: u64 = if events.len() == 64 {
-        u64::MAX
-    } else {
-        (1u64 << events.len()) - 1
-    };
-    let mut seen: HashSet<(u64, KeyState)> = HashSet::new();
-    let mut explored = 0;
-    // Depth-first, with an explicit stack of (done set, state).
-    let mut stack = vec![(0u64, start.clone())];
-    while let Some((done, state)) = stack.pop() {
-        explored += 1;
-        if done == all {
-            return Verdict {
-                end: Some(state),
-                explored,
-            };
-        }
-        if !seen.insert((done, state.clone())) {
-            continue;
-        }
-        // The earliest return among the pending calls: a call invoked after it cannot be next.
-        let horizon = events
-            .iter()
-            .enumerate()
-            .filter(|(i, _)| done & (1 << i) == 0)
-            .map(|(_, e)| e.returned)
-            .min()
-            .unwrap_or(u64::MAX);
-        for (i, e) in events.iter().enumerate() {
-            if done & (1 << i) != 0 || e.invoked > horizon {
-                continue;
-            }
-            if let Some(next) = step(&state, &e.call, &e.ret, ctx) {
-                stack.push((done | (1 << i), next));
-            }
-        }
-    }
-    Verdict {
-        end: None,
-        explored,
-    }
-}
-
-/// Fencing, independent of the model: a lease write with token `a` that took effect must not
-/// have been invoked after a claim of the same key returned a newer token. Returns the
-/// violations.
-fn fencing_violations(events: &[Event]) -> Vec<String> {
-    let mut out = Vec::new();
-    for w in events {
-        let (Some(token), true) = (
-            lease_token(&w.call),
-            matches!(w.ret, Ret::Done | Ret::Extended { .. }),
-        ) else {
-            continue;
-        };
-        for a in events {
-            if let Some(newer) = acquired_token(&a.ret)
-                && newer > token
-                && a.returned < w.invoked
-            {
-                out.push(format!(
-                    "{:?} with token {token} took effect after token {newer} was granted ({a:?} then {w:?})",
-                    w.call
-                ));
-            }
-        }
-    }
-    out
-}
-
-fn lease_token(call: &Call) -> Option<u64> {
-    match call {
-        Call::Complete { token, .. }
-        | Call::Fail { token }
-        | Call::Extend { token, .. }
-        | Call::Checkpoint { token, .. } => Some(*token),
-        _ => None,
-    }
-}
-
 // ----- running rounds against a store -----
 
-static TICKETS: AtomicU64 = AtomicU64::new(1);
-
-fn ticket() -> u64 {
-    TICKETS.fetch_add(1, Ordering::SeqCst)
-}
-
-const LEASE_MS: u64 = 1_000;
-const RETENTION_MS: u64 = 5_000;
 const SCOPE: &str = "lin";
-
-/// Leases obtained so far, per key, shared by every thread (a lease is only data: any thread
-/// may act as a slow or resurrected owner).
-type Pool = Arc<Mutex<BTreeMap<usize, Vec<Lease>>>>;
 
 fn key_name(session: u64, key: usize) -> String {
     format!("s{session}-k{key}")
-}
-
-/// The token of an acquisition, if `ret` is one.
-fn acquired_token(ret: &Ret) -> Option<u64> {
-    match ret {
-        Ret::Claimed {
-            answer: Expected::Acquired { .. },
-            token,
-        } => Some(*token),
-        _ => None,
-    }
-}
-
-fn ret_of_claim(result: idemstore::Result<Claim>) -> Ret {
-    let (answer, token) = match result {
-        Ok(Claim::Acquired(lease)) => (
-            Expected::Acquired {
-                attempt: lease.attempt(),
-                takeover: lease.is_takeover(),
-                checkpoint: lease.checkpoint().map(<[u8]>::to_vec),
-                lease_until: lease.lease_until_ms(),
-            },
-            lease.token(),
-        ),
-        Ok(Claim::Replay(r)) => (
-            Expected::Replay {
-                outcome: r.outcome,
-                completed_at: r.completed_at_ms,
-                attempt: r.attempt,
-            },
-            0,
-        ),
-        Ok(Claim::InProgress { retry_after }) => (
-            Expected::InProgress {
-                retry_after_ms: u64::try_from(retry_after.as_millis()).unwrap_or(u64::MAX),
-            },
-            0,
-        ),
-        Ok(Claim::Mismatch) => (Expected::Mismatch, 0),
-        Ok(other) => return Ret::Unexpected(format!("{other:?}")),
-        Err(e) => return Ret::Unexpected(format!("{e} ({e:?})")),
-    };
-    Ret::Claimed { answer, token }
-}
-
-fn ret_of_write(result: idemstore::Result<()>) -> Ret {
-    match result {
-        Ok(()) => Ret::Done,
-        Err(Error::LeaseLost { .. }) => Ret::LeaseLost,
-        Err(e) => Ret::Unexpected(format!("{e} ({e:?})")),
-    }
 }
 
 /// One thread's part of a round: its calls, each on a key, drawn at run time.
@@ -364,116 +73,52 @@ fn run_thread(
     let mut out = Vec::new();
     for (n, &key) in plan.iter().enumerate() {
         let name = key_name(session, key);
-        let lease = {
-            let pool = pool.lock().expect("pool");
-            pool.get(&key).and_then(|leases| {
-                if leases.is_empty() {
-                    None
-                } else if rng.chance(70) {
-                    leases.last().cloned()
-                } else {
-                    leases.get(rng.index(leases.len())).cloned()
+        let lease = pick_lease(&mut rng, pool, key);
+        let call = plan_call(
+            &mut rng,
+            lease.as_ref(),
+            MANUAL,
+            store.epoch(),
+            (thread, n, seed),
+        );
+        let options = call.claim_options();
+        let mut acquired = None;
+        let invoked = ticket();
+        let ret = match (&call, lease) {
+            (Call::Get, _) => Ret::of_get(store.get(SCOPE, &name)),
+            (Call::Forget, _) => Ret::of_forget(store.forget(SCOPE, &name)),
+            (Call::Complete { outcome, .. }, Some(lease)) => Ret::of_write(store.complete(
+                &lease,
+                outcome,
+                Duration::from_millis(MANUAL.retention_ms),
+            )),
+            (Call::Fail { .. }, Some(lease)) => Ret::of_write(store.fail(&lease)),
+            (Call::Extend { by_ms, .. }, Some(mut lease)) => {
+                let r = store.extend(&mut lease, Duration::from_millis(*by_ms));
+                Ret::of_extend(r, &lease)
+            }
+            (Call::Checkpoint { bytes, .. }, Some(lease)) => {
+                Ret::of_write(store.checkpoint(&lease, bytes))
+            }
+            (Call::Claim { fingerprint, .. }, _) => {
+                let options = options.as_ref().expect("a claim has options");
+                let r = store.claim(SCOPE, &name, fingerprint, options);
+                let ret = Ret::of_claim(&r);
+                if let Ok(Claim::Acquired(lease)) = r {
+                    acquired = Some(lease);
                 }
-            })
+                ret
+            }
+            (call, None) => unreachable!("{call:?} is planned only with a lease"),
         };
-        let roll = rng.index(100);
-        let (call, timed) = match (roll, lease) {
-            (0..=9, _) => {
-                let invoked = ticket();
-                let r = store.get(SCOPE, &name);
-                let returned = ticket();
-                let ret = match r {
-                    Ok(found) => Ret::Got(found.as_ref().map(MRecord::of)),
-                    Err(e) => Ret::Unexpected(format!("{e} ({e:?})")),
-                };
-                (Call::Get, (invoked, ret, returned))
-            }
-            (10..=13, _) => {
-                let invoked = ticket();
-                let r = store.forget(SCOPE, &name);
-                let returned = ticket();
-                let ret = match r {
-                    Ok(b) => Ret::Forgotten(b),
-                    Err(e) => Ret::Unexpected(format!("{e} ({e:?})")),
-                };
-                (Call::Forget, (invoked, ret, returned))
-            }
-            (14..=33, Some(lease)) => {
-                let outcome = format!("outcome t{thread} n{n} s{seed}").into_bytes();
-                let call = Call::Complete {
-                    token: lease.token(),
-                    outcome: outcome.clone(),
-                    retention_ms: RETENTION_MS,
-                };
-                let invoked = ticket();
-                let r = store.complete(&lease, &outcome, Duration::from_millis(RETENTION_MS));
-                (call, (invoked, ret_of_write(r), ticket()))
-            }
-            (34..=43, Some(lease)) => {
-                let call = Call::Fail {
-                    token: lease.token(),
-                };
-                let invoked = ticket();
-                let r = store.fail(&lease);
-                (call, (invoked, ret_of_write(r), ticket()))
-            }
-            (44..=53, Some(mut lease)) => {
-                let by_ms = 500 + 500 * rng.index(4) as u64;
-                let call = Call::Extend {
-                    token: lease.token(),
-                    by_ms,
-                };
-                let invoked = ticket();
-                let r = store.extend(&mut lease, Duration::from_millis(by_ms));
-                let returned = ticket();
-                let ret = match r {
-                    Ok(()) => Ret::Extended {
-                        until: lease.lease_until_ms(),
-                    },
-                    Err(Error::LeaseLost { .. }) => Ret::LeaseLost,
-                    Err(e) => Ret::Unexpected(format!("{e} ({e:?})")),
-                };
-                (call, (invoked, ret, returned))
-            }
-            (54..=63, Some(lease)) => {
-                let bytes = format!("cp t{thread} n{n}").into_bytes();
-                let call = Call::Checkpoint {
-                    token: lease.token(),
-                    bytes: bytes.clone(),
-                };
-                let invoked = ticket();
-                let r = store.checkpoint(&lease, &bytes);
-                (call, (invoked, ret_of_write(r), ticket()))
-            }
-            _ => {
-                let fingerprint: &[u8] = if rng.chance(12) { b"fp-other" } else { b"fp" };
-                let wait = rng.chance(15);
-                let mut options = ClaimOptions::default()
-                    .lease(Duration::from_millis(LEASE_MS))
-                    .retention(Duration::from_millis(RETENTION_MS));
-                if wait {
-                    options = options.wait(Duration::from_millis(5));
-                }
-                let call = Call::Claim {
-                    fingerprint: fingerprint.to_vec(),
-                    lease_ms: LEASE_MS,
-                    retention_ms: RETENTION_MS,
-                    wait,
-                };
-                let invoked = ticket();
-                let r = store.claim(SCOPE, &name, fingerprint, &options);
-                let returned = ticket();
-                if let Ok(Claim::Acquired(lease)) = &r {
-                    pool.lock()
-                        .expect("pool")
-                        .entry(key)
-                        .or_default()
-                        .push(lease.clone());
-                }
-                (call, (invoked, ret_of_claim(r), returned))
-            }
-        };
-        let (invoked, ret, returned) = timed;
+        let returned = ticket();
+        if let Some(lease) = acquired {
+            pool.lock()
+                .expect("pool")
+                .entry(key)
+                .or_default()
+                .push(lease);
+        }
         out.push((
             key,
             Event {
@@ -488,29 +133,6 @@ fn run_thread(
     out
 }
 
-/// Totals over all rounds of one store.
-#[derive(Debug, Default)]
-struct Report {
-    rounds: usize,
-    histories: usize,
-    calls: usize,
-    max_calls_per_key: usize,
-    explored: usize,
-    /// Calls whose interval overlapped another call on the same key.
-    overlapping: usize,
-    acquired: usize,
-    replays: usize,
-    lease_lost: usize,
-    non_linearizable: Vec<String>,
-    fencing: Vec<String>,
-    duplicate_tokens: usize,
-}
-
-const THREADS: usize = 4;
-const KEYS: usize = 3;
-/// Calls per key per round, the closing `get` included.
-const CALLS_PER_KEY: usize = 12;
-
 /// Runs `rounds` rounds on stores made by `open` (called again for a reopen), checking each.
 fn run_rounds(
     label: &str,
@@ -522,15 +144,13 @@ fn run_rounds(
     let clock = ManualClock::new(T0_MS);
     let mut store = Some(open(&clock));
     let mut rng = seeded(seed);
-    let mut report = Report::default();
-    let mut states: BTreeMap<usize, KeyState> = BTreeMap::new();
+    let mut checker = Checker::new(label);
     let pool: Pool = Arc::default();
-    let mut tokens: HashSet<u64> = HashSet::new();
     // Keys are renamed every 20 rounds, so that fresh records are common too.
     for round in 0..rounds {
         let session = (round / 20) as u64;
         if round % 20 == 0 {
-            states.clear();
+            checker.new_keys();
             pool.lock().expect("pool").clear();
         }
         // Between rounds, with nothing running: time passes (leases end, records expire), and
@@ -548,20 +168,10 @@ fn run_rounds(
         let s = store.as_ref().expect("store");
         let ctx = Ctx {
             now: clock.now_ms(),
-            epoch: s.epoch(),
+            owners: BTreeSet::from([s.epoch()]),
+            timeless: false,
         };
-        // The plan: CALLS_PER_KEY - 1 concurrent calls per key, spread over the threads.
-        let mut plans: Vec<Vec<usize>> = vec![Vec::new(); THREADS];
-        for key in 0..KEYS {
-            for _ in 0..CALLS_PER_KEY - 1 {
-                plans[rng.index(THREADS)].push(key);
-            }
-        }
-        for plan in &mut plans {
-            for i in (1..plan.len()).rev() {
-                plan.swap(i, rng.index(i + 1));
-            }
-        }
+        let plans = round_plans(&mut rng);
         let barrier = Barrier::new(THREADS);
         let results: Vec<Vec<(usize, Event)>> = std::thread::scope(|scope| {
             let handles: Vec<_> = plans
@@ -590,150 +200,20 @@ fn run_rounds(
             let invoked = ticket();
             let got = s.get(SCOPE, key_name(session, key)).expect("get");
             let returned = ticket();
-            let m = got.as_ref().map(MRecord::of);
-            per_key.entry(key).or_default().push(Event {
-                thread: usize::MAX,
-                invoked,
-                returned,
-                call: Call::Get,
-                ret: Ret::Got(m),
-            });
+            let event = Event::quiescent(invoked, returned, Ret::of_get(Ok(got)));
+            per_key.entry(key).or_default().push(event);
         }
-        report.rounds += 1;
-        for (key, events) in per_key {
-            report.histories += 1;
-            report.calls += events.len();
-            report.max_calls_per_key = report.max_calls_per_key.max(events.len());
-            report.overlapping += events
-                .iter()
-                .enumerate()
-                .filter(|(i, a)| {
-                    events
-                        .iter()
-                        .enumerate()
-                        .any(|(j, b)| *i != j && a.invoked < b.returned && b.invoked < a.returned)
-                })
-                .count();
-            for e in &events {
-                if let Some(token) = acquired_token(&e.ret) {
-                    report.acquired += 1;
-                    if !tokens.insert(token) {
-                        report.duplicate_tokens += 1;
-                    }
-                }
-                match &e.ret {
-                    Ret::Claimed {
-                        answer: Expected::Replay { .. },
-                        ..
-                    } => report.replays += 1,
-                    Ret::LeaseLost => report.lease_lost += 1,
-                    _ => {}
-                }
-            }
-            report.fencing.extend(fencing_violations(&events));
-            let start = states.get(&key).cloned().unwrap_or_default();
-            let verdict = linearize(&events, &start, ctx);
-            report.explored += verdict.explored;
-            match verdict.end {
-                Some(end) => {
-                    states.insert(key, end);
-                }
-                None => {
-                    let mut sorted = events.clone();
-                    sorted.sort_by_key(|e| e.invoked);
-                    let mut text = format!(
-                        "{label} round {round} key {key}: not linearizable from {start:?} at {ctx:?}"
-                    );
-                    for e in &sorted {
-                        let who = if e.thread == usize::MAX {
-                            "quiescent".to_owned()
-                        } else {
-                            format!("thread {}", e.thread)
-                        };
-                        // Byte strings shown as text: outcomes and checkpoints are ASCII here.
-                        let call = readable(&format!("{:?}", e.call));
-                        let ret = readable(&format!("{:?}", e.ret));
-                        text.push_str(&format!(
-                            "\n    {who} [{}..{}] {call} -> {ret}",
-                            e.invoked, e.returned
-                        ));
-                    }
-                    report.non_linearizable.push(text);
-                    // Continue from what the store holds.
-                    let observed = sorted.last().and_then(|e| match &e.ret {
-                        Ret::Got(m) => Some(m.clone()),
-                        _ => None,
-                    });
-                    let last_token = tokens.iter().copied().max().unwrap_or(0);
-                    states.insert(key, KeyState::holding(observed.flatten(), last_token));
-                }
-            }
-        }
+        checker.check_round(round, &ctx, per_key);
     }
     if let Some(s) = store {
         s.close().expect("close");
     }
-    report
-}
-
-/// Rewrites every `[b, y, t, e, s]` list of a debug string as the text it encodes.
-fn readable(debug: &str) -> String {
-    let mut out = String::new();
-    let mut rest = debug;
-    while let Some(open) = rest.find('[') {
-        let (head, tail) = rest.split_at(open);
-        out.push_str(head);
-        let Some(close) = tail.find(']') else {
-            out.push_str(tail);
-            return out;
-        };
-        let inner = &tail[1..close];
-        let bytes: Option<Vec<u8>> = inner
-            .split(", ")
-            .map(|b| b.trim().parse::<u8>().ok())
-            .collect();
-        match bytes {
-            Some(b) if !inner.is_empty() => {
-                out.push_str(&format!("{:?}", String::from_utf8_lossy(&b)));
-            }
-            _ => out.push_str(&tail[..=close]),
-        }
-        rest = &tail[close + 1..];
-    }
-    out.push_str(rest);
-    out
+    checker.report
 }
 
 fn check_report(label: &str, report: &Report, started: Instant) {
-    eprintln!(
-        "{label}: {} rounds, {} key histories, {} calls (at most {} per key per round, {} \
-         overlapping another on the same key), {} search nodes; {} acquired, {} replays, \
-         {} lease-lost; \
-         non-linearizable {}, fencing violations (double winners) {}, duplicate tokens {} ({:.1?})",
-        report.rounds,
-        report.histories,
-        report.calls,
-        report.max_calls_per_key,
-        report.overlapping,
-        report.explored,
-        report.acquired,
-        report.replays,
-        report.lease_lost,
-        report.non_linearizable.len(),
-        report.fencing.len(),
-        report.duplicate_tokens,
-        started.elapsed(),
-    );
-    assert!(
-        report.non_linearizable.is_empty(),
-        "{} non-linearizable histories; the first:\n{}",
-        report.non_linearizable.len(),
-        report.non_linearizable.first().map_or("", String::as_str)
-    );
-    assert!(report.fencing.is_empty(), "{:#?}", report.fencing);
-    assert_eq!(report.duplicate_tokens, 0, "tokens are unique store-wide");
-    assert!(report.max_calls_per_key <= CALLS_PER_KEY);
-    assert!(report.acquired > 0 && report.replays > 0 && report.lease_lost > 0);
+    eprintln!("{label}: {} ({:.1?})", report.summary(), started.elapsed());
+    report.assert_sound(CALLS_PER_KEY);
 }
 
 fn rounds(default: usize) -> usize {
@@ -796,6 +276,9 @@ fn mixed_operations_on_a_write_ahead_log_store_with_checkpoints_and_reopens_are_
 
 // ----- the checker checks -----
 
+const LEASE_MS: u64 = MANUAL.lease_ms;
+const RETENTION_MS: u64 = MANUAL.retention_ms;
+
 fn ev(invoked: u64, returned: u64, call: Call, ret: Ret) -> Event {
     Event {
         thread: 0,
@@ -808,6 +291,7 @@ fn ev(invoked: u64, returned: u64, call: Call, ret: Ret) -> Event {
 
 fn claim_call() -> Call {
     Call::Claim {
+        owner: 1,
         fingerprint: b"fp".to_vec(),
         lease_ms: LEASE_MS,
         retention_ms: RETENTION_MS,
@@ -829,7 +313,11 @@ fn acquired(token: u64, now: u64) -> Ret {
 
 #[test]
 fn the_checker_rejects_a_double_winner_and_accepts_overlap() {
-    let ctx = Ctx { now: 10, epoch: 1 };
+    let ctx = Ctx {
+        now: 10,
+        owners: BTreeSet::from([1]),
+        timeless: false,
+    };
     let start = KeyState::default();
     // Two claims that both acquired a fresh record: never linearizable, overlapping or not.
     for (a, b) in [((1, 2), (3, 4)), ((1, 4), (2, 3))] {
@@ -837,7 +325,7 @@ fn the_checker_rejects_a_double_winner_and_accepts_overlap() {
             ev(a.0, a.1, claim_call(), acquired(5, 10)),
             ev(b.0, b.1, claim_call(), acquired(6, 10)),
         ];
-        assert!(linearize(&h, &start, ctx).end.is_none(), "{h:?}");
+        assert!(linearize(&h, &start, &ctx).end.is_none(), "{h:?}");
     }
     // A claim that saw the record in progress while another acquired it: only if they
     // overlap or the acquisition came first.
@@ -851,12 +339,12 @@ fn the_checker_rejects_a_double_winner_and_accepts_overlap() {
         ev(1, 4, claim_call(), acquired(5, 10)),
         ev(2, 3, claim_call(), in_progress.clone()),
     ];
-    assert!(linearize(&overlap, &start, ctx).end.is_some());
+    assert!(linearize(&overlap, &start, &ctx).end.is_some());
     let too_early = [
         ev(1, 2, claim_call(), in_progress),
         ev(3, 4, claim_call(), acquired(5, 10)),
     ];
-    assert!(linearize(&too_early, &start, ctx).end.is_none());
+    assert!(linearize(&too_early, &start, &ctx).end.is_none());
     // A stale lease write that took effect after a newer grant is a fencing violation.
     let stale = [
         ev(1, 2, claim_call(), acquired(9, 10)),
@@ -882,13 +370,13 @@ fn the_checker_rejects_a_double_winner_and_accepts_overlap() {
         ev(3, 4, complete.clone(), Ret::Done),
         ev(5, 6, claim_call(), replay(b"A")),
     ];
-    assert!(linearize(&good, &start, ctx).end.is_some());
+    assert!(linearize(&good, &start, &ctx).end.is_some());
     let bad = [
         ev(1, 2, claim_call(), acquired(5, 10)),
         ev(3, 4, complete, Ret::Done),
         ev(5, 6, claim_call(), replay(b"B")),
     ];
-    assert!(linearize(&bad, &start, ctx).end.is_none());
+    assert!(linearize(&bad, &start, &ctx).end.is_none());
 }
 
 // ----- duplicate storms -----

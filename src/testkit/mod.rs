@@ -8,7 +8,7 @@
 //!   `redb::StorageBackend` is one adapter over it.
 //! - [`model`]: the reference model of DESIGN §2, written apart from `transition.rs`; every
 //!   oracle that needs one uses it (the model test, the `ops` fuzz target, the linearizability
-//!   checker).
+//!   checker, the conformance suite's `reference_model` case on every backend).
 //! - The fuzz entry points: [`decode_record`], [`validate_input`], [`run_ops`]; each panics on a
 //!   violated property, which is what a fuzzer reports.
 

@@ -1,19 +1,21 @@
 //! The reference model of a store's records: DESIGN §2 written apart from `transition.rs`.
 //!
 //! One model serves every oracle that needs one: the model-based test (`tests/model.rs`), the
-//! `ops` fuzz target ([`super::run_ops`]) and the linearizability checker
-//! (`tests/linearizability.rs`, which runs it one key at a time).
+//! `ops` fuzz target ([`super::run_ops`]), the linearizability checker
+//! (`tests/support/linearizability/`, which runs it one key at a time) and the conformance
+//! suite's `reference_model` case, which runs it against every backend.
 //!
 //! Rules: a record with `expires <= now` is absent to every operation. A claim of an absent
 //! record acquires attempt 1 (expiry now + retention); another fingerprint is a mismatch; a
-//! completed record replays; an in-flight record under a live lease of the current epoch is in
-//! progress; an in-flight record whose lease ended or whose epoch is older is taken over, and a
-//! failed one re-acquired: attempt + 1, the checkpoint handed over (and kept on the record, so
-//! that an owner that dies before its first checkpoint still passes on the last recovery
-//! point), expiry max(old, now + retention). Lease writes take effect only on a live in-flight
-//! record carrying the lease's token, and stamp the record's update time.
+//! completed record replays; an in-flight record under a live lease of a live owner (the
+//! current epoch, or one of [`Model::peers`]) is in progress; an in-flight record whose lease
+//! ended or whose owner is gone (an older epoch) is taken over, and a failed one re-acquired:
+//! attempt + 1, the checkpoint handed over (and kept on the record, so that an owner that dies
+//! before its first checkpoint still passes on the last recovery point), expiry max(old, now +
+//! retention). Lease writes take effect only on a live in-flight record carrying the lease's
+//! token, and stamp the record's update time.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use crate::{Record, RecordState};
 
@@ -137,13 +139,20 @@ pub fn storage_key(scope: &[u8], key: &[u8]) -> Vec<u8> {
 
 /// The records a store physically holds (expired ones until swept or forgotten), the clock
 /// and the process epoch.
+///
+/// A shared store has many owners alive at once (one per instance, each with its own owner id
+/// in the records' `epoch` field): `epoch` is then the claiming instance's owner id and
+/// `peers` the other live ones, whose in-flight records are in progress too.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Hash)]
 pub struct Model {
     records: BTreeMap<Vec<u8>, MRecord>,
     /// The current time (ms).
     pub now: u64,
-    /// The current process epoch.
+    /// The current process epoch (the owner a claim stamps on the record it acquires).
     pub epoch: u64,
+    /// Other owners that are alive: an in-flight record of one of them is no orphan. Empty for
+    /// an embedded store, which has one owner at a time.
+    pub peers: BTreeSet<u64>,
 }
 
 impl Model {
@@ -153,6 +162,7 @@ impl Model {
             records: BTreeMap::new(),
             now,
             epoch,
+            peers: BTreeSet::new(),
         }
     }
 
@@ -171,6 +181,11 @@ impl Model {
         self.records
             .get(&storage_key(scope, key))
             .filter(|r| r.expires > self.now)
+    }
+
+    /// The record of (`scope`, `key`) as held, expired or not (until swept or forgotten).
+    pub fn held(&self, scope: &[u8], key: &[u8]) -> Option<&MRecord> {
+        self.records.get(&storage_key(scope, key))
     }
 
     /// Replaces the record of (`scope`, `key`) (`None` removes it): for a checker that
@@ -228,7 +243,7 @@ impl Model {
                     epoch,
                     lease_until: held,
                     ..
-                } if *held > now && *epoch == self.epoch => {
+                } if *held > now && (*epoch == self.epoch || self.peers.contains(epoch)) => {
                     return Expected::InProgress {
                         retry_after_ms: held - now,
                     };
@@ -434,5 +449,29 @@ mod tests {
             lease_until: 1_000,
         };
         assert_eq!(m.claim(b"s", b"k", b"fp", 1_000, 5_000), want);
+    }
+
+    #[test]
+    fn a_live_peer_keeps_its_record_and_a_gone_one_loses_it() {
+        // Owner 7 claims; owner 8 sees it in progress while 7 is a live peer.
+        let mut m = Model::new(0, 7);
+        m.claim(b"s", b"k", b"fp", 1_000, 5_000);
+        m.epoch = 8;
+        m.peers.insert(7);
+        assert_eq!(
+            m.claim(b"s", b"k", b"fp", 1_000, 5_000),
+            Expected::InProgress {
+                retry_after_ms: 1_000
+            }
+        );
+        m.peers.clear();
+        assert!(matches!(
+            m.claim(b"s", b"k", b"fp", 1_000, 5_000),
+            Expected::Acquired {
+                attempt: 2,
+                takeover: true,
+                ..
+            }
+        ));
     }
 }

@@ -10,6 +10,10 @@ use idemstore::{
 };
 
 use crate::env::{Env, Kind};
+#[cfg(feature = "__testkit")]
+pub use crate::linearizability::linearizability;
+#[cfg(feature = "__testkit")]
+pub use crate::reference_model::reference_model;
 
 const DAY: Duration = Duration::from_secs(86_400);
 

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::sync::OnceLock;
 use std::time::Duration;
 
-use idemstore::{AnyBackend, Limits, Store};
+use idemstore::{AnyBackend, Limits, ManualClock, Store};
 
 use crate::servers::{Installer, PostgresServer, RedisServer};
 
@@ -31,6 +31,10 @@ pub struct Env {
     dedicated: Option<Dedicated>,
     /// The heartbeat interval and owner timeout of remote handles, if not the defaults.
     owners: Option<(Duration, Duration)>,
+    /// The clock of the memory and file stores, if not the system's.
+    clock: Option<ManualClock>,
+    /// The owner of the handle opened last.
+    last_owner: u64,
 }
 
 /// A server started for one case.
@@ -52,6 +56,24 @@ impl Env {
         self
     }
 
+    /// Runs the memory and file stores opened from now on on `clock`. A server's stores always
+    /// run on the server's clock.
+    // Used by the cases built on the reference model (feature `__testkit`).
+    #[cfg_attr(not(feature = "__testkit"), allow(dead_code))]
+    pub fn with_manual_clock(mut self, clock: ManualClock) -> Self {
+        self.clock = Some(clock);
+        self
+    }
+
+    /// The owner of the handle opened last: what it stamps on the records it acquires (the
+    /// `epoch` of `RecordState::InFlight`). For memory and file the store's process epoch;
+    /// for PostgreSQL and Redis the instance's owner id.
+    // Used by the cases built on the reference model (feature `__testkit`).
+    #[cfg_attr(not(feature = "__testkit"), allow(dead_code))]
+    pub fn last_owner(&self) -> u64 {
+        self.last_owner
+    }
+
     /// The case's first handle (the same store on every call for memory and file).
     pub async fn open(&mut self) -> AnyBackend {
         match self.kind {
@@ -59,15 +81,19 @@ impl Env {
                 if let Some(first) = &self.first {
                     return first.clone();
                 }
-                let builder = Store::builder()
+                let mut builder = Store::builder()
                     .sweep_interval(None)
                     .limits(self.limits.clone());
+                if let Some(clock) = &self.clock {
+                    builder = builder.clock(clock.clone());
+                }
                 let store = if self.kind == Kind::Memory {
                     builder.open_in_memory()
                 } else {
                     builder.open(self.path())
                 }
                 .expect("the store opens");
+                self.last_owner = store.epoch();
                 let backend = AnyBackend::new(store);
                 self.first = Some(backend.clone());
                 backend
@@ -168,7 +194,7 @@ impl Env {
     }
 
     #[cfg(feature = "postgres")]
-    async fn postgres(&self, instance: &str) -> AnyBackend {
+    async fn postgres(&mut self, instance: &str) -> AnyBackend {
         let url = self.url.as_deref().expect("a server for a postgres case");
         let mut builder = idemstore::postgres::PostgresBackend::builder(url)
             .expect("the URL parses")
@@ -180,16 +206,17 @@ impl Env {
             builder = builder.heartbeat_interval(heartbeat).owner_timeout(timeout);
         }
         let backend = builder.connect().await.expect("the backend connects");
+        self.last_owner = backend.owner_id();
         AnyBackend::new(backend)
     }
 
     #[cfg(not(feature = "postgres"))]
-    async fn postgres(&self, _instance: &str) -> AnyBackend {
+    async fn postgres(&mut self, _instance: &str) -> AnyBackend {
         unreachable!("postgres cases need the `postgres` feature")
     }
 
     #[cfg(feature = "redis")]
-    async fn redis(&self, instance: &str) -> AnyBackend {
+    async fn redis(&mut self, instance: &str) -> AnyBackend {
         let url = self.url.as_deref().expect("a server for a redis case");
         let mut builder = idemstore::redis::RedisBackend::builder(url)
             .expect("the URL parses")
@@ -200,11 +227,12 @@ impl Env {
             builder = builder.heartbeat_interval(heartbeat).owner_timeout(timeout);
         }
         let backend = builder.connect().await.expect("the backend connects");
+        self.last_owner = backend.owner_id();
         AnyBackend::new(backend)
     }
 
     #[cfg(not(feature = "redis"))]
-    async fn redis(&self, _instance: &str) -> AnyBackend {
+    async fn redis(&mut self, _instance: &str) -> AnyBackend {
         unreachable!("redis cases need the `redis` feature")
     }
 }
@@ -273,6 +301,8 @@ where
         limits: Limits::default(),
         dedicated: None,
         owners: None,
+        clock: None,
+        last_owner: 0,
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

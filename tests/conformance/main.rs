@@ -9,11 +9,23 @@
 //! own PostgreSQL schema, so cases run in parallel on one server.
 //!
 //! Every backend is used through `AnyBackend`, so the suite also exercises the boxed adapter.
+//!
+//! Two cases are built on the reference model (`idemstore::testkit`, feature `__testkit`, on
+//! in `--all-features` runs as in CI): `reference_model` runs random operation sequences
+//! against the backend and the model, `linearizability` checks concurrent histories against
+//! it (the checker of `tests/linearizability.rs`, in `tests/support/`).
 
 mod cases;
 mod env;
+#[cfg(feature = "__testkit")]
+mod linearizability;
+#[cfg(feature = "__testkit")]
+mod reference_model;
 #[path = "../servers/mod.rs"]
 mod servers;
+#[cfg(feature = "__testkit")]
+#[path = "../support/mod.rs"]
+mod support;
 
 /// Generates `mod $backend { #[test] fn case() ... }` for the cases every backend runs, plus
 /// the extra cases given.
@@ -36,6 +48,8 @@ macro_rules! conformance {
                 capabilities,
                 $($extra,)*
             );
+            #[cfg(feature = "__testkit")]
+            conformance!(@cases $backend: reference_model, linearizability,);
         }
     };
     (@cases $backend:ident: $($case:ident,)*) => {

@@ -1,8 +1,11 @@
 //! Helpers shared by the integration tests: a seeded PRNG, the long-run switch, a small worker
-//! pool, and a deterministic single-threaded workload with physical-state snapshots. The
-//! simulated disk they run on is `idemstore::testkit::SimDisk` (feature `__testkit`).
+//! pool, a deterministic single-threaded workload with physical-state snapshots, and the
+//! linearizability checker (feature `__testkit`, for its reference model). The simulated disk
+//! they run on is `idemstore::testkit::SimDisk` (feature `__testkit`).
 #![allow(dead_code)]
 
+#[cfg(feature = "__testkit")]
+pub mod linearizability;
 pub mod rng;
 pub mod workload;
 
