@@ -441,7 +441,12 @@ fn write_fixture_v2() -> TestResult {
     let lease = acquired(store.claim("tenant", "logged", "fp", &long)?);
     store.complete(&lease, b"fixture outcome logged", ten_years)?;
     let _lease = acquired(store.claim("tenant", "in-flight", "fp", &long)?);
-    assert!(store.stats()?.wal.is_some_and(|w| w.checkpoint_lag_batches == 3));
+    assert!(
+        store
+            .stats()?
+            .wal
+            .is_some_and(|w| w.checkpoint_lag_batches == 3)
+    );
     // Acknowledged at `Immediate`: in the log, synced. No close, no last checkpoint.
     std::mem::forget(store);
     Ok(())

@@ -43,7 +43,8 @@ enum LogSource {
     None,
     /// The file beside the database file.
     File(PathBuf),
-    /// A caller's backend (tests).
+    /// A caller's backend (the simulated disks of the tests).
+    #[cfg_attr(not(feature = "__testkit"), allow(dead_code))]
     Backend(Box<dyn redb::StorageBackend>),
 }
 

@@ -15,7 +15,10 @@
 //! against the backend and the model, `linearizability` checks concurrent histories against
 //! it (the checker of `tests/linearizability.rs`, in `tests/support/`).
 
+// Some cases, and the helpers they use, run only on the servers (features `postgres` and `redis`).
+#[cfg_attr(not(all(feature = "postgres", feature = "redis")), allow(dead_code))]
 mod cases;
+#[cfg_attr(not(all(feature = "postgres", feature = "redis")), allow(dead_code))]
 mod env;
 #[cfg(feature = "__testkit")]
 mod linearizability;
