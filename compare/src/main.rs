@@ -249,6 +249,29 @@ fn systems(dir: &std::path::Path, args: &Args, servers: &mut Servers) -> Vec<Sys
             boxed(Idemstore::open(
                 &dir.join("idemstore-immediate.redb"),
                 Durability::Immediate,
+                false,
+            )),
+        ),
+        System::new(
+            "idemstore WAL (Immediate)",
+            "`write_ahead_log(true)`: each commit one append + one fdatasync of the log, acknowledged after it; checkpoints into redb every second",
+            false,
+            boxed(Idemstore::open(
+                &dir.join("idemstore-wal-immediate.redb"),
+                Durability::Immediate,
+                true,
+            )),
+        ),
+        System::new(
+            "idemstore WAL (Relaxed 1 s)",
+            "`write_ahead_log(true)` with `Durability::Relaxed { max_unsynced: 1 s }`",
+            false,
+            boxed(Idemstore::open(
+                &dir.join("idemstore-wal-relaxed.redb"),
+                Durability::Relaxed {
+                    max_unsynced: Duration::from_secs(1),
+                },
+                true,
             )),
         ),
         System::new(
@@ -260,6 +283,7 @@ fn systems(dir: &std::path::Path, args: &Args, servers: &mut Servers) -> Vec<Sys
                 Durability::Relaxed {
                     max_unsynced: Duration::from_secs(1),
                 },
+                false,
             )),
         ),
         System::new(

@@ -56,11 +56,13 @@ pub struct Idemstore {
 }
 
 impl Idemstore {
-    /// A store at `path` with `durability`, no background sweeper (nothing expires in a run).
-    pub fn open(path: &Path, durability: Durability) -> Result<Idemstore, BoxError> {
+    /// A store at `path` with `durability`, no background sweeper (nothing expires in a run);
+    /// `wal`: with a write-ahead log (format 2) and its default checkpointing.
+    pub fn open(path: &Path, durability: Durability, wal: bool) -> Result<Idemstore, BoxError> {
         let store = Store::builder()
             .durability(durability)
             .sweep_interval(None)
+            .write_ahead_log(wal)
             .open(path)?;
         Ok(Idemstore {
             store: Arc::new(store),
