@@ -30,6 +30,9 @@ use crate::workload::{Kind, Payment};
 pub struct Tally {
     /// Requests sent, retries included.
     pub requests: AtomicU64,
+    /// Requests sent again with the same key and parameters after an attempt that got no final
+    /// answer (dropped, refused, 409, 5xx).
+    pub retries: AtomicU64,
     /// Responses the client stopped waiting for.
     pub dropped: AtomicU64,
     /// Requests that got no answer (the service was down or the connection broke).
@@ -247,6 +250,9 @@ impl Chaos {
     async fn settle(&self, payment: &Payment, amount: u64, flaky: bool) -> Option<String> {
         let mut last = None;
         for attempt in 0..ATTEMPTS_MAX {
+            if attempt > 0 {
+                add(&self.tally.retries);
+            }
             let drop_after = (flaky && attempt < 6 && self.rng.chance(35))
                 .then(|| Duration::from_micros(self.rng.below(7000)));
             match self.send(payment, amount, drop_after, &mut last).await {
@@ -335,7 +341,10 @@ impl Chaos {
                 // Same key, other parameters: a client bug the layer refuses, as Stripe does, with
                 // a 400 `idempotency_error`.
                 let mut last = None;
-                for _ in 0..ATTEMPTS_MAX {
+                for attempt in 0..ATTEMPTS_MAX {
+                    if attempt > 0 {
+                        add(&self.tally.retries);
+                    }
                     match self
                         .send(&payment, payment.amount + 1, None, &mut last)
                         .await

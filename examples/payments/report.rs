@@ -76,6 +76,10 @@ pub fn print(report: &Report<'_>) -> bool {
     );
     row("requests sent", load(&t.requests).to_string());
     row(
+        "  of which retries (same key)",
+        load(&t.retries).to_string(),
+    );
+    row(
         "responses dropped by the client",
         load(&t.dropped).to_string(),
     );
