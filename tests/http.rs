@@ -245,6 +245,15 @@ struct Watched {
     deliver: Notify,
     /// Notified after each release (`fail`) has returned.
     released: Notify,
+    /// Whether each completion waits, before it reaches the store, until `send_completion`
+    /// is notified: a remote store's call not sent yet.
+    hold_completions: bool,
+    /// Notified when a completion starts (before it waits).
+    completing: Notify,
+    /// Lets a held completion go on to the store.
+    send_completion: Notify,
+    /// Notified after each completion has returned.
+    completed: Notify,
 }
 
 impl Watched {
@@ -258,8 +267,29 @@ impl Watched {
             committed: Notify::new(),
             deliver: Notify::new(),
             released: Notify::new(),
+            hold_completions: false,
+            completing: Notify::new(),
+            send_completion: Notify::new(),
+            completed: Notify::new(),
         };
         (Arc::new(watched), pending)
+    }
+
+    /// A watched in-memory store whose completions wait for `send_completion`.
+    fn holding_completions() -> Arc<Watched> {
+        let (claim_pending, _) = mpsc::unbounded_channel();
+        Arc::new(Watched {
+            store: memory_store(),
+            claim_pending,
+            hold_answers: false,
+            committed: Notify::new(),
+            deliver: Notify::new(),
+            released: Notify::new(),
+            hold_completions: true,
+            completing: Notify::new(),
+            send_completion: Notify::new(),
+            completed: Notify::new(),
+        })
     }
 }
 
@@ -303,7 +333,13 @@ impl IdempotencyBackend for Watched {
         outcome: &[u8],
         retention: Duration,
     ) -> idemstore::Result<()> {
-        IdempotencyBackend::complete(&self.store, lease, outcome, retention).await
+        self.completing.notify_one();
+        if self.hold_completions {
+            self.send_completion.notified().await;
+        }
+        let completed = IdempotencyBackend::complete(&self.store, lease, outcome, retention).await;
+        self.completed.notify_one();
+        completed
     }
 
     async fn fail(&self, lease: &Lease) -> idemstore::Result<()> {
@@ -1162,6 +1198,39 @@ async fn a_request_dropped_while_its_claim_commits_releases_the_claim() {
         (StatusCode::CREATED, false)
     );
     assert_eq!(runs.get(), 1, "the abandoned request never ran its handler");
+}
+
+#[tokio::test]
+async fn a_request_dropped_while_its_response_is_stored_still_completes() {
+    // In process, so that the request future is dropped at a known point: after the handler
+    // ran, while the completion has not reached the store yet (a remote store's call not yet
+    // sent). The completion must still land: otherwise every retry gets 409 until the lease
+    // runs out.
+    let runs = Counter::default();
+    let store = Watched::holding_completions();
+    let layer = IdempotencyLayer::new(Arc::clone(&store));
+    let metrics = layer.metrics();
+    let app = charge_route(&runs).layer(layer);
+    let abandoned = tokio::spawn({
+        let app = app.clone();
+        async move { post_with_key("/charges", "k").send_to(&app).await }
+    });
+    within("the completion to start", store.completing.notified()).await;
+    abandoned.abort();
+    assert!(
+        abandoned.await.is_err_and(|e| e.is_cancelled()),
+        "the request future was dropped"
+    );
+    store.send_completion.notify_one();
+    within("the completion", store.completed.notified()).await;
+    assert_eq!(metrics.snapshot().stored, 1, "the response was stored");
+    let retry = post_with_key("/charges", "k").send_to(&app).await;
+    assert_eq!(
+        (retry.status, retry.replayed()),
+        (StatusCode::CREATED, true),
+        "the retry replays the abandoned request's response"
+    );
+    assert_eq!(runs.get(), 1, "the handler ran once");
 }
 
 // ----- lease (in process, on paused time) -----

@@ -9,80 +9,21 @@
 //! Without Python 3 (with `venv`) or without PyPI, it fails under `CI=true` and is skipped,
 //! saying why, elsewhere.
 
+mod payments_demo;
+
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Child, ChildStdin, Command, Output, Stdio};
+use std::process::{Child, ChildStdin, Command, Stdio};
 use std::time::Instant;
 
 use serde_json::Value;
 
-/// Whether the test runs in CI, where a missing prerequisite is a failure.
-fn in_ci() -> bool {
-    std::env::var("CI").is_ok_and(|v| v == "true")
-}
+use payments_demo::{in_ci, payments_example, run};
 
 /// Fails under CI, otherwise says why the test does not run.
 fn unavailable(why: &str) {
     assert!(!in_ci(), "the Stripe SDK test cannot run in CI: {why}");
     eprintln!("stripe_sdk: skipped: {why} (CI=true makes this a failure)");
-}
-
-fn run(command: &mut Command) -> Result<Output, String> {
-    let shown = format!("{command:?}");
-    let output = command
-        .stdin(Stdio::null())
-        .output()
-        .map_err(|e| format!("{shown}: {e}"))?;
-    if output.status.success() {
-        Ok(output)
-    } else {
-        Err(format!(
-            "{shown}: {}\n{}{}",
-            output.status,
-            String::from_utf8_lossy(&output.stdout),
-            String::from_utf8_lossy(&output.stderr)
-        ))
-    }
-}
-
-/// The `payments` example of the build profile this test was built with, built (or found
-/// fresh) by cargo with the features this test was built with.
-fn payments_example() -> PathBuf {
-    let exe = std::env::current_exe().expect("the test's own path");
-    // target/<profile>/deps/stripe_sdk-<hash>
-    let profile_dir = exe
-        .parent()
-        .and_then(Path::parent)
-        .expect("the test runs from target/<profile>/deps");
-    let target_dir = profile_dir.parent().expect("target/<profile> has a parent");
-    let mut features = vec!["http"];
-    if cfg!(feature = "metrics") {
-        features.push("metrics");
-    }
-    if cfg!(feature = "__testkit") {
-        features.push("__testkit");
-    }
-    let mut build = Command::new(env!("CARGO"));
-    build
-        .args(["build", "--quiet", "--example", "payments", "--features"])
-        .arg(features.join(","))
-        .arg("--manifest-path")
-        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("Cargo.toml"))
-        .env("CARGO_TARGET_DIR", target_dir);
-    if profile_dir
-        .file_name()
-        .is_some_and(|name| name == "release")
-    {
-        build.arg("--release");
-    }
-    if let Err(error) = run(&mut build) {
-        panic!("building the payments example failed: {error}");
-    }
-    let example = profile_dir
-        .join("examples")
-        .join(format!("payments{}", std::env::consts::EXE_SUFFIX));
-    assert!(example.is_file(), "no example at {}", example.display());
-    example
 }
 
 /// `payments --serve` on 127.0.0.1, stopped (its stdin closed, then killed if need be) on drop.

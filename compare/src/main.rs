@@ -8,7 +8,9 @@
 //! One process runs the claim + complete cycle (36-byte UUID key, 32-byte fingerprint,
 //! 512-byte outcome) at 1, 16 and 64 concurrent callers against every system, interleaved:
 //! for each caller count, every system runs one round in turn (the order rotating each round),
-//! several rounds, so drift of the machine hits all of them alike. Reported: the median round
+//! several rounds, so drift of the machine hits all of them alike. idemstore's own PostgreSQL
+//! and Redis backends run beside the raw upserts on the same servers, through the
+//! `IdempotencyBackend` trait, to show what the semantics cost. Reported: the median round
 //! throughput and the p50/p99 of all per-cycle latencies. Then idemstore alone: replay
 //! throughput on 2 threads, sweep throughput and claim p99 while a sweep runs, open time of
 //! large stores, file size per record and after sweeping, peak RSS.
@@ -34,7 +36,9 @@ use std::time::{Duration, Instant};
 
 use idemstore::Durability;
 
-use peers::{DiskLimit, Idemstore, InMemory, NaiveRedb, Peer, Postgres, Redis, Sqlite, Worker};
+use peers::{
+    Backend, DiskLimit, Idemstore, InMemory, NaiveRedb, Peer, Postgres, Redis, Sqlite, Worker,
+};
 use servers::{Installer, PostgresServer, RedisServer};
 use workload::{OUTCOME_LEN, Round, outcome, run_round};
 
@@ -241,6 +245,31 @@ fn systems(dir: &std::path::Path, args: &Args, servers: &mut Servers) -> Vec<Sys
         Ok(s) => boxed(Postgres::connect(&s.conn_str())),
         Err(e) => Err(e.clone()),
     };
+    // idemstore's own backends on the same servers (the Redis one on the `always` server, the
+    // durability its docs require), through the trait.
+    let callers_max = args.callers.iter().copied().max().unwrap_or(1);
+    let pg_backend = match &postgres {
+        Ok(s) => {
+            let url = s.url();
+            boxed(Backend::connect("idemstore on PostgreSQL", async move {
+                // Up to a connection per caller, as the raw peer has.
+                idemstore::postgres::PostgresBackend::builder(&url)?
+                    .pool_size(callers_max)
+                    .connect()
+                    .await
+            }))
+        }
+        Err(e) => Err(e.clone()),
+    };
+    let redis_backend = match &redis_always {
+        Ok(s) => {
+            let url = s.url();
+            boxed(Backend::connect("idemstore on Redis", async move {
+                idemstore::redis::RedisBackend::connect(&url).await
+            }))
+        }
+        Err(e) => Err(e.clone()),
+    };
     let list = vec![
         System::new(
             "idemstore (Immediate)",
@@ -305,6 +334,12 @@ fn systems(dir: &std::path::Path, args: &Args, servers: &mut Servers) -> Vec<Sys
             redis_peer(&redis_always),
         ),
         System::new(
+            "idemstore on Redis (AOF always)",
+            "idemstore's Redis backend (`idemstore::redis`) through the `IdempotencyBackend` trait, on the AOF-always server above: `claim` and the fenced `complete` are one Lua script each (fingerprint, fencing token, owner, expiry on the server's clock); one multiplexed connection (`ConnectionManager`); each caller thread `block_on`s the backend's Tokio runtime",
+            false,
+            redis_backend,
+        ),
+        System::new(
             "Redis (AOF everysec)",
             "`appendonly yes`, `appendfsync everysec` (may lose the last second)",
             false,
@@ -315,6 +350,12 @@ fn systems(dir: &std::path::Path, args: &Args, servers: &mut Servers) -> Vec<Sys
             "`synchronous_commit=on`; `INSERT ... ON CONFLICT DO NOTHING`, then `UPDATE`; a connection per caller",
             false,
             pg_peer,
+        ),
+        System::new(
+            "idemstore on PostgreSQL",
+            "idemstore's PostgreSQL backend (`idemstore::postgres`) through the `IdempotencyBackend` trait, on the server above: `claim` is one statement (decided on the committed row; an acquisition is an `INSERT ... ON CONFLICT DO UPDATE` that draws a fencing token from a sequence), `complete` a fenced `UPDATE ... WHERE token`; a pool of up to one connection per caller; each caller thread `block_on`s the backend's Tokio runtime",
+            false,
+            pg_backend,
         ),
         System::new(
             "HashMap + Mutex",
@@ -373,7 +414,7 @@ fn compare(systems: &mut [System], args: &Args) {
                 match run_round(ws, args.round, &outcome) {
                     Ok(r) => {
                         eprintln!(
-                            "[compare] {callers:>2} callers, round {}/{}: {:<24} {:>10.0}/s  p99 {}",
+                            "[compare] {callers:>2} callers, round {}/{}: {:<31} {:>10.0}/s  p99 {}",
                             round + 1,
                             args.rounds,
                             system.name,

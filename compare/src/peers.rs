@@ -6,6 +6,7 @@
 
 use std::collections::HashMap;
 use std::fs::File;
+use std::future::Future;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
@@ -91,6 +92,71 @@ impl Worker for IdemstoreWorker {
             Claim::Acquired(lease) => Ok(self.store.complete(&lease, outcome, RETENTION)?),
             _ => Err(not_acquired("idemstore")),
         }
+    }
+}
+
+// ----- idemstore's shared backends -----
+
+/// One of idemstore's remote backends (PostgreSQL, Redis) through the `IdempotencyBackend`
+/// trait, as a service uses it: the same claim + complete as the raw peer on the same server,
+/// with the semantics the raw upsert leaves out (fingerprints, fencing tokens, owners and
+/// takeover, expiry on the server's clock). The trait is async: the backend lives on a
+/// multi-threaded Tokio runtime of its own, whose worker threads drive the connections, and
+/// each caller thread runs its cycle with `block_on`.
+pub struct Backend<B> {
+    backend: Arc<B>,
+    runtime: Arc<tokio::runtime::Runtime>,
+    options: ClaimOptions,
+    name: &'static str,
+}
+
+impl<B: idemstore::IdempotencyBackend> Backend<B> {
+    /// Runs `connect` on a new runtime and keeps the backend it returns.
+    pub fn connect<F>(name: &'static str, connect: F) -> Result<Backend<B>, BoxError>
+    where
+        F: Future<Output = idemstore::Result<B>>,
+    {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()?;
+        let backend = runtime.block_on(connect)?;
+        Ok(Backend {
+            backend: Arc::new(backend),
+            runtime: Arc::new(runtime),
+            options: ClaimOptions::default().lease(LEASE).retention(RETENTION),
+            name,
+        })
+    }
+}
+
+struct BackendWorker<B> {
+    backend: Arc<B>,
+    /// Kept alive while the worker exists.
+    runtime: Arc<tokio::runtime::Runtime>,
+    options: ClaimOptions,
+    name: &'static str,
+}
+
+impl<B: idemstore::IdempotencyBackend> Peer for Backend<B> {
+    fn worker(&self) -> Result<Box<dyn Worker>, BoxError> {
+        Ok(Box::new(BackendWorker {
+            backend: Arc::clone(&self.backend),
+            runtime: Arc::clone(&self.runtime),
+            options: self.options.clone(),
+            name: self.name,
+        }))
+    }
+}
+
+impl<B: idemstore::IdempotencyBackend> Worker for BackendWorker<B> {
+    fn cycle(&mut self, key: &[u8; 36], fp: &[u8; 32], outcome: &[u8]) -> Result<(), BoxError> {
+        let (backend, options) = (&*self.backend, &self.options);
+        self.runtime.block_on(async {
+            match backend.claim(SCOPE, key, fp, options).await? {
+                Claim::Acquired(lease) => Ok(backend.complete(&lease, outcome, RETENTION).await?),
+                _ => Err(not_acquired(self.name)),
+            }
+        })
     }
 }
 

@@ -163,6 +163,12 @@ fn ratio(a: Option<f64>, b: Option<f64>) -> String {
     }
 }
 
+/// idemstore's shared backends and the raw peer on the same server, by system name.
+const SEMANTICS_PAIRS: [(&str, &str); 2] = [
+    ("idemstore on PostgreSQL", "PostgreSQL"),
+    ("idemstore on Redis (AOF always)", "Redis (AOF always)"),
+];
+
 fn find<'s>(systems: &'s [System], name: &str) -> Option<&'s System> {
     systems.iter().find(|s| s.name == name)
 }
@@ -305,6 +311,43 @@ pub fn render(
                 let a = ours.and_then(|o| throughput(o, c));
                 let _ = write!(s, " {} |", ratio(a, throughput(system, c)));
             }
+        }
+        s.push('\n');
+    }
+
+    // idemstore's shared backends against the raw peer on the same server.
+    let _ = writeln!(
+        s,
+        "\n### The cost of the semantics: idemstore's backends ÷ the raw peer on the same server\n\n\
+         The same cycle through idemstore's PostgreSQL and Redis backends (fingerprints, fencing tokens, owners, \
+         expiry on the server's clock) against the raw upsert on the same server: throughput ratio (below 1× the \
+         backend is slower), then the p99 of each.\n"
+    );
+    let _ = write!(s, "| backend | raw peer |");
+    for c in &args.callers {
+        let _ = write!(s, " {c} caller{} |", if *c == 1 { "" } else { "s" });
+    }
+    let _ = write!(s, "\n| --- | --- |");
+    for _ in &args.callers {
+        let _ = write!(s, " ---: |");
+    }
+    s.push('\n');
+    for (ours, raw) in SEMANTICS_PAIRS {
+        let (Some(a), Some(b)) = (find(systems, ours), find(systems, raw)) else {
+            continue;
+        };
+        let _ = write!(s, "| {ours} | {raw} |");
+        for &c in &args.callers {
+            let cell = match (summary(a, c), summary(b, c)) {
+                (Some((ta, ha)), Some((tb, hb))) => format!(
+                    "{} (p99 {} vs {})",
+                    ratio(Some(ta), Some(tb)),
+                    latency(ha.quantile(0.99)),
+                    latency(hb.quantile(0.99))
+                ),
+                _ => "—".into(),
+            };
+            let _ = write!(s, " {cell} |");
         }
         s.push('\n');
     }
@@ -580,7 +623,8 @@ const HEADER: &str = "# Benchmarks\n\n\
 Two tools:\n\n\
 - `cargo bench`: the criterion suite (`benches/cycle.rs`, `benches/ops.rs`), for regressions.\n\
 - `cargo run --release --manifest-path compare/Cargo.toml`: the side-by-side comparison below, \
-against the peers a user would pick instead, regenerated into this file (`--quick` for a smoke run, \
+against the peers a user would pick instead (and idemstore's own PostgreSQL and Redis backends \
+beside the raw upserts on the same servers), regenerated into this file (`--quick` for a smoke run, \
 `--skip-big` to skip the 10M-record store). Run it on a quiet machine.\n\n";
 
 /// Writes `generated` into `path`: between the markers if the file has them, else a new file

@@ -17,7 +17,7 @@ use base64::Engine as _;
 use base64::alphabet;
 use base64::engine::general_purpose::{GeneralPurpose, PAD_INDIFFERENT};
 use bytes::Bytes;
-use idemstore::Store;
+use idemstore::AnyBackend;
 use idemstore::http::{IdempotencyLayer, IdempotentRequest};
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
@@ -55,15 +55,15 @@ impl Principal {
     }
 }
 
-/// The API as an axum router: authentication first, then the idempotency layer scoped by the
-/// API key, then the routes.
-/// Also returns the idempotency layer's counters (for `GET /metrics`).
-pub fn app(store: Store, ledger: Arc<Ledger>) -> (Router, idemstore::http::Metrics) {
+/// The API as an axum router: authentication first, then the idempotency layer on `backend`
+/// (the embedded store, or one shared by several processes) scoped by the API key, then the
+/// routes. Also returns the idempotency layer's counters (for `GET /metrics`).
+pub fn app(backend: AnyBackend, ledger: Arc<Ledger>) -> (Router, idemstore::http::Metrics) {
     let state = AppState {
         ledger,
         rng: Arc::new(Rng::from_time()),
     };
-    let idempotency = IdempotencyLayer::new(store)
+    let idempotency = IdempotencyLayer::new(backend)
         .scope(|request: &axum::http::request::Parts| {
             let principal = request.extensions.get::<Principal>()?;
             Some(principal.scope.to_vec())

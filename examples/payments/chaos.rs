@@ -30,6 +30,9 @@ use crate::workload::{Kind, Payment};
 pub struct Tally {
     /// Requests sent, retries included.
     pub requests: AtomicU64,
+    /// Requests sent again with the same key and parameters after an attempt that got no final
+    /// answer (dropped, refused, 409, 5xx).
+    pub retries: AtomicU64,
     /// Responses the client stopped waiting for.
     pub dropped: AtomicU64,
     /// Requests that got no answer (the service was down or the connection broke).
@@ -58,6 +61,8 @@ pub struct Tally {
     pub restarts: AtomicU64,
     /// TCP connections the client opened (a keep-alive client reuses them).
     pub connections_opened: AtomicU64,
+    /// Attempts sent to another service process than the payment's previous attempt.
+    pub switched: AtomicU64,
 }
 
 /// Counts one.
@@ -83,10 +88,11 @@ enum Attempt {
     Failed,
 }
 
-/// The client: an HTTP connection pool to the service, its tally and its randomness.
+/// The client: an HTTP connection pool to the service processes, its tally and its randomness.
 pub struct Chaos {
     client: Client<Counted, Full<Bytes>>,
-    addr: SocketAddr,
+    /// The service processes; each attempt goes to one of them, at random.
+    addrs: Vec<SocketAddr>,
     tally: Arc<Tally>,
     rng: Rng,
     /// At most this many requests in flight at once, and so connections in use, if set.
@@ -126,8 +132,9 @@ impl tower::Service<Uri> for Counted {
 const ATTEMPTS_MAX: usize = 400;
 
 impl Chaos {
-    /// A client of the service at `addr`, keeping up to `concurrency` idle connections.
-    pub fn new(addr: SocketAddr, concurrency: usize, rng: Rng) -> Chaos {
+    /// A client of the service processes at `addrs` (one at least), keeping up to
+    /// `concurrency` idle connections to each.
+    pub fn new(addrs: Vec<SocketAddr>, concurrency: usize, rng: Rng) -> Chaos {
         let tally = Arc::new(Tally::default());
         let connector = Counted {
             inner: HttpConnector::new(),
@@ -137,7 +144,7 @@ impl Chaos {
             client: Client::builder(TokioExecutor::new())
                 .pool_max_idle_per_host(concurrency)
                 .build(connector),
-            addr,
+            addrs,
             tally,
             rng,
             in_flight: None,
@@ -150,8 +157,23 @@ impl Chaos {
     pub fn limited(addr: SocketAddr, connections: usize, rng: Rng) -> Chaos {
         Chaos {
             in_flight: Some(Semaphore::new(connections)),
-            ..Chaos::new(addr, connections, rng)
+            ..Chaos::new(vec![addr], connections, rng)
         }
+    }
+
+    /// The process the next attempt of a payment goes to: one at random, counted as a switch
+    /// when it is not the one its previous attempt (`last`) went to.
+    fn pick(&self, last: &mut Option<usize>) -> Option<SocketAddr> {
+        let i = if self.addrs.len() > 1 {
+            self.rng.below(self.addrs.len() as u64) as usize
+        } else {
+            0
+        };
+        if last.is_some_and(|previous| previous != i) {
+            add(&self.tally.switched);
+        }
+        *last = Some(i);
+        self.addrs.get(i).copied()
     }
 
     /// How long the answered requests took, so far.
@@ -164,14 +186,25 @@ impl Chaos {
         &self.tally
     }
 
-    async fn send(&self, payment: &Payment, amount: u64, drop_after: Option<Duration>) -> Attempt {
+    /// Sends one attempt to a process picked by [`Chaos::pick`] (`last`: the process of the
+    /// payment's previous attempt).
+    async fn send(
+        &self,
+        payment: &Payment,
+        amount: u64,
+        drop_after: Option<Duration>,
+        last: &mut Option<usize>,
+    ) -> Attempt {
         // The semaphore is never closed: `acquire` cannot fail.
         let _slot = match &self.in_flight {
             Some(limit) => limit.acquire().await.ok(),
             None => None,
         };
         add(&self.tally.requests);
-        let request = axum::http::Request::post(format!("http://{}/v1/charges", self.addr))
+        let Some(addr) = self.pick(last) else {
+            return Attempt::Failed;
+        };
+        let request = axum::http::Request::post(format!("http://{addr}/v1/charges"))
             .header("authorization", payment.authorization())
             .header("idempotency-key", &payment.key)
             .header("content-type", "application/x-www-form-urlencoded")
@@ -215,10 +248,14 @@ impl Chaos {
 
     /// Sends until a final answer; returns the charge id (or `None` for a final error).
     async fn settle(&self, payment: &Payment, amount: u64, flaky: bool) -> Option<String> {
+        let mut last = None;
         for attempt in 0..ATTEMPTS_MAX {
+            if attempt > 0 {
+                add(&self.tally.retries);
+            }
             let drop_after = (flaky && attempt < 6 && self.rng.chance(35))
                 .then(|| Duration::from_micros(self.rng.below(7000)));
-            match self.send(payment, amount, drop_after).await {
+            match self.send(payment, amount, drop_after, &mut last).await {
                 Attempt::Answered {
                     status: StatusCode::OK,
                     replayed,
@@ -303,8 +340,15 @@ impl Chaos {
                 let id = self.settle(&payment, payment.amount, false).await;
                 // Same key, other parameters: a client bug the layer refuses, as Stripe does, with
                 // a 400 `idempotency_error`.
-                for _ in 0..ATTEMPTS_MAX {
-                    match self.send(&payment, payment.amount + 1, None).await {
+                let mut last = None;
+                for attempt in 0..ATTEMPTS_MAX {
+                    if attempt > 0 {
+                        add(&self.tally.retries);
+                    }
+                    match self
+                        .send(&payment, payment.amount + 1, None, &mut last)
+                        .await
+                    {
                         Attempt::Answered {
                             status: StatusCode::BAD_REQUEST,
                             body,
@@ -330,14 +374,14 @@ impl Chaos {
     }
 }
 
-/// Runs every payment on `concurrency` workers while the supervisor crashes the service
-/// `crashes` times, with a progress bar on stderr; returns the charge id each payment ended
-/// up with, in the workload's order.
+/// Runs every payment on `concurrency` workers while the supervisors crash their service
+/// processes `crashes` times in all (in turn), with a progress bar on stderr; returns the
+/// charge id each payment ended up with, in the workload's order.
 pub async fn drive(
     chaos: Arc<Chaos>,
     payments: &[Arc<Payment>],
     concurrency: usize,
-    supervisor: Arc<Supervisor>,
+    supervisors: Vec<Arc<Supervisor>>,
     crashes: usize,
 ) -> Vec<Option<String>> {
     let payments: Arc<[Arc<Payment>]> = payments.into();
@@ -346,7 +390,7 @@ pub async fn drive(
     let done = Arc::new(AtomicBool::new(false));
     let bar = progress_bar(total);
     let monkey = tokio::spawn(supervisor::crash_monkey(
-        supervisor,
+        supervisors,
         Arc::clone(&chaos),
         crashes,
         total,

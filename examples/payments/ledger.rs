@@ -1,7 +1,16 @@
 //! The ledger: every charge executed, persisted beside the idempotency store (the downstream
 //! system of record the handler reconciles against), and its audit.
+//!
+//! Two kinds: a redb file beside the embedded store ([`FileLedger`], the default), and, for
+//! service processes that share a PostgreSQL or Redis store, tables in a PostgreSQL database
+//! that every process writes and reads ([`postgres::PgLedger`]): a retry that lands on another
+//! process must find the charge the first process executed, and the audit must count the
+//! executions of every process.
 
-use std::collections::HashMap;
+#[cfg(feature = "postgres")]
+pub mod postgres;
+
+use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 use std::sync::Arc;
 use std::sync::mpsc::{self, Receiver, Sender, SyncSender};
@@ -20,14 +29,84 @@ const BY_KEY: TableDefinition<(&str, &str), &str> = TableDefinition::new("by_key
 /// Counters: "seq", "reconciled".
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 
-/// The system of record: one row per charge executed, with the account, the idempotency key
-/// and the attempt that executed it, so that exactly-once can be audited afterwards.
+/// The ledger of the service: where its charges are recorded and looked up.
+pub enum Ledger {
+    /// A redb file of one process.
+    File(FileLedger),
+    /// Tables in a PostgreSQL database, shared by every process.
+    #[cfg(feature = "postgres")]
+    Postgres(postgres::PgLedger),
+}
+
+impl Ledger {
+    /// Records an executed charge; returns once it is durable. Blocking; it must not be
+    /// cancelled halfway (run it in `block_in_place`), so that a charge is either recorded or
+    /// not started when the request ends.
+    pub fn insert(
+        &self,
+        account: &str,
+        key: Option<&str>,
+        attempt: u32,
+        charge: &Value,
+    ) -> Result<(), BoxError> {
+        match self {
+            Ledger::File(ledger) => ledger.insert(account, key, attempt, charge),
+            #[cfg(feature = "postgres")]
+            Ledger::Postgres(ledger) => ledger.insert(account, key, attempt, charge),
+        }
+    }
+
+    /// The charge an earlier attempt of `(account, key)` executed, if any (counted). Blocking.
+    pub fn reconcile(&self, account: &str, key: &str) -> Result<Option<Value>, BoxError> {
+        match self {
+            Ledger::File(ledger) => ledger.reconcile(account, key),
+            #[cfg(feature = "postgres")]
+            Ledger::Postgres(ledger) => ledger.reconcile(account, key),
+        }
+    }
+
+    /// The charge `id`, if the ledger has it. Blocking.
+    pub fn get(&self, id: &str) -> Result<Option<Row>, BoxError> {
+        match self {
+            Ledger::File(ledger) => ledger.get(id),
+            #[cfg(feature = "postgres")]
+            Ledger::Postgres(ledger) => ledger.get(id),
+        }
+    }
+
+    /// Up to `limit` charges of `account`, newest first, after `starting_after`. Blocking.
+    pub fn list(
+        &self,
+        account: &str,
+        limit: usize,
+        starting_after: Option<&str>,
+    ) -> Result<(Vec<Value>, bool), BoxError> {
+        match self {
+            Ledger::File(ledger) => ledger.list(account, limit, starting_after),
+            #[cfg(feature = "postgres")]
+            Ledger::Postgres(ledger) => ledger.list(account, limit, starting_after),
+        }
+    }
+
+    /// Counts the charges and the duplicates among them. Blocking.
+    pub fn audit(&self) -> Result<Audit, BoxError> {
+        match self {
+            Ledger::File(ledger) => ledger.audit(),
+            #[cfg(feature = "postgres")]
+            Ledger::Postgres(ledger) => ledger.audit(),
+        }
+    }
+}
+
+/// The system of record of one process: one row per charge executed, with the account, the
+/// idempotency key and the attempt that executed it, so that exactly-once can be audited
+/// afterwards.
 ///
 /// Writes go through one writer thread that commits everything queued while the previous
 /// commit was syncing in one durable transaction (group commit, as the engine does): the
 /// disk here manages a few hundred fsyncs a second, and one commit per charge would cap the
 /// service at that.
-pub struct Ledger {
+pub struct FileLedger {
     db: Arc<Database>,
     writer: Sender<LedgerJob>,
 }
@@ -63,19 +142,45 @@ pub struct Audit {
     pub reconciled: u64,
     /// (account, order id) -> charge ids.
     pub by_order: HashMap<(String, String), Vec<String>>,
+    /// Charges executed by each service process (a shared ledger records the process; a file
+    /// ledger has one process and leaves this empty).
+    pub by_process: BTreeMap<String, u64>,
+}
+
+impl Audit {
+    /// Counts charge `id` of `account` for the order in `charge`'s `metadata[order_id]`, a
+    /// duplicate if the order was charged before.
+    pub fn count(&mut self, id: &str, account: &str, charge: &Value) {
+        self.charges += 1;
+        let order = charge["metadata"]["order_id"]
+            .as_str()
+            .unwrap_or("none")
+            .to_owned();
+        let ids = self
+            .by_order
+            .entry((account.to_owned(), order))
+            .or_default();
+        ids.push(id.to_owned());
+        if ids.len() > 1 {
+            self.duplicates += 1;
+        }
+    }
 }
 
 /// The most jobs one ledger commit carries.
 const LEDGER_BATCH_MAX: usize = 512;
 
-impl Ledger {
+impl FileLedger {
     /// Opens (or creates) the ledger at `path` and starts its writer thread.
-    pub fn open(path: &Path) -> Result<Ledger, BoxError> {
-        Ledger::open_with_cache(path, None)
+    pub fn open(path: &Path) -> Result<FileLedger, BoxError> {
+        FileLedger::open_with_cache(path, None)
     }
 
-    /// [`Ledger::open`] with a page cache of `cache_bytes` (`None`: redb's default).
-    pub fn open_with_cache(path: &Path, cache_bytes: Option<usize>) -> Result<Ledger, BoxError> {
+    /// [`FileLedger::open`] with a page cache of `cache_bytes` (`None`: redb's default).
+    pub fn open_with_cache(
+        path: &Path,
+        cache_bytes: Option<usize>,
+    ) -> Result<FileLedger, BoxError> {
         let db = match cache_bytes {
             Some(bytes) => Database::builder().set_cache_size(bytes).create(path)?,
             None => Database::create(path)?,
@@ -92,7 +197,7 @@ impl Ledger {
         std::thread::Builder::new()
             .name("ledger-writer".into())
             .spawn(move || ledger_writer(&writer_db, &jobs))?;
-        Ok(Ledger { db, writer })
+        Ok(FileLedger { db, writer })
     }
 
     /// Records an executed charge; returns once it is durable. Blocking.
@@ -195,17 +300,8 @@ impl Ledger {
         for entry in read.open_table(CHARGES)?.iter()? {
             let (id, bytes) = entry?;
             let row: Value = serde_json::from_slice(bytes.value())?;
-            audit.charges += 1;
-            let order = row["charge"]["metadata"]["order_id"]
-                .as_str()
-                .unwrap_or("none")
-                .to_owned();
-            let account = row["account"].as_str().unwrap_or_default().to_owned();
-            let ids = audit.by_order.entry((account, order)).or_default();
-            ids.push(id.value().to_owned());
-            if ids.len() > 1 {
-                audit.duplicates += 1;
-            }
+            let account = row["account"].as_str().unwrap_or_default();
+            audit.count(id.value(), account, &row["charge"]);
         }
         Ok(audit)
     }

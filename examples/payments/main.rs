@@ -5,6 +5,7 @@
 //! cargo run --release --example payments --features http
 //! cargo run --release --example payments --features http -- --serve --addr 127.0.0.1:4242 --data ./payments-data
 //! cargo run --release --example payments --features http -- --soak --minutes 10 --connections 256 --crashes 2
+//! cargo run --release --example payments --features http,postgres -- --processes 2 --backend postgres
 //! ```
 //!
 //! With no arguments it starts the service as a child process on a temporary data directory and
@@ -22,6 +23,13 @@
 //! `--serve` keeps serving for real clients: point an official Stripe SDK at it with its API
 //! base URL (`http://127.0.0.1:4242`) and any `sk_test_...` key.
 //!
+//! `--backend URL` puts the idempotency store on PostgreSQL (`postgres://…`, feature
+//! `postgres`) or Redis (`redis://…`, feature `redis`) instead of the embedded file store, and
+//! the ledger in PostgreSQL (`--ledger`, by default the store's database), so that several
+//! service processes share both. The chaos run then drives `--processes N` of them at once: each
+//! attempt of a payment goes to a process picked at random, and the processes are killed in
+//! turn. `--backend postgres` (or `redis`) starts a server for the run.
+//!
 //! The API: `POST /v1/charges` (form-encoded `amount`, `currency`, optional `source`,
 //! `customer`, `description`, `metadata[...]`) -> a charge object; `GET /v1/charges/{id}`;
 //! `GET /v1/charges` (newest first, `limit`, `starting_after`, `has_more`). The API key
@@ -37,6 +45,7 @@
 //! (its request parameters and Stripe-shaped errors), [`ledger`] (the charges executed, and
 //! their audit), [`workload`] and [`chaos`] (the payments and the client that sends them),
 //! [`supervisor`] (the service as a child process, and the crashes), [`report`] (the summary),
+//! [`shared`] (a store and ledger shared by several processes, and the servers a run starts),
 //! [`prometheus`] (`GET /metrics` in `--serve` mode),
 //! [`rng`] (ids and jitter), [`soak`] (the soak), [`latency`] and [`probe`] (its latency
 //! histogram and its look at the service's process).
@@ -51,6 +60,10 @@ mod probe;
 mod prometheus;
 mod report;
 mod rng;
+// The test suite's harness: PostgreSQL and Redis servers on free ports, stopped with the run.
+#[path = "../../tests/servers/mod.rs"]
+mod servers;
+mod shared;
 mod soak;
 mod supervisor;
 mod workload;
@@ -63,11 +76,12 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Instant;
 
-use idemstore::Store;
+use idemstore::{AnyBackend, IdempotencyBackend, Store};
 
 use crate::chaos::Chaos;
-use crate::ledger::Ledger;
+use crate::ledger::{FileLedger, Ledger};
 use crate::rng::Rng;
+use crate::shared::{Backend, Shared};
 use crate::supervisor::Supervisor;
 
 /// The error type of everything the example does outside a request handler.
@@ -110,7 +124,21 @@ const USAGE: &str = "usage:
                                              (default data directory: ./payments-data)
   --cache-mib N                              with --serve or --soak: cap each database's page
                                              cache (the store's, the ledger's) at N MiB
-                                             (default: redb's, 1 GiB)";
+                                             (default: redb's, 1 GiB)
+
+a store shared by several processes (chaos run and --serve; features postgres, redis):
+  --backend URL                              the idempotency store on postgres://... or
+                                             redis://... instead of the file in --data
+  --backend postgres | redis                 chaos run: start a server for the run (Redis:
+                                             and a PostgreSQL for the ledger)
+  --ledger URL                               the charges in this PostgreSQL database
+                                             (default: the store's, if PostgreSQL)
+  --processes N                              chaos run: N service processes on the shared
+                                             store; each attempt goes to one at random, and
+                                             the crashes kill them in turn (default 1)
+  --instance NAME                            --serve: the name this process registers under
+                                             in the shared store (a restart under the same
+                                             name takes over its requests at once)";
 
 /// The command line.
 struct Args {
@@ -128,6 +156,14 @@ struct Args {
     connections: usize,
     /// The service's page cache per database, in MiB (`None`: redb's default).
     cache_mib: Option<usize>,
+    /// Where the idempotency store lives.
+    backend: Backend,
+    /// The shared ledger's PostgreSQL URL, if given.
+    ledger: Option<String>,
+    /// The chaos run's service processes.
+    processes: usize,
+    /// `--serve`: the name this process registers under in a shared store.
+    instance: Option<String>,
     /// Set by the chaos run on its child: shut down when stdin closes (the parent is done or
     /// gone).
     parent_pipe: bool,
@@ -147,6 +183,10 @@ impl Args {
             minutes: 10.0,
             connections: 256,
             cache_mib: None,
+            backend: Backend::File,
+            ledger: None,
+            processes: 1,
+            instance: None,
             parent_pipe: false,
         };
         while let Some(arg) = args.next() {
@@ -183,12 +223,35 @@ impl Args {
                 "--concurrency" => parsed.concurrency = number(&value("--concurrency")?)?.max(1),
                 "--crashes" => parsed.crashes = number(&value("--crashes")?)?,
                 "--seed" => parsed.seed = number(&value("--seed")?)? as u64,
+                "--backend" => parsed.backend = Backend::parse(&value("--backend")?)?,
+                "--ledger" => parsed.ledger = Some(value("--ledger")?),
+                "--processes" => {
+                    parsed.processes = number(&value("--processes")?)?.clamp(1, PROCESSES_MAX);
+                }
+                "--instance" => parsed.instance = Some(value("--instance")?),
                 other => return Err(format!("unknown argument {other}")),
             }
+        }
+        if parsed.serve && matches!(parsed.backend, Backend::Start(_)) {
+            return Err("--serve --backend takes a URL (postgres://… or redis://…)".into());
+        }
+        if parsed.soak && (parsed.backend != Backend::File || parsed.processes > 1) {
+            return Err(
+                "--soak runs on the embedded file store (no --backend, --processes)".into(),
+            );
+        }
+        if parsed.processes > 1 && parsed.backend == Backend::File {
+            return Err(
+                "--processes needs a store the processes can share: --backend postgres|redis|URL"
+                    .into(),
+            );
         }
         Ok(parsed)
     }
 }
+
+/// The most service processes a chaos run starts.
+const PROCESSES_MAX: usize = 16;
 
 fn number(s: &str) -> Result<usize, String> {
     s.parse().map_err(|e| format!("{s}: {e}"))
@@ -200,30 +263,50 @@ fn serve_main(args: &Args) -> Result<ExitCode, BoxError> {
         .data
         .clone()
         .unwrap_or_else(|| PathBuf::from("payments-data"));
-    std::fs::create_dir_all(&data)?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
     runtime.block_on(async {
         let cache_bytes = args.cache_mib.map(|mib| mib << 20);
-        let store = match cache_bytes {
-            Some(bytes) => Store::builder()
-                .cache_size(bytes)
-                .open(data.join("idempotency.redb"))?,
-            None => Store::open(data.join("idempotency.redb"))?,
+        let (backend, ledger, stored) = match &args.backend {
+            Backend::Url(url) => {
+                let instance = args
+                    .instance
+                    .clone()
+                    .unwrap_or_else(|| format!("payments-{}", std::process::id()));
+                let backend = shared::open_backend(url, Some(&instance)).await?;
+                let ledger_url = shared::ledger_url(url, args.ledger.as_deref())?;
+                let ledger = shared::open_ledger(&ledger_url, &instance).await?;
+                let name = backend.capabilities().name;
+                (
+                    backend,
+                    ledger,
+                    format!("store on {name}, ledger on PostgreSQL, instance {instance}"),
+                )
+            }
+            _ => {
+                std::fs::create_dir_all(&data)?;
+                let store = match cache_bytes {
+                    Some(bytes) => Store::builder()
+                        .cache_size(bytes)
+                        .open(data.join("idempotency.redb"))?,
+                    None => Store::open(data.join("idempotency.redb"))?,
+                };
+                let ledger = FileLedger::open_with_cache(&data.join("ledger.redb"), cache_bytes)?;
+                (
+                    AnyBackend::new(store),
+                    Ledger::File(ledger),
+                    format!("data in {}", data.display()),
+                )
+            }
         };
-        let orphans = store.orphans(10_000)?.len();
-        let ledger = Arc::new(Ledger::open_with_cache(
-            &data.join("ledger.redb"),
-            cache_bytes,
-        )?);
+        let orphans = backend.orphans(10_000).await?.len();
         let listener = tokio::net::TcpListener::bind(args.addr).await?;
         // The supervisor reads this line for the address (the port may have been 0).
         println!(
-            "payments: listening on http://{} (data in {}; {orphans} requests in flight when the \
+            "payments: listening on http://{} ({stored}; {orphans} requests in flight when the \
              last process died, reconciled on retry)",
             listener.local_addr()?,
-            data.display()
         );
         std::io::stdout().flush()?;
         let parent_pipe = args.parent_pipe;
@@ -240,7 +323,7 @@ fn serve_main(args: &Args) -> Result<ExitCode, BoxError> {
                 let _ = tokio::signal::ctrl_c().await;
             }
         };
-        let (app, layer_metrics) = api::app(store, ledger);
+        let (app, layer_metrics) = api::app(backend, Arc::new(ledger));
         // GET /metrics (no API key needed): Prometheus text.
         let app = prometheus::route(layer_metrics)?.merge(app);
         axum::serve(listener, app)
@@ -251,7 +334,7 @@ fn serve_main(args: &Args) -> Result<ExitCode, BoxError> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// No `--serve`: the service as a child process, the chaos client against it, the audit.
+/// No `--serve`: the service as child processes, the chaos client against them, the audit.
 fn chaos_main(args: &Args) -> Result<ExitCode, BoxError> {
     let temp = tempfile::tempdir()?;
     let data = args
@@ -259,21 +342,51 @@ fn chaos_main(args: &Args) -> Result<ExitCode, BoxError> {
         .clone()
         .unwrap_or_else(|| temp.path().to_path_buf());
     std::fs::create_dir_all(&data)?;
-    let started = Instant::now();
-    let supervisor = Arc::new(Supervisor::start(data.clone())?);
-    eprintln!(
-        "payments: service on http://{} (child process, data in {})",
-        supervisor.addr(),
-        data.display()
-    );
-
-    let rng = Rng::new(args.seed);
-    let payments = workload::workload(args.payments, &rng);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
+    // Started before the services, stopped (dropped) after the audit.
+    let shared = Shared::prepare(&args.backend, args.ledger.as_deref())?;
+    if let Some(shared) = &shared {
+        // The audit counts every charge in the ledger: a run needs an empty one.
+        let ledger = runtime.block_on(shared::open_ledger(&shared.ledger, "auditor"))?;
+        let charges = ledger.audit()?.charges;
+        if charges > 0 {
+            return Err(format!(
+                "the ledger database already holds {charges} charges: a chaos run needs an \
+                 empty database (or `--backend postgres` to start one)"
+            )
+            .into());
+        }
+    }
+    let started = Instant::now();
+    let mut supervisors = Vec::with_capacity(args.processes);
+    for i in 1..=args.processes {
+        let (dir, server_args) = match &shared {
+            // Each process logs to its own directory; the store and ledger are the shared ones.
+            Some(shared) => {
+                let instance = format!("payments-{i}");
+                (data.join(&instance), shared.server_args(&instance))
+            }
+            None => (data.clone(), Vec::new()),
+        };
+        std::fs::create_dir_all(&dir)?;
+        let supervisor = Supervisor::start_with(dir.clone(), server_args)?;
+        eprintln!(
+            "payments: service on http://{} (child process, {})",
+            supervisor.addr(),
+            match &shared {
+                Some(shared) => format!("{} store, log in {}", shared.name, dir.display()),
+                None => format!("data in {}", dir.display()),
+            }
+        );
+        supervisors.push(Arc::new(supervisor));
+    }
+
+    let rng = Rng::new(args.seed);
+    let payments = workload::workload(args.payments, &rng);
     let chaos = Arc::new(Chaos::new(
-        supervisor.addr(),
+        supervisors.iter().map(|s| s.addr()).collect(),
         args.concurrency,
         Rng::new(args.seed ^ 0x5EED),
     ));
@@ -281,18 +394,41 @@ fn chaos_main(args: &Args) -> Result<ExitCode, BoxError> {
         Arc::clone(&chaos),
         &payments,
         args.concurrency,
-        Arc::clone(&supervisor),
+        supervisors.clone(),
         args.crashes,
     ));
     let elapsed = started.elapsed();
 
-    // Stop the service cleanly (close its stdin), then audit what it left on disk.
-    supervisor.stop()?;
-    let audit = Ledger::open(&data.join("ledger.redb"))?.audit()?;
-    let store = Store::open(data.join("idempotency.redb"))?;
-    let orphans = store.orphans(100_000)?.len();
-    drop(store);
+    // Stop the services cleanly (close their stdin), then audit what they left.
+    for supervisor in &supervisors {
+        supervisor.stop()?;
+    }
+    let (audit, orphans) = match &shared {
+        None => {
+            let audit = FileLedger::open(&data.join("ledger.redb"))?.audit()?;
+            let store = Store::open(data.join("idempotency.redb"))?;
+            (audit, store.orphans(100_000)?.len())
+        }
+        Some(shared) => {
+            let ledger = runtime.block_on(shared::open_ledger(&shared.ledger, "auditor"))?;
+            let audit = ledger.audit()?;
+            let orphans = runtime.block_on(async {
+                let backend = AnyBackend::open(&shared.backend).await?;
+                Ok::<_, BoxError>(backend.orphans(100_000).await?.len())
+            })?;
+            (audit, orphans)
+        }
+    };
 
+    let store = match &shared {
+        Some(shared) => format!(
+            "{} service process{} sharing one {} store and one ledger in PostgreSQL",
+            supervisors.len(),
+            if supervisors.len() == 1 { "" } else { "es" },
+            shared.name
+        ),
+        None => "one service process on the embedded file store".to_owned(),
+    };
     let healthy = report::print(&report::Report {
         payments: &payments,
         outcomes: &outcomes,
@@ -300,9 +436,13 @@ fn chaos_main(args: &Args) -> Result<ExitCode, BoxError> {
         tally: chaos.tally(),
         orphans,
         elapsed,
+        store: &store,
+        processes: supervisors.len(),
     });
     if !healthy {
-        eprintln!("server log: {}", data.join("server.log").display());
+        for supervisor in &supervisors {
+            eprintln!("server log: {}", supervisor.log().display());
+        }
         // Keep the data for inspection.
         let _ = temp.keep();
         return Ok(ExitCode::FAILURE);

@@ -25,6 +25,10 @@ pub struct Report<'a> {
     pub orphans: usize,
     /// The run's wall time.
     pub elapsed: Duration,
+    /// What served the run: the processes and the store.
+    pub store: &'a str,
+    /// Service processes.
+    pub processes: usize,
 }
 
 /// Compares the client's outcomes with the ledger, prints the summary on stdout (the first ten
@@ -38,6 +42,8 @@ pub fn print(report: &Report<'_>) -> bool {
         tally: t,
         orphans,
         elapsed,
+        store,
+        processes,
     } = *report;
     let mut disagreements = 0u64;
     let mut expected = 0u64;
@@ -61,57 +67,72 @@ pub fn print(report: &Report<'_>) -> bool {
         }
     }
 
-    let rows: Vec<(&str, String)> = vec![
-        ("logical payments (4 tenants)", payments.len().to_string()),
-        (
-            "idempotency keys shared by two tenants",
-            payments.iter().filter(|p| p.shares_key).count().to_string(),
-        ),
-        ("requests sent", load(&t.requests).to_string()),
-        (
-            "responses dropped by the client",
-            load(&t.dropped).to_string(),
-        ),
-        (
-            "connection errors (service down)",
-            load(&t.connection_errors).to_string(),
-        ),
-        (
-            "service crashes (SIGKILL) + restarts",
-            load(&t.restarts).to_string(),
-        ),
-        ("", String::new()),
-        ("charges expected", expected.to_string()),
-        ("charges executed (ledger)", audit.charges.to_string()),
-        ("200 answers", load(&t.ok).to_string()),
-        (
-            "replays (Idempotent-Replayed: true)",
-            load(&t.replays).to_string(),
-        ),
-        ("409 original in flight", load(&t.conflicts).to_string()),
-        (
-            "400 key reused with other params",
-            load(&t.mismatches).to_string(),
-        ),
-        (
-            "400 invalid params (stored, replayed)",
-            load(&t.invalid).to_string(),
-        ),
-        ("5xx (retried)", load(&t.server_errors).to_string()),
-        (
-            "retries reconciled from the ledger",
-            audit.reconciled.to_string(),
-        ),
-        ("orphaned claims left in the store", orphans.to_string()),
-        (
-            "client/ledger disagreements",
-            (disagreements + load(&t.storm_disagreements) + load(&t.unexpected)).to_string(),
-        ),
-        ("payments given up", load(&t.gave_up).to_string()),
-        ("duplicates executed", audit.duplicates.to_string()),
-    ];
+    let mut rows: Vec<(String, String)> = Vec::new();
+    let mut row = |name: &str, value: String| rows.push((name.to_owned(), value));
+    row("logical payments (4 tenants)", payments.len().to_string());
+    row(
+        "idempotency keys shared by two tenants",
+        payments.iter().filter(|p| p.shares_key).count().to_string(),
+    );
+    row("requests sent", load(&t.requests).to_string());
+    row(
+        "  of which retries (same key)",
+        load(&t.retries).to_string(),
+    );
+    row(
+        "responses dropped by the client",
+        load(&t.dropped).to_string(),
+    );
+    row(
+        "connection errors (service down)",
+        load(&t.connection_errors).to_string(),
+    );
+    row(
+        "service crashes (SIGKILL) + restarts",
+        load(&t.restarts).to_string(),
+    );
+    if processes > 1 {
+        row(
+            "retries sent to another process",
+            load(&t.switched).to_string(),
+        );
+    }
+    row("", String::new());
+    row("charges expected", expected.to_string());
+    row("charges executed (ledger)", audit.charges.to_string());
+    // A shared ledger records which process executed each charge.
+    for (process, charges) in &audit.by_process {
+        row(&format!("  executed by {process}"), charges.to_string());
+    }
+    row("200 answers", load(&t.ok).to_string());
+    row(
+        "replays (Idempotent-Replayed: true)",
+        load(&t.replays).to_string(),
+    );
+    row("409 original in flight", load(&t.conflicts).to_string());
+    row(
+        "400 key reused with other params",
+        load(&t.mismatches).to_string(),
+    );
+    row(
+        "400 invalid params (stored, replayed)",
+        load(&t.invalid).to_string(),
+    );
+    row("5xx (retried)", load(&t.server_errors).to_string());
+    row(
+        "retries reconciled from the ledger",
+        audit.reconciled.to_string(),
+    );
+    row("orphaned claims left in the store", orphans.to_string());
+    row(
+        "client/ledger disagreements",
+        (disagreements + load(&t.storm_disagreements) + load(&t.unexpected)).to_string(),
+    );
+    row("payments given up", load(&t.gave_up).to_string());
+    row("duplicates executed", audit.duplicates.to_string());
     println!();
     println!("idemstore payments demo: chaos run against a Stripe-compatible API");
+    println!("({store})");
     println!();
     for (name, value) in &rows {
         if name.is_empty() {

@@ -18,7 +18,7 @@ use idemstore::Store;
 
 use crate::chaos::{Chaos, add, load};
 use crate::latency::Snapshot;
-use crate::ledger::Ledger;
+use crate::ledger::FileLedger;
 use crate::probe::{self, Sample};
 use crate::rng::Rng;
 use crate::supervisor::Supervisor;
@@ -406,7 +406,7 @@ pub fn soak_main(args: &Args) -> Result<ExitCode, BoxError> {
     let load_after = probe::load_average();
 
     supervisor.stop()?;
-    let audit = Ledger::open(&data.join("ledger.redb"))?.audit()?;
+    let audit = FileLedger::open(&data.join("ledger.redb"))?.audit()?;
     let store = Store::open(data.join("idempotency.redb"))?;
     let orphans = store.orphans(100_000)?.len();
     drop(store);
@@ -419,6 +419,8 @@ pub fn soak_main(args: &Args) -> Result<ExitCode, BoxError> {
         tally: chaos.tally(),
         orphans,
         elapsed,
+        store: "one service process on the embedded file store",
+        processes: 1,
     });
     let restarts = load(&chaos.tally().restarts);
     print_soak(&Summary {

@@ -30,13 +30,8 @@ pub struct Supervisor {
 }
 
 impl Supervisor {
-    /// Starts the service on `data` and a free loopback port. Blocking.
-    pub fn start(data: PathBuf) -> Result<Supervisor, BoxError> {
-        Supervisor::start_with(data, Vec::new())
-    }
-
-    /// [`Supervisor::start`], with `server_args` added to the service's command line (on every
-    /// restart too).
+    /// Starts the service on `data` and a free loopback port, with `server_args` added to its
+    /// command line (on every restart too). Blocking.
     pub fn start_with(data: PathBuf, server_args: Vec<String>) -> Result<Supervisor, BoxError> {
         let (child, addr) =
             spawn_server(&data, SocketAddr::from(([127, 0, 0, 1], 0)), &server_args)?;
@@ -51,6 +46,11 @@ impl Supervisor {
     /// Where the service listens.
     pub fn addr(&self) -> SocketAddr {
         self.addr
+    }
+
+    /// The service's log (its stderr, across restarts).
+    pub fn log(&self) -> PathBuf {
+        self.data.join("server.log")
     }
 
     /// The process id of the service now running; `None` if it is stopped or being restarted
@@ -123,10 +123,11 @@ fn spawn_server(
     Err(last_error)
 }
 
-/// Crashes and restarts the service `crashes` times at evenly spaced points of the run (by
-/// payments done out of `total`), while requests are in flight.
+/// Crashes and restarts a service process `crashes` times at evenly spaced points of the run
+/// (by payments done out of `total`), while requests are in flight: the processes of
+/// `supervisors` in turn, the others serving on meanwhile.
 pub async fn crash_monkey(
-    supervisor: Arc<Supervisor>,
+    supervisors: Vec<Arc<Supervisor>>,
     chaos: Arc<Chaos>,
     crashes: usize,
     total: usize,
@@ -137,7 +138,10 @@ pub async fn crash_monkey(
         while chaos.tally().payments_done.load(Ordering::Relaxed) < at {
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
-        let supervisor = Arc::clone(&supervisor);
+        let Some(supervisor) = supervisors.get((n - 1) % supervisors.len().max(1)) else {
+            return;
+        };
+        let supervisor = Arc::clone(supervisor);
         let restarted = tokio::task::spawn_blocking(move || supervisor.crash_and_restart()).await;
         let error = match restarted {
             Ok(Ok(())) => {

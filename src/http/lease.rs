@@ -14,6 +14,7 @@ use std::time::Duration;
 use http::{HeaderMap, Response, StatusCode};
 use http_body::Body;
 use tokio::time::{Instant, sleep_until, timeout_at};
+use tracing::Instrument as _;
 
 use super::body::ResponseBody;
 use super::metrics::{Counter, Metrics};
@@ -169,6 +170,11 @@ impl<B: IdempotencyBackend> ReleaseGuard<B> {
     /// Completes the claim with the response (`body: None`: too large, stored without its
     /// body), retained for `retention`. The request ran, so the claim is never released from
     /// here on, even if completing fails.
+    ///
+    /// The completion runs in a task of its own, as the claim does: once started it finishes
+    /// even if the request future is dropped (the client went away while the response was
+    /// being stored). Otherwise a remote store, whose call may not have been sent yet, would
+    /// leave the record in flight until its lease ends, answering every retry 409 meanwhile.
     pub(crate) async fn complete(
         &mut self,
         status: StatusCode,
@@ -181,61 +187,110 @@ impl<B: IdempotencyBackend> ReleaseGuard<B> {
             // Finished already (never: a request completes or releases once). Nothing stored.
             return Completion::Failed;
         };
-        let metrics = &self.metrics;
-        // What to store, best first: the response; without its body; without its headers either.
-        // A step down follows when the backend's outcome limit is below the layer's.
-        let empty = HeaderMap::new();
-        let mut candidates = Vec::with_capacity(3);
-        if body.is_some() {
-            candidates.push((headers, body));
-        }
-        candidates.push((headers, None));
-        candidates.push((&empty, None));
-        for (headers, body) in candidates {
-            let Some(encoded) = outcome::encode(status, headers, body) else {
-                continue;
-            };
-            match self.backend.complete(&lease, &encoded, retention).await {
-                Ok(()) => {
-                    if body.is_some() {
-                        metrics.inc(Counter::Stored);
-                        tracing::debug!(status = status.as_u16(), bytes = encoded.len(), "stored");
-                    } else {
-                        metrics.inc(Counter::NotStored);
-                        tracing::warn!(
-                            status = status.as_u16(),
-                            "response too large to store: retries get 410"
-                        );
-                    }
-                    return Completion::Stored;
-                }
-                Err(Error::TooLarge { .. }) => continue,
-                Err(Error::LeaseLost { .. }) => {
-                    // Fencing at work, not a store failure: another attempt holds the key (or
-                    // the record is gone), and its answer is the one to keep.
-                    if self.lost.set() {
-                        metrics.inc(Counter::LeaseLost);
-                    }
-                    tracing::warn!(
-                        status = status.as_u16(),
-                        "lease lost before completion: the response was not stored; answered 409"
-                    );
-                    return Completion::LeaseLost;
-                }
-                Err(error) => {
-                    metrics.inc(Counter::StoreError);
-                    tracing::error!(
-                        %error,
-                        "completion failed: the request stays in flight until its lease ends"
-                    );
-                    return Completion::Failed;
-                }
+        // The response as stored, encoded here so that the task owns it; the fallbacks without
+        // the body are encoded only if the backend refuses it.
+        let response = ToStore {
+            status,
+            headers: headers.clone(),
+            full: body.and_then(|body| outcome::encode(status, headers, Some(body))),
+        };
+        let task = tokio::spawn(
+            complete_detached(
+                Arc::clone(&self.backend),
+                lease,
+                response,
+                retention,
+                self.lost.clone(),
+                self.metrics.clone(),
+            )
+            .instrument(tracing::Span::current()),
+        );
+        match task.await {
+            Ok(completion) => completion,
+            Err(error) => {
+                self.metrics.inc(Counter::StoreError);
+                tracing::error!(%error, "the completion task failed: the request stays in flight");
+                Completion::Failed
             }
         }
-        metrics.inc(Counter::StoreError);
-        tracing::error!("no form of the response fits the store: the request stays in flight");
-        Completion::Failed
     }
+}
+
+/// A response to store, owned by the completion task.
+struct ToStore {
+    status: StatusCode,
+    /// The replayable headers.
+    headers: HeaderMap,
+    /// The response with its body, encoded; `None` if it is stored without its body.
+    full: Option<Vec<u8>>,
+}
+
+/// [`ReleaseGuard::complete`]'s task: stores the response with its body, or, if the backend's
+/// outcome limit refuses that, its status and headers, or its status alone.
+async fn complete_detached<B: IdempotencyBackend>(
+    backend: Arc<B>,
+    lease: Lease,
+    response: ToStore,
+    retention: Duration,
+    lost: LostSignal,
+    metrics: Metrics,
+) -> Completion {
+    let ToStore {
+        status,
+        headers,
+        full,
+    } = response;
+    // What to store, best first: the response; without its body; without its headers either.
+    // A step down follows when the backend's outcome limit is below the layer's.
+    let empty = HeaderMap::new();
+    let with_body = full.map(|encoded| (Some(encoded), true));
+    let fallbacks = [&headers, &empty]
+        .into_iter()
+        .map(|headers| (outcome::encode(status, headers, None), false));
+    for (encoded, has_body) in with_body.into_iter().chain(fallbacks) {
+        let Some(encoded) = encoded else {
+            continue;
+        };
+        match backend.complete(&lease, &encoded, retention).await {
+            Ok(()) => {
+                if has_body {
+                    metrics.inc(Counter::Stored);
+                    tracing::debug!(status = status.as_u16(), bytes = encoded.len(), "stored");
+                } else {
+                    metrics.inc(Counter::NotStored);
+                    tracing::warn!(
+                        status = status.as_u16(),
+                        "response too large to store: retries get 410"
+                    );
+                }
+                return Completion::Stored;
+            }
+            Err(Error::TooLarge { .. }) => continue,
+            Err(Error::LeaseLost { .. }) => {
+                // Fencing at work, not a store failure: another attempt holds the key (or the
+                // record is gone), and its answer is the one to keep.
+                if lost.set() {
+                    metrics.inc(Counter::LeaseLost);
+                }
+                tracing::warn!(
+                    status = status.as_u16(),
+                    "lease lost before completion: the response was not stored; answered 409"
+                );
+                return Completion::LeaseLost;
+            }
+            Err(error) => {
+                metrics.inc(Counter::StoreError);
+                tracing::error!(
+                    %error,
+                    "completion failed: the request stays in flight until its lease ends"
+                );
+                return Completion::Failed;
+            }
+        }
+    }
+    metrics.inc(Counter::StoreError);
+    tracing::error!("no form of the response fits the store: the request stays in flight");
+    Completion::Failed
 }
 
 impl<B: IdempotencyBackend> Drop for ReleaseGuard<B> {

@@ -114,9 +114,13 @@
 //!   error. A lease that merely ran out, with nobody taking the key over, still completes.
 //! - **A request dropped while its claim is being committed** still releases it: the claim
 //!   runs in a task of its own, whose acquired lease is released if nobody takes it.
+//! - **A request dropped while its response is being stored** (the client went away after the
+//!   handler ran) is still completed: the completion runs in a task of its own too, so a
+//!   remote store's call that was not sent yet is not lost with the request, which would leave
+//!   the record in flight, and every retry answered 409, until the lease ends.
 //! - **Runtime**: the layer needs a Tokio runtime with its time driver (`enable_all`, as
-//!   `#[tokio::main]` and axum's `serve` have): the claim runs in a spawned task and the lease
-//!   extension uses Tokio timers. A request dropped outside a runtime cannot be released; its
+//!   `#[tokio::main]` and axum's `serve` have): the claim and the completion run in spawned
+//!   tasks and the lease extension uses Tokio timers. A request dropped outside a runtime cannot be released; its
 //!   claim waits for the lease to end.
 //! - **Time**: every wait of the layer (the pace of lease extensions, the deadline after which
 //!   an unextended lease counts as lost) is on Tokio's clock, so tests drive it with
