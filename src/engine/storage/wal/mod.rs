@@ -380,7 +380,8 @@ impl Inner {
             let frozen = self.layers.read().frozen.clone();
             if let Some(frozen) = frozen {
                 self.checkpoint(&frozen);
-            } else {
+            } else if self.layers.read().active.is_empty() {
+                // Nothing waits to be checkpointed: no lag to report, and the interval restarts.
                 *self.last_checkpoint_at.lock() = Instant::now();
             }
             if stop && self.layers.read().frozen.is_none() {
