@@ -118,6 +118,19 @@ fn reads_and_sweeps_see_the_map_and_the_database_as_one() -> TestResult {
     Ok(())
 }
 
+/// A store with a log on two new simulated disks (database file, log), checkpointed every
+/// `interval`; returned with the disks.
+fn on_simulated_disks(
+    clock: &idemstore::ManualClock,
+    interval: Duration,
+) -> idemstore::Result<(Store, SimDisk, SimDisk)> {
+    let (disk, log) = (SimDisk::new(), SimDisk::new());
+    let store = wal_builder(clock)
+        .checkpoint_interval(interval)
+        .open_with_backends(disk.clone(), log.clone())?;
+    Ok((store, disk, log))
+}
+
 /// A power cut right now: the durable images of both disks, each on a new disk.
 fn power_cut(disk: &SimDisk, log: &SimDisk) -> (SimDisk, SimDisk) {
     (
@@ -130,10 +143,7 @@ fn power_cut(disk: &SimDisk, log: &SimDisk) -> (SimDisk, SimDisk) {
 fn a_power_cut_keeps_every_acknowledged_batch_with_or_without_checkpoints() -> TestResult {
     for interval in [Duration::from_secs(3600), Duration::ZERO] {
         let clock = clock();
-        let (disk, log) = (SimDisk::new(), SimDisk::new());
-        let store = wal_builder(&clock)
-            .checkpoint_interval(interval)
-            .open_with_backends(disk.clone(), log.clone())?;
+        let (store, disk, log) = on_simulated_disks(&clock, interval)?;
         let mut token = 0;
         for round in 0..5u32 {
             complete_keys(&store, round * 20, 20, 300)?;
@@ -152,10 +162,7 @@ fn a_power_cut_keeps_every_acknowledged_batch_with_or_without_checkpoints() -> T
 #[test]
 fn a_failed_log_sync_acknowledges_nothing_and_stops_writes() -> TestResult {
     let clock = clock();
-    let (disk, log) = (SimDisk::new(), SimDisk::new());
-    let store = wal_builder(&clock)
-        .checkpoint_interval(Duration::from_secs(3600))
-        .open_with_backends(disk.clone(), log.clone())?;
+    let (store, disk, log) = on_simulated_disks(&clock, Duration::from_secs(3600))?;
     complete_keys(&store, 0, 10, 50)?;
     log.set_fault(Some(Fault {
         on: Target::Only(Call::Sync),
@@ -189,10 +196,7 @@ fn a_failed_log_sync_acknowledges_nothing_and_stops_writes() -> TestResult {
 #[test]
 fn damage_before_synced_batches_is_refused_but_a_torn_tail_is_dropped() -> TestResult {
     let clock = clock();
-    let (disk, log) = (SimDisk::new(), SimDisk::new());
-    let store = wal_builder(&clock)
-        .checkpoint_interval(Duration::from_secs(3600))
-        .open_with_backends(disk.clone(), log.clone())?;
+    let (store, disk, log) = on_simulated_disks(&clock, Duration::from_secs(3600))?;
     complete_keys(&store, 0, 30, 200)?;
     drop_without_checkpoint(store, &disk, &log, |disk_image, mut log_image| {
         // The first batch: the segment's header sector, then its first chunk. Flip a payload
@@ -209,10 +213,7 @@ fn damage_before_synced_batches_is_refused_but_a_torn_tail_is_dropped() -> TestR
         }
     });
 
-    let (disk, log) = (SimDisk::new(), SimDisk::new());
-    let store = wal_builder(&clock)
-        .checkpoint_interval(Duration::from_secs(3600))
-        .open_with_backends(disk.clone(), log.clone())?;
+    let (store, disk, log) = on_simulated_disks(&clock, Duration::from_secs(3600))?;
     complete_keys(&store, 0, 30, 200)?;
     drop_without_checkpoint(store, &disk, &log, |disk_image, mut log_image| {
         // The last batch written (the completion of k29): zero its sectors, as a torn write.
@@ -285,10 +286,7 @@ fn a_format_1_store_upgrades_to_format_2() -> TestResult {
 #[test]
 fn a_failed_checkpoint_loses_nothing_acknowledged_and_stops_writes() -> TestResult {
     let clock = clock();
-    let (disk, log) = (SimDisk::new(), SimDisk::new());
-    let store = wal_builder(&clock)
-        .checkpoint_interval(Duration::ZERO)
-        .open_with_backends(disk.clone(), log.clone())?;
+    let (store, disk, log) = on_simulated_disks(&clock, Duration::ZERO)?;
     complete_keys(&store, 0, 20, 100)?;
     // Every later sync of the database file fails: the next checkpoint cannot commit.
     disk.set_fault(Some(Fault {
