@@ -118,6 +118,93 @@ fn reads_and_sweeps_see_the_map_and_the_database_as_one() -> TestResult {
     Ok(())
 }
 
+/// Sweeps in small steps start after what earlier sweeps removed (the sweep's floor), which
+/// must never hide an entry: here a store with a log (checkpointed rarely, so the removals
+/// pile up in the map, and after every commit) runs the same script as a format-1 store —
+/// partial sweeps, a clock set back (which the engine's time does not follow until a reopen),
+/// checkpoints, reopens — and both must hold the same records after every step.
+#[test]
+fn partial_sweeps_with_a_clock_set_back_remove_what_a_format_1_store_removes() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    for interval in [Duration::from_secs(3600), Duration::ZERO] {
+        let clock = clock();
+        let wal_path = dir.path().join(format!("wal-{}.redb", interval.as_secs()));
+        let plain_path = dir
+            .path()
+            .join(format!("plain-{}.redb", interval.as_secs()));
+        let open_wal = || {
+            wal_builder(&clock)
+                .checkpoint_interval(interval)
+                .open(&wal_path)
+        };
+        let open_plain = || {
+            Store::builder()
+                .clock(clock.clone())
+                .sweep_interval(None)
+                .open(&plain_path)
+        };
+        let (mut wal, mut plain) = (open_wal()?, open_plain()?);
+        let mut rng = 0x5EED_u64 ^ interval.as_secs();
+        let mut next = || {
+            rng ^= rng << 13;
+            rng ^= rng >> 7;
+            rng ^= rng << 17;
+            rng
+        };
+        let mut keys = Vec::new();
+        for step in 0..400u32 {
+            match next() % 10 {
+                0..=4 => {
+                    // A record whose retention ends within the next 10 s.
+                    let key = format!("k{step}");
+                    let retention = Duration::from_millis(1 + next() % 10_000);
+                    for store in [&wal, &plain] {
+                        let lease = acquired(store.claim("s", &key, "fp", &opts(500))?);
+                        store.complete(&lease, key.as_bytes(), retention)?;
+                    }
+                    keys.push(key);
+                }
+                5 | 6 => {
+                    let limit = 1 + (next() % 7) as usize;
+                    let (a, b) = (wal.sweep(limit)?, plain.sweep(limit)?);
+                    assert_eq!(a, b, "step {step}: sweep({limit})");
+                }
+                7 => clock.advance(Duration::from_millis(next() % 20_000)),
+                8 => {
+                    // Back by up to 30 s (a wall clock stepped back).
+                    let now = idemstore::Clock::now_ms(&clock);
+                    clock.set(now - next() % 30_000);
+                }
+                _ => {
+                    if next() % 4 == 0 {
+                        wal.close()?;
+                        plain.close()?;
+                        (wal, plain) = (open_wal()?, open_plain()?);
+                    }
+                }
+            }
+            for key in &keys {
+                let (a, b) = (wal.get("s", key)?, plain.get("s", key)?);
+                assert_eq!(a.is_some(), b.is_some(), "step {step}: key {key}");
+            }
+            let (a, b) = (wal.stats()?, plain.stats()?);
+            assert_eq!(
+                (a.records, a.expiry_entries),
+                (b.records, b.expiry_entries),
+                "step {step}"
+            );
+        }
+        // Everything expires: both sweep it all, and the log store keeps nothing back.
+        clock.advance(Duration::from_secs(3600));
+        while wal.sweep(5)?.more {}
+        while plain.sweep(5)?.more {}
+        assert_eq!(wal.stats()?.records, 0);
+        assert_eq!(plain.stats()?.records, 0);
+        assert_eq!(wal.stats()?.expiry_entries, 0);
+    }
+    Ok(())
+}
+
 /// A store with a log on two new simulated disks (database file, log), checkpointed every
 /// `interval`; returned with the disks.
 fn on_simulated_disks(

@@ -88,7 +88,11 @@ impl RedbStorage {
         txn.set_quick_repair(true);
         {
             let mut records = txn.open_table(RECORDS).map_err(Error::storage)?;
-            for (key, value) in &layer.records {
+            // In key order: consecutive changes then mostly touch pages the previous one
+            // already brought into the transaction.
+            let mut changes: Vec<_> = layer.records.iter().collect();
+            changes.sort_unstable_by(|a, b| a.0.cmp(b.0));
+            for (key, value) in changes {
                 match value {
                     Some(bytes) => records.insert(key.as_slice(), &**bytes).map(|_| ()),
                     None => records.remove(key.as_slice()).map(|_| ()),
@@ -96,7 +100,28 @@ impl RedbStorage {
                 .map_err(Error::storage)?;
             }
             let mut expiry = txn.open_table(EXPIRY).map_err(Error::storage)?;
+            let bulk = layer.swept_upto.as_ref();
+            if let Some((upto_at, upto_key)) = bulk {
+                // The sweep removed a prefix of the index: clear it in one pass over redb's
+                // leaves instead of one tree descent per entry. Only entries this layer
+                // removes go; anything else found there stays.
+                let mut gone = layer
+                    .expiry
+                    .range(..=(*upto_at, upto_key.clone()))
+                    .filter(|(_, present)| !**present)
+                    .map(|((at, key), _)| (*at, key.as_slice()))
+                    .peekable();
+                expiry
+                    .retain_in(..=(*upto_at, upto_key.as_slice()), |entry, ()| {
+                        while gone.next_if(|g| *g < entry).is_some() {}
+                        gone.next_if(|g| *g == entry).is_none()
+                    })
+                    .map_err(Error::storage)?;
+            }
             for ((at, key), present) in &layer.expiry {
+                if !*present && bulk.is_some_and(|(b_at, b_key)| (*at, key) <= (*b_at, b_key)) {
+                    continue;
+                }
                 let entry = (*at, key.as_slice());
                 if *present {
                     expiry.insert(entry, ()).map(|_| ())
@@ -130,22 +155,29 @@ impl RedbStorage {
         Ok(())
     }
 
-    /// Up to `limit` committed expiry-index entries due at `now_ms`, oldest first, leaving out
-    /// those `skip` names.
+    /// Up to `limit` committed expiry-index entries due at `now_ms` and after `after` (if
+    /// given), oldest first, leaving out those `skip` names.
     pub(crate) fn due_except(
         &self,
         now_ms: u64,
+        after: Option<&(u64, Vec<u8>)>,
         limit: usize,
         skip: &dyn Fn(u64, &[u8]) -> bool,
     ) -> Result<Vec<(u64, Vec<u8>)>> {
+        use std::ops::Bound;
         let read = self.read_txn()?;
         let expiry = read.open_table(EXPIRY).map_err(Error::storage)?;
         let mut out = Vec::new();
         if limit == 0 {
             return Ok(out);
         }
+        let upto = batch::due_range(now_ms).end;
+        let lower = match after {
+            Some((at, key)) => Bound::Excluded((*at, key.as_slice())),
+            None => Bound::Unbounded,
+        };
         for entry in expiry
-            .range(batch::due_range(now_ms))
+            .range::<(u64, &[u8])>((lower, Bound::Excluded(upto)))
             .map_err(Error::storage)?
         {
             let (k, _) = entry.map_err(Error::storage)?;

@@ -184,7 +184,11 @@ pub(crate) fn adopt(db: &Database, path: &Path, upgrade: Option<WalMeta>) -> Res
         adopted.wal = Some(wal);
     }
 
-    let txn = db.begin_write().map_err(Error::storage)?;
+    let mut txn = db.begin_write().map_err(Error::storage)?;
+    // Once per open: recording redb's allocator state here means a process killed before its
+    // first checkpoint (or, without a log, its first durable commit of its own) leaves a file
+    // the next open loads instead of repairing by a walk of the whole file.
+    txn.set_quick_repair(true);
     {
         let mut meta = txn.open_table(META).map_err(Error::storage)?;
         if existing.is_none() {

@@ -32,6 +32,10 @@ pub(crate) struct Layer {
     pub last_lsn: u64,
     /// Approximate memory held, in bytes.
     pub bytes: usize,
+    /// Set when the layer is frozen for a checkpoint: every expiry-index entry at or below it
+    /// is removed (the sweep's floor), so the checkpoint may clear that part of redb's index in
+    /// one pass. Not part of the log's payload.
+    pub swept_upto: Option<(u64, Vec<u8>)>,
 }
 
 /// What a layer says about one key: nothing, a record, or that it was removed.

@@ -105,6 +105,10 @@ struct Inner {
     next_token: AtomicU64,
     last_checkpoint_at: Mutex<Instant>,
     failed: Mutex<Option<Error>>,
+    /// The sweep's floor: every expiry-index entry at or below it is removed, in the map or in
+    /// redb, so the next sweep starts its walk of the index after it instead of stepping over
+    /// everything earlier sweeps removed since the last checkpoint. `None`: from the start.
+    sweep_floor: Mutex<Option<ExpiryEntry>>,
     config: WalConfig,
     geometry: Geometry,
 }
@@ -156,6 +160,7 @@ impl WalStorage {
             next_token: AtomicU64::new(next_token),
             last_checkpoint_at: Mutex::new(Instant::now()),
             failed: Mutex::new(None),
+            sweep_floor: Mutex::new(None),
             config,
             geometry,
         });
@@ -242,7 +247,10 @@ impl Inner {
         if layers.frozen.is_some() || layers.active.is_empty() {
             return false;
         }
-        let active = std::mem::take(&mut layers.active);
+        let mut active = std::mem::take(&mut layers.active);
+        // Earlier layers are all in redb by now, so below the floor redb holds only entries
+        // this layer removes.
+        active.swept_upto = self.sweep_floor.lock().clone();
         layers.frozen = Some(Arc::new(active));
         drop(layers);
         let mut control = self.control.lock();
@@ -286,11 +294,15 @@ impl Inner {
         if let Some(e) = self.failure() {
             return Err(e);
         }
+        let floor = self.sweep_floor.lock().clone();
         let mut batch = WalBatch {
             inner: self,
             layer: Layer::default(),
+            floor,
+            due_returned: Vec::new(),
         };
         apply(&mut batch)?;
+        let new_floor = batch.floor_after();
         let mut layer = batch.layer;
         if layer.is_empty() {
             // Nothing to log: a durable empty batch is a flush of what was written unsynced.
@@ -330,6 +342,7 @@ impl Inner {
             }
         };
         self.next_token.store(token, Ordering::SeqCst);
+        *self.sweep_floor.lock() = new_floor;
         layer.last_lsn = lsn;
         let (bytes, frozen) = {
             let mut layers = self.layers.write();
@@ -557,10 +570,89 @@ impl Storage for WalStorage {
     }
 }
 
+/// An expiry-index entry: `(expires_at_ms, scoped key)`.
+type ExpiryEntry = (u64, Vec<u8>);
+
 /// One batch: its own changes over the map and redb.
 struct WalBatch<'a> {
     inner: &'a Inner,
     layer: Layer,
+    /// The sweep floor as of the batch's start (see `Inner::sweep_floor`).
+    floor: Option<ExpiryEntry>,
+    /// What `due` returned in this batch, in order.
+    due_returned: Vec<ExpiryEntry>,
+}
+
+impl WalBatch<'_> {
+    /// The sweep floor once this batch commits: raised over the entries `due` returned that
+    /// the batch removed, in order (every entry below them was removed already, since `due`
+    /// returns the earliest ones); dropped if the batch indexed an entry at or below it. (The
+    /// engine's time never goes back within an open and every expiry lies ahead of it, so that
+    /// takes a zero lease or retention; the floor starts over at each open.)
+    fn floor_after(&self) -> Option<ExpiryEntry> {
+        let mut floor = self.floor.clone();
+        for entry in &self.due_returned {
+            if self.layer.expiry.get(entry) != Some(&false) {
+                break;
+            }
+            if floor.as_ref().is_none_or(|f| entry > f) {
+                floor = Some(entry.clone());
+            }
+        }
+        let floor = floor?;
+        if self
+            .layer
+            .expiry
+            .range(..=&floor)
+            .any(|(_, present)| *present)
+        {
+            return None;
+        }
+        Some(floor)
+    }
+
+    /// Up to `limit` due entries after the floor, oldest first.
+    fn due_after_floor(&mut self, now_ms: u64, limit: usize) -> Result<Vec<ExpiryEntry>> {
+        use std::ops::Bound;
+        let upto = (now_ms.saturating_add(1), Vec::new());
+        let lower = match &self.floor {
+            // The clock went back behind the floor: nothing below it is left to be due.
+            Some(f) if *f >= upto => return Ok(Vec::new()),
+            Some(f) => Bound::Excluded(f.clone()),
+            None => Bound::Unbounded,
+        };
+        let range = (lower, Bound::Excluded(upto));
+        // The map's and this batch's word on every due entry they changed, newest last.
+        let mut marks: BTreeMap<ExpiryEntry, bool> = BTreeMap::new();
+        {
+            let layers = self.inner.layers.read();
+            let frozen = layers.frozen.as_deref();
+            for layer in frozen.into_iter().chain(std::iter::once(&layers.active)) {
+                for (entry, present) in layer.expiry.range(range.clone()) {
+                    marks.insert(entry.clone(), *present);
+                }
+            }
+        }
+        for (entry, present) in self.layer.expiry.range(range) {
+            marks.insert(entry.clone(), *present);
+        }
+        let committed =
+            self.inner
+                .base
+                .due_except(now_ms, self.floor.as_ref(), limit, &|at, key| {
+                    marks.contains_key(&(at, key.to_vec()))
+                })?;
+        let mut due: Vec<ExpiryEntry> = marks
+            .into_iter()
+            .filter(|(_, present)| *present)
+            .map(|(entry, _)| entry)
+            .take(limit)
+            .chain(committed)
+            .collect();
+        due.sort();
+        due.truncate(limit);
+        Ok(due)
+    }
 }
 
 impl Batch for WalBatch<'_> {
@@ -607,38 +699,13 @@ impl Batch for WalBatch<'_> {
     }
 
     fn due(&mut self, now_ms: u64, limit: usize) -> Result<Vec<(u64, Vec<u8>)>> {
-        // The map's and this batch's word on every due entry they changed, newest last.
-        let upto = (now_ms.saturating_add(1), Vec::new());
-        let mut marks: BTreeMap<(u64, Vec<u8>), bool> = BTreeMap::new();
-        {
-            let layers = self.inner.layers.read();
-            let frozen = layers.frozen.as_deref();
-            for layer in frozen.into_iter().chain(std::iter::once(&layers.active)) {
-                for (entry, present) in layer.expiry.range(..upto.clone()) {
-                    marks.insert(entry.clone(), *present);
-                }
-            }
-        }
-        for (entry, present) in self.layer.expiry.range(..upto) {
-            marks.insert(entry.clone(), *present);
-        }
-        let committed = self.inner.base.due_except(now_ms, limit, &|at, key| {
-            marks.contains_key(&(at, key.to_vec()))
-        })?;
-        let mut due: Vec<(u64, Vec<u8>)> = marks
-            .into_iter()
-            .filter(|(_, present)| *present)
-            .map(|(entry, _)| entry)
-            .take(limit)
-            .chain(committed)
-            .collect();
-        due.sort();
-        due.truncate(limit);
+        let due = self.due_after_floor(now_ms, limit)?;
+        self.due_returned.extend(due.iter().cloned());
         Ok(due)
     }
 
     fn any_due(&mut self, now_ms: u64) -> Result<bool> {
-        Ok(!self.due(now_ms, 1)?.is_empty())
+        Ok(!self.due_after_floor(now_ms, 1)?.is_empty())
     }
 
     fn scope_records(&mut self, scope: &[u8]) -> Result<u64> {
