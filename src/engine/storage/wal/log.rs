@@ -128,6 +128,16 @@ impl fmt::Debug for Log {
     }
 }
 
+/// Where a recovery walk stands between segments.
+struct Walk {
+    /// The chunk the log continues with: (batch, part).
+    expected: Option<(u64, u32)>,
+    /// The parts read so far of the batch being reassembled.
+    assembling: Vec<u8>,
+    /// The last batch read whole.
+    last_complete: u64,
+}
+
 /// What recovery found after the checkpoint.
 pub(crate) struct Recovered {
     /// The payloads of the complete batches after the checkpoint, in LSN order.
@@ -215,9 +225,21 @@ impl Log {
             appended_bytes: 0,
         };
         let mut headers = Vec::new();
+        // Slots whose header sector holds bytes but no valid header (torn, or damaged): the
+        // segment cannot be read, and is erased below so that it never reads differently.
+        let mut unreadable = Vec::new();
         for slot in 0..geometry.segments {
-            if let Some(h) = log.read_segment_header(slot)? {
-                headers.push(h);
+            match log.read_segment_header(slot)? {
+                Some(h) => headers.push(h),
+                None => {
+                    let mut sector = [0u8; SECTOR as usize];
+                    log.file
+                        .read(slot * geometry.segment_bytes, &mut sector)
+                        .map_err(io_error)?;
+                    if sector.iter().any(|b| *b != 0) {
+                        unreadable.push(slot * geometry.segment_bytes);
+                    }
+                }
             }
         }
         headers.sort_by_key(|h| h.seq);
@@ -242,24 +264,35 @@ impl Log {
         };
         let mut last_seq = headers.iter().map(|h| h.seq).max().unwrap_or(0);
         let mut end_seq = None;
+        let mut end_at = None;
         if let Some(start) = start {
-            let mut expected: Option<(u64, u32)> = None;
-            let mut assembling: Vec<u8> = Vec::new();
-            let mut last_complete = cp;
+            let mut walk = Walk {
+                expected: None,
+                assembling: Vec::new(),
+                last_complete: cp,
+            };
             let mut index = start;
             while let Some(&header) = headers.get(index) {
-                let (end, max_lsn) = log.walk_segment(
-                    header,
-                    cp,
-                    &mut expected,
-                    &mut assembling,
-                    &mut recovered,
-                    &mut last_complete,
-                )?;
+                // Where the successor segment starts bounds what this one may still hold: the
+                // log went on there, so a later batch here is one an earlier recovery dropped
+                // (a torn tail, or the first part of a batch whose rest was torn).
+                let successor = headers
+                    .get(index + 1)
+                    .copied()
+                    .filter(|n| n.seq == header.seq + 1);
+                let bound = match successor {
+                    Some(n) => Some(match log.first_chunk(n)? {
+                        Some(c) if c.lsn == n.first_lsn => (c.lsn, c.part),
+                        _ => (n.first_lsn, 0),
+                    }),
+                    None => None,
+                };
+                let (end, max_lsn) =
+                    log.walk_segment(header, cp, bound, &mut walk, &mut recovered)?;
                 log.set_slot_max(header.seq, max_lsn);
                 end_seq = Some(header.seq);
                 let next = headers.get(index + 1).copied();
-                let continues = match (next, expected) {
+                let continues = match (next, walk.expected) {
                     (Some(n), Some((lsn, part))) if n.seq == header.seq + 1 => log
                         .first_chunk(n)?
                         .is_some_and(|c| c.lsn == lsn && c.part == part),
@@ -270,14 +303,15 @@ impl Log {
                     continue;
                 }
                 // The end of the log: nothing after it may prove that a synced batch is lost.
-                let missing = expected.map_or(last_complete + 1, |(lsn, _)| lsn);
+                let missing = walk.expected.map_or(walk.last_complete + 1, |(lsn, _)| lsn);
                 log.check_no_synced_after(header, end, missing)?;
                 for later in headers.get(index + 1..).unwrap_or_default() {
                     log.check_no_synced_after(*later, SECTOR, missing)?;
                 }
+                end_at = Some((header, end));
                 break;
             }
-            log.next_lsn = last_complete.max(cp) + 1;
+            log.next_lsn = walk.last_complete.max(cp) + 1;
         } else {
             for h in &headers {
                 log.check_no_synced_after(*h, SECTOR, cp + 1)?;
@@ -290,12 +324,29 @@ impl Log {
             .filter(|h| end_seq.is_none_or(|e| h.seq > e))
             .map(|h| h.seq)
             .collect();
-        if !orphans.is_empty() {
-            for seq in &orphans {
+        let mut erase = unreadable;
+        for seq in &orphans {
+            erase.push(geometry.slot_offset(*seq));
+            log.set_slot_max(*seq, 0);
+        }
+        // Whatever follows the end of the log in its last segment (a torn or dropped chunk)
+        // is erased too: the decision to end the log there is then final, even if those bytes
+        // would read back intact later. The log goes on in a new segment either way.
+        if let Some((segment, end)) = end_at
+            && end + SECTOR <= geometry.segment_bytes
+        {
+            let at = geometry.slot_offset(segment.seq) + end;
+            let mut sector = [0u8; SECTOR as usize];
+            log.file.read(at, &mut sector).map_err(io_error)?;
+            if sector.iter().any(|b| *b != 0) {
+                erase.push(at);
+            }
+        }
+        if !erase.is_empty() {
+            for at in erase {
                 log.file
-                    .write(geometry.slot_offset(*seq), &[0u8; SECTOR as usize])
+                    .write(at, &[0u8; SECTOR as usize])
                     .map_err(io_error)?;
-                log.set_slot_max(*seq, 0);
             }
             log.file.sync_data().map_err(io_error)?;
         }
@@ -317,8 +368,15 @@ impl Log {
             return Ok(None);
         }
         let stored = u32_at(&b, 40);
-        if crc(0, &[head(&b, 40)]) != stored || u64_at(&b, 8) != self.store_id {
+        if crc(0, &[head(&b, 40)]) != stored {
             return Ok(None);
+        }
+        if u64_at(&b, 8) != self.store_id {
+            return Err(corrupt(format!(
+                "segment {slot} of the log belongs to another store (id {:#x}, this store's                  is {:#x}): the log file is not this database's",
+                u64_at(&b, 8),
+                self.store_id
+            )));
         }
         let header = SegmentHeader {
             seq: u64_at(&b, 16),
@@ -375,17 +433,22 @@ impl Log {
         self.read_chunk(segment, SECTOR, &mut payload)
     }
 
-    /// Reads the chunks of one segment that continue the log. Returns where they end and the
-    /// highest LSN among them.
+    /// Reads the chunks of one segment that continue the log, up to `bound` (where the
+    /// successor segment starts: batch, part). Returns where they end and the highest LSN among
+    /// them.
     fn walk_segment(
         &self,
         segment: SegmentHeader,
         checkpoint_lsn: u64,
-        expected: &mut Option<(u64, u32)>,
-        assembling: &mut Vec<u8>,
+        bound: Option<(u64, u32)>,
+        walk: &mut Walk,
         recovered: &mut Recovered,
-        last_complete: &mut u64,
     ) -> Result<(u64, u64)> {
+        let Walk {
+            expected,
+            assembling,
+            last_complete,
+        } = walk;
         let mut offset = SECTOR;
         let mut max_lsn = 0;
         let mut payload = Vec::new();
@@ -398,7 +461,11 @@ impl Log {
                         || (chunk.lsn == checkpoint_lsn + 1 && chunk.part == 0)
                 }
             };
-            if !fits {
+            // With a successor starting at batch `f` part `p`: batches before `f`, and the parts
+            // of `f` before `p`.
+            let within =
+                bound.is_none_or(|(f, p)| chunk.lsn < f || (chunk.lsn == f && chunk.part < p));
+            if !fits || !within {
                 break;
             }
             if chunk.lsn > checkpoint_lsn {
@@ -736,6 +803,52 @@ mod tests {
         );
         let (_, found) = recover(&file, 2).expect("opens");
         assert_eq!(payloads(&found), vec![(3, b"after".to_vec())]);
+    }
+
+    #[test]
+    fn a_batch_torn_where_it_crosses_segments_does_not_hide_the_log_written_after_it() {
+        let file = File(Arc::new(InMemoryBackend::new()));
+        preallocate(&file, G).expect("preallocate");
+        let (mut log, _) = recover(&file, 0).expect("empty");
+        assert_eq!(log.append(b"small", 1, true, 0).expect("append"), 1);
+        let big = vec![7u8; 8 * SECTOR as usize];
+        assert_eq!(log.append(&big, 2, true, 0).expect("append"), 2);
+        // A power cut tore the part in the second segment (seq 2, slot 2); the first part
+        // stays in segment 1.
+        file.write(2 * G.segment_bytes + SECTOR, &[0; SECTOR as usize])
+            .expect("tear");
+        let (mut log, found) = recover(&file, 0).expect("a torn tail is dropped");
+        assert_eq!(payloads(&found), vec![(1, b"small".to_vec())]);
+        // The log goes on with another batch 2, synced: it must be read back, and the first
+        // part of the old batch 2 must not make it look lost.
+        assert_eq!(log.append(b"new", 3, true, 0).expect("append"), 2);
+        let (_, found) = recover(&file, 0).expect("the continued log opens");
+        assert_eq!(
+            payloads(&found),
+            vec![(1, b"small".to_vec()), (2, b"new".to_vec())]
+        );
+    }
+
+    #[test]
+    fn a_dropped_tail_stays_dropped_even_if_its_bytes_read_back_intact_later() {
+        let file = File(Arc::new(InMemoryBackend::new()));
+        preallocate(&file, G).expect("preallocate");
+        let (mut log, _) = recover(&file, 0).expect("empty");
+        log.append(b"first", 1, true, 0).expect("append");
+        log.append(b"second", 2, false, 0).expect("append");
+        // The second batch reads back damaged once (unsynced, so it is dropped)...
+        let at = G.segment_bytes + 2 * SECTOR + CHUNK_HEADER_LEN;
+        let mut b = [0u8; 1];
+        file.read(at, &mut b).expect("read");
+        file.write(at, &[b[0] ^ 1]).expect("write");
+        let (log, found) = recover(&file, 0).expect("a torn tail is dropped");
+        assert_eq!(payloads(&found), vec![(1, b"first".to_vec())]);
+        drop(log);
+        // ...and intact the next time: the store went on without it, so it must not return.
+        file.read(at, &mut b).expect("read");
+        file.write(at, &[b[0] ^ 1]).expect("write");
+        let (_, found) = recover(&file, 0).expect("opens");
+        assert_eq!(payloads(&found), vec![(1, b"first".to_vec())]);
     }
 
     #[test]
