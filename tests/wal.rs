@@ -462,3 +462,117 @@ fn the_map_stays_within_its_budget_under_a_steady_stream_of_writes() -> TestResu
     assert_replays(&store, 0, 200, outcome)?;
     Ok(())
 }
+
+/// Finds `needle` in the file at `path`; returns its offset.
+fn find_in_file(path: &std::path::Path, needle: &[u8]) -> Option<u64> {
+    let bytes = std::fs::read(path).ok()?;
+    bytes
+        .windows(needle.len())
+        .position(|w| w == needle)
+        .map(|p| p as u64)
+}
+
+fn flip_byte_at(path: &std::path::Path, at: u64) -> TestResult {
+    use std::io::{Read, Seek, SeekFrom, Write};
+    let mut f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)?;
+    let mut b = [0u8; 1];
+    f.seek(SeekFrom::Start(at))?;
+    f.read_exact(&mut b)?;
+    f.seek(SeekFrom::Start(at))?;
+    f.write_all(&[b[0] ^ 0x40])?;
+    f.sync_all()?;
+    Ok(())
+}
+
+/// A store with a log opens without reading its whole file, and verifies its pages on demand
+/// and in the background instead: an intact file passes, a damaged record page is found by
+/// both (and the damaged record itself reads as corrupt, never as another answer).
+#[test]
+fn pages_are_verified_on_demand_and_by_the_background_scrub() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let path = dir.path().join("idem.redb");
+    let clock = clock();
+    let marker = b"page-check-marker-0123456789";
+    {
+        let store = wal_builder(&clock).open(&path)?;
+        complete_keys(&store, 0, 300, 200)?;
+        let lease = acquired(store.claim("s", "marked", "fp", &opts(60_000))?);
+        store.complete(&lease, marker, DAY)?;
+        store.close()?;
+    }
+    let store = wal_builder(&clock)
+        .scrub_interval(Some(Duration::from_millis(20)))
+        .open(&path)?;
+    let check = store.verify_pages()?;
+    assert!(
+        check.bytes >= std::fs::metadata(&path)?.len() / 2,
+        "{check:?}"
+    );
+    // The scrub runs and finds nothing.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while store.stats()?.wal.map_or(0, |w| w.scrubs) < 2 {
+        assert!(std::time::Instant::now() < deadline, "no scrub ran");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert_eq!(store.stats()?.wal.map(|w| w.scrubs_failed), Some(0));
+
+    // Bit rot in the page that holds the marked record, under the open store.
+    let at = find_in_file(&path, marker).ok_or("the record is in the database file")?;
+    flip_byte_at(&path, at + 3)?;
+    match store.verify_pages() {
+        Err(Error::Corrupt { location, .. }) => assert_eq!(location, "database file"),
+        other => panic!("a damaged page must be found: {other:?}"),
+    }
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while store.stats()?.wal.map_or(0, |w| w.scrubs_failed) == 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the scrub missed the damage"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    drop(store);
+    // Reopened (no page check on open by default with a log): the record reads as corrupt.
+    let store = wal_builder(&clock).scrub_interval(None).open(&path)?;
+    assert!(matches!(
+        store.get("s", "marked"),
+        Err(Error::Corrupt { .. })
+    ));
+    assert!(matches!(store.verify_pages(), Err(Error::Corrupt { .. })));
+    drop(store);
+    // Asked for, the page check on open refuses the file.
+    assert!(matches!(
+        wal_builder(&clock).verify_on_open(true).open(&path),
+        Err(Error::Corrupt { .. })
+    ));
+    Ok(())
+}
+
+/// `verify_pages` on the other kinds of store: a format-1 file (at a relaxed durability too)
+/// verifies; a store in memory has no file, which is a typed error.
+#[test]
+fn pages_of_a_format_1_store_verify_and_a_memory_store_has_none() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let clock = clock();
+    let store = Store::builder()
+        .clock(clock.clone())
+        .sweep_interval(None)
+        .durability(idemstore::Durability::Relaxed {
+            max_unsynced: Duration::from_secs(60),
+        })
+        .open(dir.path().join("plain.redb"))?;
+    complete_keys(&store, 0, 200, 100)?;
+    assert!(store.verify_pages()?.bytes > 0);
+    complete_keys(&store, 200, 50, 100)?;
+    assert!(store.verify_pages()?.bytes > 0);
+    assert_replays(&store, 0, 250, 100)?;
+    let memory = Store::builder().open_in_memory()?;
+    match memory.verify_pages() {
+        Err(Error::Io(e)) => assert_eq!(e.kind(), std::io::ErrorKind::Unsupported),
+        other => panic!("{other:?}"),
+    }
+    Ok(())
+}

@@ -75,8 +75,10 @@ pub struct StoreBuilder {
     async_read_threads: usize,
     max_batch_ops: usize,
     cache_size_bytes: Option<usize>,
-    verify_on_open: bool,
+    /// `None`: on for a store without a write-ahead log, off for one with a log.
+    verify_on_open: Option<bool>,
     write_ahead_log: bool,
+    scrub_interval: Option<Duration>,
     checkpoint_interval: Duration,
     map_budget_bytes: usize,
     wal_segment_bytes: u64,
@@ -97,8 +99,9 @@ impl Default for StoreBuilder {
             async_read_threads: 2,
             max_batch_ops: 4096,
             cache_size_bytes: None,
-            verify_on_open: true,
+            verify_on_open: None,
             write_ahead_log: false,
+            scrub_interval: Some(Duration::from_secs(24 * 3600)),
             checkpoint_interval: Duration::from_secs(1),
             map_budget_bytes: 256 * 1024 * 1024,
             wal_segment_bytes: 32 * 1024 * 1024,
@@ -191,7 +194,11 @@ impl StoreBuilder {
     /// being trusted. This reads the whole file: on the benchmark machine (BENCHMARKS.md), a
     /// store of 1M records (1.1 GB) opens in 1.3 s and one of 10M records (10.7 GB) in 27 s,
     /// from a warm page cache.
-    /// Default: on.
+    ///
+    /// Default: on for a store without a write-ahead log; off for a store with one
+    /// ([`write_ahead_log`](Self::write_ahead_log)), which opens in milliseconds whatever its
+    /// size and has its pages verified instead in the background
+    /// ([`scrub_interval`](Self::scrub_interval)) and on demand ([`Store::verify_pages`]).
     ///
     /// Turning it off makes opening a large file instant, at a price: redb then trusts a file
     /// that was closed cleanly, and on one damaged since, opens and reads may panic, and a
@@ -200,7 +207,23 @@ impl StoreBuilder {
     /// which aborts the process. Record envelopes stay checked either way.
     /// tests/corruption.rs measures both modes.
     pub fn verify_on_open(mut self, enabled: bool) -> Self {
-        self.verify_on_open = enabled;
+        self.verify_on_open = Some(enabled);
+        self
+    }
+
+    /// With a write-ahead log: how often the checkpointer verifies the checksum of every page
+    /// of the database file in the background (the scrub), as [`Store::verify_pages`] does;
+    /// the first scrub comes one interval after open. A damaged file is logged as an error
+    /// (`tracing`) and counted in [`WalStats::scrubs_failed`](crate::WalStats::scrubs_failed);
+    /// the store keeps serving (record envelopes are still checked on every read).
+    ///
+    /// A scrub reads the whole file (about 2 s per GB here) and no checkpoint runs meanwhile:
+    /// commits go on into the record map, and wait if it fills its
+    /// [`map_budget`](Self::map_budget) first. `None` turns the scrub off. Without a log
+    /// there is no scrub ([`verify_on_open`](Self::verify_on_open) checks instead).
+    /// Default: every 24 hours.
+    pub fn scrub_interval(mut self, interval: Option<Duration>) -> Self {
+        self.scrub_interval = interval;
         self
     }
 
@@ -295,8 +318,9 @@ impl StoreBuilder {
         self.validate()?;
         let path = path.as_ref();
         let _span = tracing::info_span!("idemstore.open", path = %path.display()).entered();
-        let db = open::file(path, &self.redb_options())?;
         let log = log_path(path);
+        let has_log = self.write_ahead_log || log.exists();
+        let db = open::file(path, &self.redb_options(has_log))?;
         self.start(db, path, LogSource::File(log))
     }
 
@@ -307,7 +331,7 @@ impl StoreBuilder {
     /// As [`StoreBuilder::open`], for the configuration.
     pub fn open_in_memory(self) -> Result<Store> {
         self.validate()?;
-        let db = open::in_memory(&self.redb_options())?;
+        let db = open::in_memory(&self.redb_options(false))?;
         self.start(db, Path::new(":memory:"), LogSource::None)
     }
 
@@ -319,7 +343,7 @@ impl StoreBuilder {
     /// As [`StoreBuilder::open`].
     pub fn open_with_backend(self, backend: impl redb::StorageBackend) -> Result<Store> {
         self.validate()?;
-        let db = open::with_backend(backend, &self.redb_options())?;
+        let db = open::with_backend(backend, &self.redb_options(false))?;
         self.start(db, Path::new("<backend>"), LogSource::None)
     }
 
@@ -333,7 +357,7 @@ impl StoreBuilder {
         log: impl redb::StorageBackend,
     ) -> Result<Store> {
         self.validate()?;
-        let db = open::with_backend(backend, &self.redb_options())?;
+        let db = open::with_backend(backend, &self.redb_options(true))?;
         self.start(
             db,
             Path::new("<backend>"),
@@ -415,10 +439,12 @@ impl StoreBuilder {
         Ok(())
     }
 
-    fn redb_options(&self) -> open::Options {
+    /// redb's settings; `has_log`: the store has (or gets) a write-ahead log, which turns
+    /// the page check on open off unless asked for.
+    fn redb_options(&self, has_log: bool) -> open::Options {
         open::Options {
             cache_size_bytes: self.cache_size_bytes,
-            verify_on_open: self.verify_on_open,
+            verify_on_open: self.verify_on_open.unwrap_or(!has_log),
             two_phase_commit: self.two_phase_commit,
         }
     }
@@ -469,7 +495,7 @@ impl StoreBuilder {
         path: &Path,
         log: LogSource,
     ) -> Result<(Box<dyn Storage>, u64, u64)> {
-        let options = self.redb_options();
+        let options = self.redb_options(self.write_ahead_log);
         let existing = tables::existing(&db, path)?;
         let has_log = existing.and_then(|a| a.wal);
         if !self.write_ahead_log && has_log.is_none() || matches!(log, LogSource::None) {
@@ -502,6 +528,7 @@ impl StoreBuilder {
         let config = WalConfig {
             checkpoint_interval: self.checkpoint_interval,
             memory_budget: self.map_budget_bytes,
+            scrub_interval: self.scrub_interval,
         };
         let (storage, next_token) = WalStorage::open(
             base,

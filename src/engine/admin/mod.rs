@@ -9,4 +9,4 @@ mod verify;
 
 pub use import::ImportReport;
 pub use read_only::{Entry, ReadOnlyStore, Summary};
-pub use verify::{Damage, Verification};
+pub use verify::{Damage, PageCheck, Verification};

@@ -10,6 +10,16 @@ use crate::engine::codec;
 use crate::engine::storage::redb::tables::{EXPIRY, RECORDS, SCOPES};
 use crate::error::{Error, Result};
 
+/// What [`Store::verify_pages`](crate::Store::verify_pages) verified.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct PageCheck {
+    /// Bytes of the database file whose page checksums were verified.
+    pub bytes: u64,
+    /// How long the verification took (commits waited that long).
+    pub elapsed: std::time::Duration,
+}
+
 /// The most damage a [`Verification`] lists; [`Verification::damage_count`] counts it all.
 const DAMAGE_LISTED_MAX: usize = 1024;
 

@@ -70,6 +70,11 @@ pub(crate) trait Storage: Send + Sync {
     fn wal_figures(&self) -> Option<wal::WalStats> {
         None
     }
+
+    /// Verifies the checksum of every page of the database file while the store stays open
+    /// (commits wait meanwhile). Returns the bytes verified and the time taken; `None` for a
+    /// store without a file. A damaged file is [`Error::Corrupt`](crate::Error::Corrupt).
+    fn verify_pages(&self) -> Result<Option<(u64, std::time::Duration)>>;
 }
 
 /// The writes of one commit, inside [`Storage::write`]. Reads through a batch see its own

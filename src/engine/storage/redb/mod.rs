@@ -13,8 +13,9 @@ mod overlay;
 pub(crate) mod tables;
 pub(crate) mod view;
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use parking_lot::RwLock;
 use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata};
@@ -24,8 +25,13 @@ use crate::engine::storage::{Batch, Counts, Storage, Stored};
 use crate::error::{Error, Result};
 
 pub(crate) use open::Options;
+use overlay::Overlay;
 pub(crate) use tables::{Adopted, WalMeta};
 use tables::{EXPIRY, META, META_NEXT_TOKEN, META_WAL_CHECKPOINT_LSN, RECORDS, SCOPES};
+
+/// redb's page cache for the view [`RedbStorage::verify_pages`] opens: pages are read once,
+/// so a small cache does, and keeps the check from growing the process.
+const VERIFY_CACHE_BYTES: usize = 16 * 1024 * 1024;
 
 use crate::engine::storage::wal::layer::Layer;
 
@@ -40,6 +46,11 @@ pub(crate) struct RedbStorage {
     snapshot: RwLock<Option<Arc<RecordsSnapshot>>>,
     db: Database,
     two_phase_commit: bool,
+    /// The database file, for [`RedbStorage::verify_pages`] (`None`: memory, or a backend).
+    file: Option<PathBuf>,
+    /// Held (read) by every commit, and (write) while the pages of the file are verified, so
+    /// that the file holds still meanwhile.
+    quiesce: RwLock<()>,
 }
 
 impl RedbStorage {
@@ -53,10 +64,14 @@ impl RedbStorage {
         upgrade: Option<WalMeta>,
     ) -> Result<(Self, Adopted)> {
         let adopted = tables::adopt(&db, path, upgrade)?;
+        let file = (path != Path::new(":memory:") && path != Path::new("<backend>"))
+            .then(|| path.to_path_buf());
         let storage = RedbStorage {
             snapshot: RwLock::new(None),
             db,
             two_phase_commit: options.two_phase_commit,
+            file,
+            quiesce: RwLock::new(()),
         };
         storage.refresh_snapshot();
         Ok((storage, adopted))
@@ -80,6 +95,7 @@ impl RedbStorage {
     /// Writes `layer` into the tables in one durable transaction that also records `lsn` as
     /// the write-ahead log's checkpoint (and the layer's next token), then serves it to readers.
     pub(crate) fn checkpoint(&self, layer: &Layer, lsn: u64) -> Result<()> {
+        let _quiet = self.quiesce.read();
         let mut txn = self.db.begin_write().map_err(Error::storage)?;
         txn.set_durability(redb::Durability::Immediate)
             .map_err(Error::storage)?;
@@ -193,6 +209,41 @@ impl RedbStorage {
         Ok(out)
     }
 
+    /// Verifies the checksum of every page of the database file as it is on disk, with commits
+    /// held off meanwhile: a second, read-only view of the file is opened (whatever redb writes
+    /// while opening it stays in memory) and checked whole. Returns the bytes verified and the
+    /// time it took, `None` for a store without a file; a damaged file is [`Error::Corrupt`].
+    pub(crate) fn verify_pages(&self) -> Result<Option<(u64, Duration)>> {
+        let Some(path) = &self.file else {
+            return Ok(None);
+        };
+        let _quiet = self.quiesce.write();
+        let started = Instant::now();
+        let damaged = |reason: String| Error::corrupt("database file", reason);
+        let check = || -> Result<u64> {
+            let view = Overlay::open(path).map_err(Error::from_io)?;
+            let bytes = redb::StorageBackend::len(&view).map_err(Error::from_io)?;
+            let mut db = redb::Builder::new()
+                .set_cache_size(VERIFY_CACHE_BYTES)
+                .create_with_backend(view)
+                .map_err(|e| damaged(format!("it cannot be opened for verification: {e}")))?;
+            match db.check_integrity() {
+                Ok(true) => Ok(bytes),
+                Ok(false) => Err(damaged(
+                    "a page checksum does not match (the latest commit is damaged)".into(),
+                )),
+                Err(e) => Err(damaged(format!("a page checksum does not match: {e}"))),
+            }
+        };
+        let bytes =
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(check)).unwrap_or_else(|_| {
+                Err(damaged(
+                    "its structures are damaged (the storage engine panicked reading them)".into(),
+                ))
+            })?;
+        Ok(Some((bytes, started.elapsed())))
+    }
+
     /// Whether the committed expiry index holds `(at_ms, key)`.
     pub(crate) fn has_expiry(&self, at_ms: u64, key: &[u8]) -> Result<bool> {
         let read = self.read_txn()?;
@@ -206,6 +257,10 @@ fn decoded(key: &[u8], bytes: &[u8]) -> Stored {
 }
 
 impl Storage for RedbStorage {
+    fn verify_pages(&self) -> Result<Option<(u64, Duration)>> {
+        RedbStorage::verify_pages(self)
+    }
+
     fn read(&self, key: &[u8]) -> Result<Option<Stored>> {
         let snapshot = self.snapshot.read().clone();
         if let Some(table) = snapshot {
@@ -252,6 +307,7 @@ impl Storage for RedbStorage {
         durable: bool,
         apply: &mut dyn FnMut(&mut dyn Batch) -> Result<()>,
     ) -> Result<()> {
+        let _quiet = self.quiesce.read();
         let mut txn = self.db.begin_write().map_err(Error::storage)?;
         txn.set_durability(if durable {
             redb::Durability::Immediate

@@ -48,6 +48,9 @@ pub(crate) struct WalConfig {
     /// The map's memory budget in bytes: a checkpoint starts at half of it, and writers wait
     /// past it.
     pub memory_budget: usize,
+    /// How often the checkpointer verifies every page checksum of the database file (`None`:
+    /// never; the first one comes one interval after open).
+    pub scrub_interval: Option<Duration>,
 }
 
 /// The write-ahead log's figures in [`Stats::wal`](crate::Stats::wal): how far checkpoints
@@ -69,6 +72,14 @@ pub struct WalStats {
     pub checkpoints: u64,
     /// How long the last checkpoint took, in milliseconds.
     pub last_checkpoint_ms: u64,
+    /// Background verifications of every page checksum of the database file (the scrub,
+    /// [`StoreBuilder::scrub_interval`](crate::StoreBuilder::scrub_interval)) completed since
+    /// open, damaged files included.
+    pub scrubs: u64,
+    /// Scrubs that found the database file damaged (each is also logged as an error).
+    pub scrubs_failed: u64,
+    /// How long the last scrub took, in milliseconds.
+    pub last_scrub_ms: u64,
 }
 
 #[derive(Default)]
@@ -88,6 +99,9 @@ struct Control {
     stop: bool,
     checkpoints: u64,
     last_checkpoint_ms: u64,
+    scrubs: u64,
+    scrubs_failed: u64,
+    last_scrub_ms: u64,
 }
 
 struct Inner {
@@ -104,6 +118,7 @@ struct Inner {
     checkpoint_lsn: AtomicU64,
     next_token: AtomicU64,
     last_checkpoint_at: Mutex<Instant>,
+    last_scrub_at: Mutex<Instant>,
     failed: Mutex<Option<Error>>,
     /// The sweep's floor: every expiry-index entry at or below it is removed, in the map or in
     /// redb, so the next sweep starts its walk of the index after it instead of stepping over
@@ -159,6 +174,7 @@ impl WalStorage {
             checkpoint_lsn: AtomicU64::new(checkpoint_lsn),
             next_token: AtomicU64::new(next_token),
             last_checkpoint_at: Mutex::new(Instant::now()),
+            last_scrub_at: Mutex::new(Instant::now()),
             failed: Mutex::new(None),
             sweep_floor: Mutex::new(None),
             config,
@@ -400,7 +416,41 @@ impl Inner {
             if stop && self.layers.read().frozen.is_none() {
                 return;
             }
+            if !stop {
+                self.scrub_if_due();
+            }
         }
+    }
+
+    /// Verifies every page checksum of the database file when a scrub is due. It runs on the
+    /// checkpointer's thread, so no checkpoint runs meanwhile: commits go on into the map,
+    /// and wait only if it fills (see `StoreBuilder::scrub_interval`).
+    fn scrub_if_due(&self) {
+        let Some(interval) = self.config.scrub_interval else {
+            return;
+        };
+        if self.last_scrub_at.lock().elapsed() < interval {
+            return;
+        }
+        let started = Instant::now();
+        let result = self.base.verify_pages();
+        let elapsed = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
+        *self.last_scrub_at.lock() = Instant::now();
+        let failed = match &result {
+            Ok(_) => false,
+            Err(e @ Error::Corrupt { .. }) => {
+                tracing::error!(error = %e, "idemstore: the scrub found the database file damaged; restore it from a backup or inspect it (`idemstore verify`)");
+                true
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "idemstore: the scrub could not read the database file");
+                true
+            }
+        };
+        let mut control = self.control.lock();
+        control.scrubs += 1;
+        control.scrubs_failed += u64::from(failed);
+        control.last_scrub_ms = elapsed;
     }
 
     /// Writes the frozen layer into redb, then drops it.
@@ -453,6 +503,9 @@ impl Inner {
                 .unwrap_or(u64::MAX),
             checkpoints: control.checkpoints,
             last_checkpoint_ms: control.last_checkpoint_ms,
+            scrubs: control.scrubs,
+            scrubs_failed: control.scrubs_failed,
+            last_scrub_ms: control.last_scrub_ms,
         }
     }
 
@@ -567,6 +620,10 @@ impl Storage for WalStorage {
 
     fn wal_figures(&self) -> Option<WalStats> {
         Some(self.figures())
+    }
+
+    fn verify_pages(&self) -> Result<Option<(u64, Duration)>> {
+        self.inner.base.verify_pages()
     }
 }
 
