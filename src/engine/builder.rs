@@ -79,6 +79,7 @@ pub struct StoreBuilder {
     verify_on_open: Option<bool>,
     write_ahead_log: bool,
     scrub_interval: Option<Duration>,
+    read_cache_bytes: usize,
     checkpoint_interval: Duration,
     map_budget_bytes: usize,
     wal_segment_bytes: u64,
@@ -102,6 +103,7 @@ impl Default for StoreBuilder {
             verify_on_open: None,
             write_ahead_log: false,
             scrub_interval: Some(Duration::from_secs(24 * 3600)),
+            read_cache_bytes: 128 * 1024 * 1024,
             checkpoint_interval: Duration::from_secs(1),
             map_budget_bytes: 256 * 1024 * 1024,
             wal_segment_bytes: 32 * 1024 * 1024,
@@ -288,6 +290,16 @@ impl StoreBuilder {
         self
     }
 
+    /// With a write-ahead log: the memory budget of the read cache, which keeps the records
+    /// a checkpoint wrote into the database file or a read found there, so that replays of
+    /// recently completed or recently read keys are answered from memory (in addition to the
+    /// record map's [`map_budget`](Self::map_budget)). Evicts in insertion order. 0 turns it
+    /// off. At most 1 TiB. Default: 128 MiB.
+    pub fn read_cache(mut self, bytes: usize) -> Self {
+        self.read_cache_bytes = bytes;
+        self
+    }
+
     /// With a write-ahead log: the size of each log segment, used when the log is created
     /// (an existing log keeps its geometry). Between [`WAL_SEGMENT_BYTES_MIN`] and
     /// [`WAL_SEGMENT_BYTES_MAX`], a multiple of 512. Default: 32 MiB.
@@ -413,6 +425,13 @@ impl StoreBuilder {
                 });
             }
         }
+        if self.read_cache_bytes as u64 > 1 << 40 {
+            return Err(Error::TooLarge {
+                what: Input::Config("read_cache"),
+                actual: self.read_cache_bytes as u64,
+                limit: 1 << 40,
+            });
+        }
         if !self.wal_segment_bytes.is_multiple_of(wal_log::SECTOR) {
             return Err(Error::TooSmall {
                 what: Input::Config("wal_segment_bytes (a multiple of 512)"),
@@ -529,6 +548,7 @@ impl StoreBuilder {
             checkpoint_interval: self.checkpoint_interval,
             memory_budget: self.map_budget_bytes,
             scrub_interval: self.scrub_interval,
+            read_cache_bytes: self.read_cache_bytes,
         };
         let (storage, next_token) = WalStorage::open(
             base,

@@ -244,6 +244,23 @@ impl RedbStorage {
         Ok(Some((bytes, started.elapsed())))
     }
 
+    /// `with` applied to the envelope stored under `key` in the latest commit.
+    pub(crate) fn read_with<T>(
+        &self,
+        key: &[u8],
+        with: impl FnOnce(&[u8]) -> T,
+    ) -> Result<Option<T>> {
+        let snapshot = self.snapshot.read().clone();
+        if let Some(table) = snapshot {
+            let value = table.get(key).map_err(Error::storage)?;
+            return Ok(value.map(|guard| with(guard.value())));
+        }
+        let read = self.read_txn()?;
+        let table = read.open_table(RECORDS).map_err(Error::storage)?;
+        let value = table.get(key).map_err(Error::storage)?;
+        Ok(value.map(|guard| with(guard.value())))
+    }
+
     /// Whether the committed expiry index holds `(at_ms, key)`.
     pub(crate) fn has_expiry(&self, at_ms: u64, key: &[u8]) -> Result<bool> {
         let read = self.read_txn()?;
@@ -262,15 +279,7 @@ impl Storage for RedbStorage {
     }
 
     fn read(&self, key: &[u8]) -> Result<Option<Stored>> {
-        let snapshot = self.snapshot.read().clone();
-        if let Some(table) = snapshot {
-            let value = table.get(key).map_err(Error::storage)?;
-            return Ok(value.map(|guard| decoded(key, guard.value())));
-        }
-        let read = self.read_txn()?;
-        let table = read.open_table(RECORDS).map_err(Error::storage)?;
-        let value = table.get(key).map_err(Error::storage)?;
-        Ok(value.map(|guard| decoded(key, guard.value())))
+        self.read_with(key, |bytes| decoded(key, bytes))
     }
 
     fn scan(&self, visit: &mut dyn FnMut(&[u8], Stored) -> bool) -> Result<()> {

@@ -20,6 +20,7 @@
 //! the frozen layer stays readable) and also stops writes until the store is reopened, which
 //! replays the log.
 
+pub(crate) mod cache;
 pub(crate) mod layer;
 pub(crate) mod log;
 
@@ -36,6 +37,7 @@ use crate::engine::codec;
 use crate::engine::storage::redb::RedbStorage;
 use crate::engine::storage::{Batch, Counts, Storage, Stored};
 use crate::error::{Error, Result};
+use cache::ReadCache;
 use layer::{Layer, Lookup};
 use log::{AppendError, Geometry, Log};
 
@@ -51,6 +53,8 @@ pub(crate) struct WalConfig {
     /// How often the checkpointer verifies every page checksum of the database file (`None`:
     /// never; the first one comes one interval after open).
     pub scrub_interval: Option<Duration>,
+    /// The read cache's budget in bytes (0: no cache).
+    pub read_cache_bytes: usize,
 }
 
 /// The write-ahead log's figures in [`Stats::wal`](crate::Stats::wal): how far checkpoints
@@ -60,6 +64,9 @@ pub(crate) struct WalConfig {
 pub struct WalStats {
     /// Bytes of records and index entries held in memory until a checkpoint writes them.
     pub map_bytes: u64,
+    /// Bytes held by the read cache of records checkpointed or read recently
+    /// ([`StoreBuilder::read_cache`](crate::StoreBuilder::read_cache)).
+    pub cache_bytes: u64,
     /// Bytes of log segments holding batches no checkpoint covers yet.
     pub log_bytes: u64,
     /// Batches committed since the last completed checkpoint (the checkpoint lag).
@@ -106,6 +113,8 @@ struct Control {
 
 struct Inner {
     base: RedbStorage,
+    /// Records checkpointed or read recently, below the map's layers.
+    cache: ReadCache,
     /// The log and the writer's lock: held for a whole batch, and to freeze the active layer.
     log: Mutex<Log>,
     layers: RwLock<Layers>,
@@ -154,6 +163,7 @@ impl WalStorage {
             active.absorb(batch);
         }
         let next_token = next_token.max(recovered.next_token.unwrap_or(0));
+
         if !recovered.batches.is_empty() {
             tracing::info!(
                 batches = recovered.batches.len(),
@@ -163,6 +173,7 @@ impl WalStorage {
         }
         let inner = Arc::new(Inner {
             base,
+            cache: ReadCache::new(config.read_cache_bytes),
             log: Mutex::new(log),
             layers: RwLock::new(Layers {
                 active,
@@ -225,7 +236,7 @@ impl Inner {
         self.changed.notify_all();
     }
 
-    /// The record under `key` in the map or, failing that, in redb.
+    /// The record under `key` in the map, the read cache or, failing those, in redb.
     fn read(&self, key: &[u8]) -> Result<Option<Stored>> {
         {
             let layers = self.layers.read();
@@ -238,9 +249,19 @@ impl Inner {
                 }
             }
         }
-        // A frozen layer is dropped only after redb serves its changes, so a key it held is
-        // found in redb now.
-        self.base.read(key)
+        // A frozen layer is dropped only after redb serves its changes and the cache holds
+        // them, so a key it held is found there now.
+        if let Some(bytes) = self.cache.get(key) {
+            return Ok(Some(codec::decode(key, &bytes)));
+        }
+        let generation = self.cache.generation();
+        self.base.read_with(key, |bytes| {
+            let stored = codec::decode(key, bytes);
+            if stored.is_ok() {
+                self.cache.fill(key, bytes, generation);
+            }
+            stored
+        })
     }
 
     fn scope_records(&self, scope: &[u8]) -> Result<u64> {
@@ -465,6 +486,7 @@ impl Inner {
             self.fail(&e);
             return;
         }
+        self.cache.apply(frozen);
         self.layers.write().frozen = None;
         self.checkpoint_lsn.store(frozen.last_lsn, Ordering::SeqCst);
         drop(gate);
@@ -496,6 +518,7 @@ impl Inner {
         let control = self.control.lock();
         WalStats {
             map_bytes: map_bytes as u64,
+            cache_bytes: self.cache.bytes() as u64,
             log_bytes: live_segments * self.geometry.segment_bytes,
             checkpoint_lag_batches: next_lsn.saturating_sub(checkpoint_lsn + 1),
             checkpoint_lag_bytes: appended.saturating_sub(control.checkpointed_bytes),
