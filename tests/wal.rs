@@ -576,3 +576,73 @@ fn pages_of_a_format_1_store_verify_and_a_memory_store_has_none() -> TestResult 
     }
     Ok(())
 }
+
+/// A close that lands while a checkpoint runs still checkpoints what the writer added
+/// meanwhile: the next open replays nothing. (The checkpointer used to stop once the layer it
+/// was writing was done, leaving the newer one to the log; with a checkpoint after every
+/// commit, some of these closes land in that window.)
+#[test]
+fn a_close_during_a_checkpoint_still_checkpoints_everything() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let path = dir.path().join("idem.redb");
+    let clock = clock();
+    let builder = || {
+        wal_builder(&clock)
+            .checkpoint_interval(Duration::ZERO)
+            .scrub_interval(None)
+    };
+    for round in 0..150u32 {
+        let store = builder().open(&path)?;
+        let wal = store.stats()?.wal.ok_or("a log")?;
+        assert_eq!(
+            (wal.checkpoint_lag_batches, wal.map_bytes),
+            (0, 0),
+            "round {round}: the open replayed what the last close left: {wal:?}"
+        );
+        complete_keys(&store, round * 2, 2, 50)?;
+        store.close()?;
+    }
+    Ok(())
+}
+
+/// Tokens granted in batches that only the log held (the process died before a checkpoint)
+/// stay below the next token after the checkpoint that moves those batches into the database
+/// file, even when nothing grants a token in between.
+#[test]
+fn the_next_token_survives_a_replay_and_the_checkpoint_after_it() -> TestResult {
+    let clock = clock();
+    let disk = SimDisk::new();
+    let log = SimDisk::new();
+    let builder = || {
+        wal_builder(&clock)
+            .checkpoint_interval(Duration::from_secs(3600))
+            .scrub_interval(None)
+    };
+    let store = builder().open_with_backends(disk.clone(), log.clone())?;
+    let mut last = 0;
+    for i in 0..5 {
+        let lease = acquired(store.claim("s", format!("t{i}"), "fp", &opts(60_000))?);
+        last = lease.token();
+        store.complete(&lease, b"done", DAY)?;
+    }
+    let (mut d, mut l) = (Vec::new(), Vec::new());
+    drop_without_checkpoint(store, &disk, &log, |dd, ll| (d, l) = (dd, ll));
+    // The open replays the log; only a replay (no new token) happens before the close, whose
+    // checkpoint moves the replayed batches into the database file.
+    let (disk, log) = (SimDisk::from_image(d), SimDisk::from_image(l));
+    let store = builder().open_with_backends(disk.clone(), log.clone())?;
+    assert!(store.stats()?.next_token > last);
+    replay(store.claim("s", "t0", "fp", &opts(60_000))?);
+    store.close()?;
+    let store = builder().open_with_backends(disk, log)?;
+    assert_eq!(
+        store.stats()?.wal.map(|w| w.checkpoint_lag_batches),
+        Some(0)
+    );
+    assert!(
+        store.stats()?.next_token > last,
+        "next token {} is not above the last granted {last}",
+        store.stats()?.next_token
+    );
+    Ok(())
+}

@@ -163,7 +163,12 @@ impl WalStorage {
             active.absorb(batch);
         }
         let next_token = next_token.max(recovered.next_token.unwrap_or(0));
-
+        // The batches' payloads do not carry the next token (their chunk headers do): the
+        // replayed layer takes it over, so that the checkpoint that moves these batches into
+        // redb also records it there.
+        if !recovered.batches.is_empty() {
+            active.next_token = Some(next_token);
+        }
         if !recovered.batches.is_empty() {
             tracing::info!(
                 batches = recovered.batches.len(),
@@ -434,7 +439,7 @@ impl Inner {
                 // Nothing waits to be checkpointed: no lag to report, and the interval restarts.
                 *self.last_checkpoint_at.lock() = Instant::now();
             }
-            if stop && self.layers.read().frozen.is_none() {
+            if stop && self.layers.read().frozen.is_none() && self.layers.read().active.is_empty() {
                 return;
             }
             if !stop {
