@@ -11,9 +11,12 @@
 //! several rounds, so drift of the machine hits all of them alike. idemstore's own PostgreSQL
 //! and Redis backends run beside the raw upserts on the same servers, through the
 //! `IdempotencyBackend` trait, to show what the semantics cost. Reported: the median round
-//! throughput and the p50/p99 of all per-cycle latencies. Then idemstore alone: replay
-//! throughput on 2 threads, sweep throughput and claim p99 while a sweep runs, open time of
-//! large stores, file size per record and after sweeping, peak RSS.
+//! throughput and the p50/p99 of all per-cycle latencies. Then idemstore alone, on a store of
+//! each format (`--format`): replay throughput on 2 threads (random keys, and keys completed
+//! just before), sweep throughput and claim p99 while a sweep runs, open time after a clean
+//! close and after `kill -9` of the writing process, file sizes per record, peak RSS; a
+//! sustained run of 64 callers on a write-ahead-log store filled with `--records` records beside
+//! Redis (AOF always) holding as many keys; and the open time of a 10M-record store.
 //!
 //! Redis and PostgreSQL come from Debian's packages: installed with apt-get if missing (as
 //! root), started on 127.0.0.1 on free ports with temporary directories, stopped at the end.
@@ -27,6 +30,7 @@ mod rss;
 #[path = "../../tests/servers/mod.rs"]
 mod servers;
 mod stats;
+mod sustained;
 mod workload;
 
 use std::collections::BTreeMap;
@@ -35,6 +39,8 @@ use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use idemstore::Durability;
+
+use extra::{Format, WalOptions};
 
 use peers::{
     Backend, DiskLimit, Idemstore, InMemory, NaiveRedb, Peer, Postgres, Redis, Sqlite, Worker,
@@ -57,10 +63,19 @@ const USAGE: &str = "usage: cargo run --release --manifest-path compare/Cargo.to
   --big-records N    records of the open-time-only store (default 10000000)
   --sweep-batch N    records per sweep commit in the sweep-under-load measurement (default
                      1024, the engine's default `sweep_batch`)
+  --format 1|2|both  the formats of the --records store (default both: 2 is the write-ahead
+                     log, the shipped default; 1 the redb file alone). The --big-records store
+                     is filled once, in format 2 unless only format 1 is asked for
+  --sustained-seconds S
+                     length of the sustained run (64 callers on a format-2 store filled with
+                     --records records, then on Redis AOF always preloaded with as many keys;
+                     default 60, --quick 5; 0 skips it); cycles are counted per 10 s window
+                     (1 s below 20 s)
   --no-install       do not apt-get install missing servers (report them as skipped)
   --only-compare     run only the side-by-side comparison
   --skip-compare     skip the side-by-side comparison (run only the idemstore measurements)
-  --out PATH         where to write the report (default: BENCHMARKS.md in the repository)";
+  --out PATH         where to write the report (default: BENCHMARKS.md in the repository)
+";
 
 /// The run's configuration, from the command line.
 pub struct Args {
@@ -73,6 +88,9 @@ pub struct Args {
     pub records: u64,
     pub big_records: u64,
     pub sweep_batch: usize,
+    pub formats: Vec<Format>,
+    pub sustained: Duration,
+    pub wal: WalOptions,
     pub install: bool,
     pub only_compare: bool,
     pub skip_compare: bool,
@@ -94,6 +112,9 @@ fn parse_args() -> Result<Args, String> {
         records: if quick { 100_000 } else { 1_000_000 },
         big_records: 10_000_000,
         sweep_batch: extra::DEFAULT_SWEEP_BATCH,
+        formats: vec![Format::Redb, Format::Wal],
+        sustained: Duration::from_secs(if quick { 5 } else { 60 }),
+        wal: WalOptions::default(),
         install: true,
         only_compare: false,
         skip_compare: false,
@@ -161,12 +182,32 @@ fn parse_args() -> Result<Args, String> {
                     .filter(|&n| (1..=idemstore::BATCH_OPS_MAX).contains(&n))
                     .ok_or("--sweep-batch wants a number in 1..=65536")?;
             }
+            "--format" => {
+                args.formats = match value("--format")?.as_str() {
+                    "1" => vec![Format::Redb],
+                    "2" => vec![Format::Wal],
+                    "both" => vec![Format::Redb, Format::Wal],
+                    _ => return Err("--format wants 1, 2 or both".into()),
+                };
+            }
+            "--sustained-seconds" => {
+                let s: f64 = value("--sustained-seconds")?
+                    .parse()
+                    .ok()
+                    .filter(|s: &f64| s.is_finite() && *s >= 0.0 && *s <= 3600.0)
+                    .ok_or("--sustained-seconds wants a number in [0, 3600]")?;
+                args.sustained = Duration::from_secs_f64(s);
+            }
             "--out" => args.out = PathBuf::from(value("--out")?),
             "--help" | "-h" => {
-                println!("{USAGE}");
+                println!("{USAGE}{}", WalOptions::USAGE);
                 std::process::exit(0);
             }
-            other => return Err(format!("unknown argument {other:?}")),
+            other => {
+                if !args.wal.parse(other, &mut || value(other))? {
+                    return Err(format!("unknown argument {other:?}"));
+                }
+            }
         }
     }
     args.quick = quick;
@@ -278,7 +319,7 @@ fn systems(dir: &std::path::Path, args: &Args, servers: &mut Servers) -> Vec<Sys
             boxed(Idemstore::open(
                 &dir.join("idemstore-immediate.redb"),
                 Durability::Immediate,
-                false,
+                None,
             )),
         ),
         System::new(
@@ -288,7 +329,7 @@ fn systems(dir: &std::path::Path, args: &Args, servers: &mut Servers) -> Vec<Sys
             boxed(Idemstore::open(
                 &dir.join("idemstore-wal-immediate.redb"),
                 Durability::Immediate,
-                true,
+                Some(&args.wal),
             )),
         ),
         System::new(
@@ -300,7 +341,7 @@ fn systems(dir: &std::path::Path, args: &Args, servers: &mut Servers) -> Vec<Sys
                 Durability::Relaxed {
                     max_unsynced: Duration::from_secs(1),
                 },
-                true,
+                Some(&args.wal),
             )),
         ),
         System::new(
@@ -312,7 +353,7 @@ fn systems(dir: &std::path::Path, args: &Args, servers: &mut Servers) -> Vec<Sys
                 Durability::Relaxed {
                     max_unsynced: Duration::from_secs(1),
                 },
-                false,
+                None,
             )),
         ),
         System::new(
@@ -478,14 +519,39 @@ fn run(args: &Args) -> Result<(), BoxError> {
     } else {
         Duration::from_secs(5)
     };
-    let large = if args.only_compare {
-        None
+    let window = if args.sustained >= Duration::from_secs(20) {
+        Duration::from_secs(10)
     } else {
-        Some(
-            extra::large(dir.path(), args.records, phase, args.sweep_batch)
-                .map_err(|e| e.to_string()),
-        )
+        Duration::from_secs(1)
     };
+    let sustained = (!args.sustained.is_zero()).then_some((args.sustained, window));
+    let mut measured = extra::Measured::default();
+    if !args.only_compare {
+        for &format in &args.formats {
+            let plan = extra::LargePlan {
+                dir: dir.path(),
+                format,
+                wal: &args.wal,
+                records: args.records,
+                phase,
+                sweep_batch: args.sweep_batch,
+            };
+            measured
+                .large
+                .push((format, extra::large(&plan).map_err(|e| e.to_string())));
+        }
+        // idemstore's write-ahead log, then Redis over the same span.
+        if let Some((duration, window)) = sustained {
+            measured.sustained = Some(
+                sustained::idemstore(dir.path(), &args.wal, args.records, duration, window)
+                    .map_err(|e| e.to_string()),
+            );
+            measured.redis = Some(
+                sustained::redis(args.install, args.records, duration, window)
+                    .map_err(|e| e.to_string()),
+            );
+        }
+    }
     let big = !(args.only_compare || args.skip_big);
     let machine = report::machine(dir.path());
     let mut ctx = report::Context {
@@ -501,18 +567,26 @@ fn run(args: &Args) -> Result<(), BoxError> {
         big_pending: big,
     };
     // Written now too, so that an interrupted run of the long 10M-record fill keeps the rest.
-    let text = report::render(&ctx, &systems, large.as_ref(), None);
+    let text = report::render(&ctx, &systems, &measured);
     report::write(&args.out, &text)?;
     eprintln!("[compare] wrote {}", args.out.display());
     if !big {
         println!("{text}");
         return Ok(());
     }
-    let huge = extra::huge(dir.path(), args.big_records).map_err(|e| e.to_string());
+    // The shipped format, unless only format 1 is asked for.
+    let format = if args.formats.contains(&Format::Wal) {
+        Format::Wal
+    } else {
+        Format::Redb
+    };
+    measured.huge = Some(
+        extra::huge(dir.path(), format, &args.wal, args.big_records).map_err(|e| e.to_string()),
+    );
     ctx.elapsed = started.elapsed();
     ctx.load_after = report::loadavg();
     ctx.big_pending = false;
-    let text = report::render(&ctx, &systems, large.as_ref(), Some(&huge));
+    let text = report::render(&ctx, &systems, &measured);
     report::write(&args.out, &text)?;
     println!("{text}");
     eprintln!("[compare] wrote {}", args.out.display());
@@ -520,10 +594,21 @@ fn run(args: &Args) -> Result<(), BoxError> {
 }
 
 fn main() -> ExitCode {
+    // The writer that `extra::open_after_kill` starts and kills.
+    let argv: Vec<String> = std::env::args().skip(1).collect();
+    if argv.first().map(String::as_str) == Some(extra::CHILD_COMMAND) {
+        return match extra::child_main(&argv[1..]) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("error: {e}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     let args = match parse_args() {
         Ok(args) => args,
         Err(e) => {
-            eprintln!("error: {e}\n\n{USAGE}");
+            eprintln!("error: {e}\n\n{USAGE}{}", WalOptions::USAGE);
             return ExitCode::from(2);
         }
     };

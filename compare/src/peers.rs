@@ -16,6 +16,7 @@ use idemstore::{Claim, ClaimOptions, Durability, Store};
 use redb::{ReadableTable as _, TableDefinition};
 
 use crate::BoxError;
+use crate::extra::WalOptions;
 use crate::workload::{FINGERPRINT_LEN, KEY_LEN, SCOPE, mix};
 
 /// Lease of a claim, and retention of a completed record, for every peer.
@@ -58,17 +59,26 @@ pub struct Idemstore {
 
 impl Idemstore {
     /// A store at `path` with `durability`, no background sweeper (nothing expires in a run);
-    /// `wal`: with a write-ahead log (format 2) and its default checkpointing.
-    pub fn open(path: &Path, durability: Durability, wal: bool) -> Result<Idemstore, BoxError> {
-        let store = Store::builder()
-            .durability(durability)
-            .sweep_interval(None)
-            .write_ahead_log(wal)
-            .open(path)?;
-        Ok(Idemstore {
-            store: Arc::new(store),
+    /// `wal`: with a write-ahead log (format 2) and these options.
+    pub fn open(
+        path: &Path,
+        durability: Durability,
+        wal: Option<&WalOptions>,
+    ) -> Result<Idemstore, BoxError> {
+        let builder = Store::builder().durability(durability).sweep_interval(None);
+        let builder = match wal {
+            Some(options) => options.apply(builder.write_ahead_log(true)),
+            None => builder,
+        };
+        Ok(Idemstore::from_store(Arc::new(builder.open(path)?)))
+    }
+
+    /// The cycle on a store opened elsewhere (the sustained run uses the filled store).
+    pub fn from_store(store: Arc<Store>) -> Idemstore {
+        Idemstore {
+            store,
             options: ClaimOptions::default().lease(LEASE).retention(RETENTION),
-        })
+        }
     }
 }
 
@@ -338,6 +348,14 @@ impl Redis {
     }
 }
 
+/// The Redis key of `key` (`scope:key`), into `buf`.
+pub fn redis_key(buf: &mut Vec<u8>, key: &[u8; KEY_LEN]) {
+    buf.clear();
+    buf.extend_from_slice(SCOPE);
+    buf.push(b':');
+    buf.extend_from_slice(key);
+}
+
 struct RedisWorker {
     conn: redis::Connection,
     key: Vec<u8>,
@@ -354,10 +372,7 @@ impl Peer for Redis {
 
 impl Worker for RedisWorker {
     fn cycle(&mut self, key: &[u8; 36], fp: &[u8; 32], outcome: &[u8]) -> Result<(), BoxError> {
-        self.key.clear();
-        self.key.extend_from_slice(SCOPE);
-        self.key.push(b':');
-        self.key.extend_from_slice(key);
+        redis_key(&mut self.key, key);
         let claimed: Option<String> = redis::cmd("SET")
             .arg(&self.key)
             .arg(&fp[..])

@@ -24,3 +24,35 @@ pub fn peak_of(pid: u32) -> Option<u64> {
 pub fn reset_peak() -> bool {
     fs::write("/proc/self/clear_refs", "5").is_ok()
 }
+
+/// Resident set size of this process now, in bytes.
+pub fn current() -> Option<u64> {
+    status_kib("/proc/self/status", "VmRSS:").map(|k| k * 1024)
+}
+
+/// The peak RSS of one phase, with the RSS when it began: memory the allocator kept from an
+/// earlier phase stays resident and counts in the peak too.
+#[derive(Clone, Copy)]
+pub struct Peak {
+    pub start: Option<u64>,
+    pub peak: Option<u64>,
+}
+
+/// The start of a phase: resets the peak and notes the current RSS.
+pub struct Phase {
+    start: Option<u64>,
+}
+
+impl Phase {
+    pub fn start() -> Phase {
+        reset_peak();
+        Phase { start: current() }
+    }
+
+    pub fn end(&self) -> Peak {
+        Peak {
+            start: self.start,
+            peak: peak(),
+        }
+    }
+}

@@ -57,7 +57,7 @@ pub fn outcome(len: usize) -> Vec<u8> {
 /// process. Key numbers below 2^40 are left to the measurements that recompute their keys.
 static NEXT_BLOCK: AtomicU64 = AtomicU64::new(1 << 40);
 
-fn key_block() -> u64 {
+pub fn key_block() -> u64 {
     NEXT_BLOCK.fetch_add(1 << 32, Ordering::Relaxed)
 }
 
