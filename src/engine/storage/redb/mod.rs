@@ -261,11 +261,22 @@ impl RedbStorage {
         Ok(value.map(|guard| with(guard.value())))
     }
 
-    /// Whether the committed expiry index holds `(at_ms, key)`.
-    pub(crate) fn has_expiry(&self, at_ms: u64, key: &[u8]) -> Result<bool> {
+    /// The records of every scope: the committed counts, with those of `newer` in place of
+    /// the committed ones for the scopes it names.
+    pub(crate) fn records_with_scopes(
+        &self,
+        newer: &std::collections::HashMap<Vec<u8>, u64>,
+    ) -> Result<u64> {
         let read = self.read_txn()?;
-        let expiry = read.open_table(EXPIRY).map_err(Error::storage)?;
-        Ok(expiry.get((at_ms, key)).map_err(Error::storage)?.is_some())
+        let scopes = read.open_table(SCOPES).map_err(Error::storage)?;
+        let mut total: u64 = newer.values().sum();
+        for entry in scopes.iter().map_err(Error::storage)? {
+            let (scope, count) = entry.map_err(Error::storage)?;
+            if !newer.contains_key(scope.value()) {
+                total += count.value();
+            }
+        }
+        Ok(total)
     }
 }
 

@@ -32,6 +32,12 @@ pub(crate) struct Layer {
     pub last_lsn: u64,
     /// Approximate memory held, in bytes.
     pub bytes: usize,
+    /// How many expiry-index entries the layer adds to what lies below it (negative: removes),
+    /// for `Stats` without a lookup per entry. Counted by the writer's batches, which know an
+    /// entry they index is new and one they unindex exists; a replayed layer counts each
+    /// present entry as new and each absent one as removed, so until its checkpoint the
+    /// figure may be off where one batch both indexed and unindexed an entry.
+    pub expiry_delta: i64,
     /// Set when the layer is frozen for a checkpoint: every expiry-index entry at or below it
     /// is removed (the sweep's floor), so the checkpoint may clear that part of redb's index in
     /// one pass. Not part of the log's payload.
@@ -114,6 +120,7 @@ impl Layer {
         if newer.next_token.is_some() {
             self.next_token = newer.next_token;
         }
+        self.expiry_delta += newer.expiry_delta;
         self.last_lsn = self.last_lsn.max(newer.last_lsn);
     }
 
@@ -171,6 +178,7 @@ impl Layer {
                     layer.set_record(key, None);
                 }
                 3 | 4 => {
+                    layer.expiry_delta += if tag == 3 { 1 } else { -1 };
                     let at = take_u64(&mut bytes)?;
                     let key = take_key(&mut bytes)?;
                     layer.set_expiry(at, key, tag == 3);

@@ -611,27 +611,28 @@ impl Storage for WalStorage {
         self.inner.scope_records(scope)
     }
 
+    /// Records: the scopes' record counts (the map's over redb's), which the engine keeps
+    /// exact. Expiry entries: redb's count plus what the map's layers add. No lookup per
+    /// entry of the map, so `stats()` stays cheap however much the map holds.
     fn counts(&self) -> Result<Counts> {
         let _gate = self.inner.gate.read();
-        let overlay = self.inner.overlay();
-        let mut counts = self.inner.base.counts()?;
-        for (key, value) in &overlay.records {
-            let below = self.inner.base.read(key)?.is_some();
-            match (below, value.is_some()) {
-                (false, true) => counts.records += 1,
-                (true, false) => counts.records = counts.records.saturating_sub(1),
-                _ => {}
-            }
-        }
-        for ((at, key), present) in &overlay.expiry {
-            let below = self.inner.base.has_expiry(*at, key)?;
-            match (below, *present) {
-                (false, true) => counts.expiry_entries += 1,
-                (true, false) => counts.expiry_entries = counts.expiry_entries.saturating_sub(1),
-                _ => {}
-            }
-        }
-        Ok(counts)
+        let (scopes, delta) = {
+            let layers = self.inner.layers.read();
+            let mut scopes = layers
+                .frozen
+                .as_ref()
+                .map(|f| f.scopes.clone())
+                .unwrap_or_default();
+            scopes.extend(layers.active.scopes.iter().map(|(s, c)| (s.clone(), *c)));
+            let delta = layers.active.expiry_delta
+                + layers.frozen.as_ref().map_or(0, |f| f.expiry_delta);
+            (scopes, delta)
+        };
+        let base = self.inner.base.counts()?;
+        Ok(Counts {
+            records: self.inner.base.records_with_scopes(&scopes)?,
+            expiry_entries: base.expiry_entries.saturating_add_signed(delta),
+        })
     }
 
     fn write(
@@ -774,11 +775,19 @@ impl Batch for WalBatch<'_> {
     }
 
     fn index(&mut self, at_ms: u64, key: &[u8]) -> Result<()> {
+        // A new entry (the engine indexes a record's new expiry), unless this batch had
+        // unindexed it.
+        if self.layer.expiry.get(&(at_ms, key.to_vec())) != Some(&true) {
+            self.layer.expiry_delta += 1;
+        }
         self.layer.set_expiry(at_ms, key, true);
         Ok(())
     }
 
     fn unindex(&mut self, at_ms: u64, key: &[u8]) -> Result<()> {
+        if self.layer.expiry.get(&(at_ms, key.to_vec())) != Some(&false) {
+            self.layer.expiry_delta -= 1;
+        }
         self.layer.set_expiry(at_ms, key, false);
         Ok(())
     }
