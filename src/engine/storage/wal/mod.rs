@@ -624,8 +624,8 @@ impl Storage for WalStorage {
                 .map(|f| f.scopes.clone())
                 .unwrap_or_default();
             scopes.extend(layers.active.scopes.iter().map(|(s, c)| (s.clone(), *c)));
-            let delta = layers.active.expiry_delta
-                + layers.frozen.as_ref().map_or(0, |f| f.expiry_delta);
+            let delta =
+                layers.active.expiry_delta + layers.frozen.as_ref().map_or(0, |f| f.expiry_delta);
             (scopes, delta)
         };
         let base = self.inner.base.counts()?;
