@@ -578,6 +578,9 @@ impl Log {
         let mut advance = self.must_advance || seq == 0;
         let mut writes: Vec<(u64, Vec<u8>)> = Vec::new();
         let mut new_slots = Vec::new();
+        // Every segment a chunk of this batch goes to: none may be recycled before a
+        // checkpoint covers the batch, the one it starts in included.
+        let mut touched: Vec<u64> = Vec::new();
         let mut rest = payload;
         let mut part = 0u32;
         loop {
@@ -621,6 +624,9 @@ impl Log {
             let c = crc(salt, &[&h, now]);
             h.extend_from_slice(&c.to_le_bytes());
             let span = round_up(CHUNK_HEADER_LEN + now.len() as u64);
+            if touched.last() != Some(&seq) {
+                touched.push(seq);
+            }
             // Append to this segment's write (it follows the header or the previous chunk).
             let base = g.slot_offset(seq);
             let buf = match writes.last_mut() {
@@ -659,7 +665,9 @@ impl Log {
                 *max = lsn;
             }
         }
-        self.set_slot_max(seq, self.slot_max(seq).max(lsn));
+        for touched in touched {
+            self.set_slot_max(touched, self.slot_max(touched).max(lsn));
+        }
         self.seq = seq;
         self.salt = salt;
         self.offset = offset;
@@ -866,6 +874,33 @@ mod tests {
         file.write(at, &[b[0] ^ 1]).expect("write");
         let (_, found) = recover(&file, 0).expect("opens");
         assert_eq!(payloads(&found), vec![(1, b"first".to_vec())]);
+    }
+
+    #[test]
+    fn the_segment_a_batch_begins_in_is_not_recycled_before_the_batch_is_checkpointed() {
+        let file = File(Arc::new(InMemoryBackend::new()));
+        preallocate(&file, G).expect("preallocate");
+        let (mut log, _) = recover(&file, 0).expect("empty");
+        assert_eq!(log.append(b"small", 1, true, 0).expect("append"), 1);
+        // Begins in segment 1 (slot 1), ends in segment 2.
+        let big = vec![9u8; 8 * SECTOR as usize];
+        assert_eq!(log.append(&big, 2, true, 0).expect("append"), 2);
+        // A checkpoint covers batch 1 only; the log fills up. Segment 1's slot must not be
+        // reused while batch 2 is not checkpointed: the log reports itself full instead.
+        let mut full = false;
+        for _ in 0..40 {
+            match log.append(b"more", 3, true, 1) {
+                Ok(_) => {}
+                Err(AppendError::Full) => {
+                    full = true;
+                    break;
+                }
+                Err(AppendError::Failed(e)) => panic!("{e}"),
+            }
+        }
+        assert!(full, "the log never filled up");
+        let (_, found) = recover(&file, 1).expect("the log opens");
+        assert_eq!(found.batches.first(), Some(&(2, big)));
     }
 
     #[test]

@@ -427,9 +427,18 @@ impl Inner {
             if self.layers.read().frozen.is_none() {
                 let due =
                     self.last_checkpoint_at.lock().elapsed() >= self.config.checkpoint_interval;
+                // Never wait for the writer's lock here: the writer may hold it while it waits
+                // for this thread (back-pressure, or a full log), having frozen a layer since
+                // the check above. Without the lock, the loop comes round and checkpoints
+                // whatever the writer froze.
                 if (due || stop) && !self.layers.read().active.is_empty() {
-                    let log = self.log.lock();
-                    self.freeze(&log);
+                    match self.log.try_lock_for(Duration::from_millis(5)) {
+                        Some(log) => {
+                            self.freeze(&log);
+                        }
+                        // Try again at once rather than after another interval.
+                        None => self.control.lock().requested = true,
+                    }
                 }
             }
             let frozen = self.layers.read().frozen.clone();
