@@ -37,6 +37,10 @@
 //! name contains it). With checkpoints the recording depends on thread timing, so a seed fixes
 //! the workload and the draws but not the exact interleaving of the two disks.
 //!
+//! A targeted test, `a_batch_spanning_two_segments_survives_the_recycling_of_the_first`, slows
+//! the database disk's syncs (30 ms) so that the log recycles the segment where a batch of
+//! 700 KiB began while that batch's checkpoint still runs, and cuts power at every log sync.
+//!
 //! Simplification, documented: each disk is one file whose length changes (`set_len`) are
 //! pending like writes until a sync, and a sync makes everything pending durable at once.
 
@@ -734,4 +738,129 @@ fn the_simulated_disk_keeps_unsynced_writes_apart() {
         }
     }
     assert!(fates.applied > 0 && fates.dropped > 0 && fates.torn > 0);
+}
+
+/// A database disk whose syncs take 30 ms, so that checkpoints last long enough for the writer
+/// to append during them, as on a slow disk.
+#[derive(Debug, Clone)]
+struct SlowSyncs(SimDisk);
+
+impl redb::StorageBackend for SlowSyncs {
+    fn len(&self) -> std::io::Result<u64> {
+        Ok(self.0.live_len())
+    }
+    fn read(&self, offset: u64, out: &mut [u8]) -> std::io::Result<()> {
+        self.0.read_at(offset, out)
+    }
+    fn set_len(&self, len: u64) -> std::io::Result<()> {
+        self.0.set_len(len)
+    }
+    fn sync_data(&self) -> std::io::Result<()> {
+        std::thread::sleep(Duration::from_millis(30));
+        self.0.sync_data()
+    }
+    fn write(&self, offset: u64, data: &[u8]) -> std::io::Result<()> {
+        self.0.write_at(offset, data)
+    }
+}
+
+/// A log disk that notes, at each of its syncs, the image a power cut then may leave: the
+/// database file's durable image (a running checkpoint's writes all lost) and everything
+/// written to the log (its pending writes all on the platter).
+#[derive(Debug, Clone)]
+struct CutAtLogSyncs {
+    db: SimDisk,
+    log: SimDisk,
+    images: Arc<parking_lot::Mutex<Vec<[Vec<u8>; 2]>>>,
+}
+
+impl redb::StorageBackend for CutAtLogSyncs {
+    fn len(&self) -> std::io::Result<u64> {
+        Ok(self.log.live_len())
+    }
+    fn read(&self, offset: u64, out: &mut [u8]) -> std::io::Result<()> {
+        self.log.read_at(offset, out)
+    }
+    fn set_len(&self, len: u64) -> std::io::Result<()> {
+        self.log.set_len(len)
+    }
+    fn sync_data(&self) -> std::io::Result<()> {
+        let image = [self.db.durable_image(), self.log.live_image()];
+        self.images.lock().push(image);
+        self.log.sync_data()
+    }
+    fn write(&self, offset: u64, data: &[u8]) -> std::io::Result<()> {
+        self.log.write_at(offset, data)
+    }
+}
+
+/// Batches of 700 KiB in two 1 MiB segments: most start in one segment and end in the next,
+/// and the next batch but one recycles the segment where the first began. Checkpoints (after
+/// every commit) are slow, so that recycling comes while the checkpoint of the spanning batch
+/// is still running. A power cut at every log sync must leave a store that opens with every
+/// acknowledged completion.
+#[test]
+fn a_batch_spanning_two_segments_survives_the_recycling_of_the_first() {
+    let (db, log) = (SimDisk::new(), SimDisk::new());
+    let images = Arc::new(parking_lot::Mutex::new(Vec::new()));
+    let cut = CutAtLogSyncs {
+        db: db.clone(),
+        log: log.clone(),
+        images: Arc::clone(&images),
+    };
+    let store = Mode::WalCheckpoints
+        .builder(ManualClock::new(workload::T0_MS))
+        .open_with_backends(SlowSyncs(db), cut)
+        .expect("a store opens on empty disks");
+    let n = 12usize;
+    let mut leases = Vec::new();
+    for i in 0..n {
+        match store.claim("a", format!("k{i}"), "fp", &ClaimOptions::default()) {
+            Ok(Claim::Acquired(lease)) => leases.push(lease),
+            other => panic!("claim k{i}: {other:?}"),
+        }
+    }
+    // Per completion: the log syncs noted before it was acknowledged.
+    let mut acked_at = Vec::new();
+    for (i, lease) in leases.iter().enumerate() {
+        store
+            .complete(lease, &vec![i as u8; 700 * 1024], Duration::from_secs(60))
+            .expect("complete");
+        acked_at.push(images.lock().len());
+    }
+    let checkpoints = store
+        .stats()
+        .expect("stats")
+        .wal
+        .map_or(0, |w| w.checkpoints);
+    drop(store);
+    let images = std::mem::take(&mut *images.lock());
+    assert!(checkpoints >= n as u64, "{checkpoints} checkpoints");
+    let mut failures = Vec::new();
+    for (k, image) in images.into_iter().enumerate() {
+        let store = match Mode::WalCheckpoints.open(
+            ManualClock::new(workload::T0_MS),
+            image.map(SimDisk::from_image),
+        ) {
+            Ok(store) => store,
+            Err(e) => {
+                failures.push(format!("power cut at log sync {k}: {e}"));
+                continue;
+            }
+        };
+        for (i, _) in acked_at.iter().enumerate().filter(|(_, at)| **at <= k) {
+            match store.get("a", format!("k{i}")) {
+                Ok(Some(Record {
+                    state: RecordState::Completed { outcome },
+                    ..
+                })) if outcome.len() == 700 * 1024 => {}
+                other => failures.push(format!(
+                    "power cut at log sync {k}: completion of k{i} acknowledged before, \
+                     found {:?}",
+                    other.map(|r| r.map(|r| r.attempt))
+                )),
+            }
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
 }
