@@ -801,6 +801,20 @@ impl redb::StorageBackend for CutAtLogSyncs {
 /// acknowledged completion.
 #[test]
 fn a_batch_spanning_two_segments_survives_the_recycling_of_the_first() {
+    // On a thread of its own: a store that deadlocks fails the test instead of stopping it.
+    let (send, receive) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        spanning_batches();
+        let _ = send.send(());
+    });
+    match receive.recv_timeout(RECORDING_HANG) {
+        Ok(()) => {}
+        Err(RecvTimeoutError::Timeout) => panic!("a store hung (no end in {RECORDING_HANG:?})"),
+        Err(RecvTimeoutError::Disconnected) => panic!("failed (see the panic above)"),
+    }
+}
+
+fn spanning_batches() {
     let (db, log) = (SimDisk::new(), SimDisk::new());
     let images = Arc::new(parking_lot::Mutex::new(Vec::new()));
     let cut = CutAtLogSyncs {
