@@ -9,6 +9,10 @@
 //! - When recording, every successful sync closes a *window* (the pending operations it made
 //!   durable), so that a test can rebuild the image a power cut at any sync point leaves
 //!   ([`crash_image`](super::crash_image)).
+//! - Several disks written by concurrent threads (a database file and its write-ahead log) can
+//!   share a [`Recorder`]: every successful write, `set_len` and sync of any of them is appended
+//!   to one event list, in the order the calls took effect, so that a test can rebuild what
+//!   every disk holds at a power cut during any sync of any of them.
 //! - A [`Fault`] fails the n-th call of one kind (write, `set_len` or `sync_data`) or of any
 //!   kind, once or from then on, with an I/O error or a full disk; a byte budget fails writes and
 //!   length changes that reach past it with `io::ErrorKind::StorageFull`. A failed call changes
@@ -179,6 +183,67 @@ impl Counts {
     }
 }
 
+/// What a [`Recorder`] notes of one call.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Recorded {
+    /// A write or a length change, pending on its disk until its next sync.
+    Op(DiskOp),
+    /// A sync that made every pending operation of its disk durable.
+    Sync,
+}
+
+/// One successful call of a disk attached to a [`Recorder`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Event {
+    /// The number the disk was attached with ([`SimDisk::record_into`]).
+    pub disk: usize,
+    /// What the call did.
+    pub call: Recorded,
+}
+
+#[derive(Debug, Default)]
+struct Events {
+    events: Vec<Event>,
+    stopped: bool,
+}
+
+/// One event list shared by several disks: a global order of their successful writes, length
+/// changes and syncs. Each disk appends while it holds its own lock, so the list orders every
+/// disk's calls as they took effect, and calls of different disks as they happened in time.
+/// Clones share the list.
+#[derive(Debug, Clone, Default)]
+pub struct Recorder {
+    shared: Arc<Mutex<Events>>,
+}
+
+impl Recorder {
+    /// An empty list.
+    pub fn new() -> Recorder {
+        Recorder::default()
+    }
+
+    /// Events recorded so far: the position the next one gets. A test notes it when an
+    /// operation is acknowledged; a power cut during event `p` comes after every operation
+    /// acknowledged at a position up to `p`.
+    pub fn position(&self) -> usize {
+        self.shared.lock().events.len()
+    }
+
+    /// Stops recording (the disks keep working) and returns the events, in order.
+    pub fn finish(&self) -> Vec<Event> {
+        let mut shared = self.shared.lock();
+        shared.stopped = true;
+        std::mem::take(&mut shared.events)
+    }
+
+    fn push(&self, disk: usize, call: Recorded) {
+        let mut shared = self.shared.lock();
+        if !shared.stopped {
+            shared.events.push(Event { disk, call });
+        }
+    }
+}
+
 #[derive(Debug, Default)]
 struct State {
     live: Vec<u8>,
@@ -186,6 +251,7 @@ struct State {
     pending: Vec<DiskOp>,
     recording: bool,
     windows: Vec<Vec<DiskOp>>,
+    recorder: Option<(Recorder, usize)>,
     counts: Counts,
     successful_syncs: u64,
     fault: Option<Fault>,
@@ -260,6 +326,9 @@ impl State {
     /// Applies `op` to the live image and leaves it pending until the next sync.
     fn mutate(&mut self, op: DiskOp) {
         op.apply_to(&mut self.live);
+        if let Some((recorder, disk)) = &self.recorder {
+            recorder.push(*disk, Recorded::Op(op.clone()));
+        }
         self.pending.push(op);
     }
 
@@ -271,6 +340,9 @@ impl State {
         }
         if self.recording {
             self.windows.push(pending);
+        }
+        if let Some((recorder, disk)) = &self.recorder {
+            recorder.push(*disk, Recorded::Sync);
         }
         self.successful_syncs += 1;
         Ok(())
@@ -375,6 +447,13 @@ impl SimDisk {
         (std::mem::take(&mut s.windows), s.pending.clone())
     }
 
+    /// From now on every successful write, `set_len` and sync is also appended to `recorder`
+    /// as an [`Event`] of disk number `disk` (ops and syncs only: a failed call changes
+    /// nothing and is not recorded).
+    pub fn record_into(&self, recorder: &Recorder, disk: usize) {
+        self.lock().recorder = Some((recorder.clone(), disk));
+    }
+
     // ----- faults -----
 
     /// The calls seen so far, per kind.
@@ -477,6 +556,44 @@ mod tests {
         disk.set_fault(None);
         disk.sync_data().expect("disarmed");
         assert_eq!(disk.durable_image(), disk.live_image());
+    }
+
+    #[test]
+    fn a_shared_recorder_orders_the_calls_of_two_disks() {
+        let recorder = Recorder::new();
+        let (a, b) = (SimDisk::new(), SimDisk::new());
+        a.write_at(0, &[9; 4]).expect("before recording");
+        a.record_into(&recorder, 0);
+        b.record_into(&recorder, 1);
+        b.set_len(8).expect("set_len");
+        a.write_at(0, &[1; 4]).expect("write");
+        assert_eq!(recorder.position(), 2);
+        a.set_fault(Some(Fault {
+            on: Call::Sync.into(),
+            nth: 1,
+            persistent: false,
+            full: false,
+        }));
+        a.sync_data().expect_err("a failed call is not recorded");
+        a.sync_data().expect("sync");
+        let events = recorder.finish();
+        b.sync_data().expect("after the recording stopped");
+        let calls: Vec<(usize, Recorded)> = events.into_iter().map(|e| (e.disk, e.call)).collect();
+        assert_eq!(
+            calls,
+            vec![
+                (1, Recorded::Op(DiskOp::SetLen(8))),
+                (
+                    0,
+                    Recorded::Op(DiskOp::Write {
+                        offset: 0,
+                        data: vec![1; 4]
+                    })
+                ),
+                (0, Recorded::Sync),
+            ]
+        );
+        assert_eq!(recorder.position(), 0);
     }
 
     #[test]

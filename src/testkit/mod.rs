@@ -18,5 +18,5 @@ mod fuzz;
 pub mod model;
 
 pub use crash::{Fates, SECTOR, crash_image};
-pub use disk::{Call, Counts, DiskOp, Fault, SimDisk, Target};
+pub use disk::{Call, Counts, DiskOp, Event, Fault, Recorded, Recorder, SimDisk, Target};
 pub use fuzz::{OpsSummary, WalSummary, decode_record, run_ops, scan_log, validate_input};
