@@ -261,22 +261,23 @@ impl RedbStorage {
         Ok(value.map(|guard| with(guard.value())))
     }
 
-    /// The records of every scope: the committed counts, with those of `newer` in place of
-    /// the committed ones for the scopes it names.
-    pub(crate) fn records_with_scopes(
+    /// From one committed state: the write-ahead log's checkpoint LSN, the record count of
+    /// each scope, and the number of expiry-index entries.
+    pub(crate) fn committed_counts(
         &self,
-        newer: &std::collections::HashMap<Vec<u8>, u64>,
-    ) -> Result<u64> {
+    ) -> Result<(u64, std::collections::HashMap<Vec<u8>, u64>, u64)> {
         let read = self.read_txn()?;
+        let meta = read.open_table(META).map_err(Error::storage)?;
+        let checkpoint_lsn = tables::meta_u64(&meta, META_WAL_CHECKPOINT_LSN)?;
         let scopes = read.open_table(SCOPES).map_err(Error::storage)?;
-        let mut total: u64 = newer.values().sum();
+        let mut counts = std::collections::HashMap::new();
         for entry in scopes.iter().map_err(Error::storage)? {
             let (scope, count) = entry.map_err(Error::storage)?;
-            if !newer.contains_key(scope.value()) {
-                total += count.value();
-            }
+            counts.insert(scope.value().to_vec(), count.value());
         }
-        Ok(total)
+        let expiry = read.open_table(EXPIRY).map_err(Error::storage)?;
+        let expiry_entries = expiry.len().map_err(Error::storage)?;
+        Ok((checkpoint_lsn, counts, expiry_entries))
     }
 }
 

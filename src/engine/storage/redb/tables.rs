@@ -63,7 +63,10 @@ pub(crate) struct WalMeta {
     pub checkpoint_lsn: u64,
 }
 
-fn meta_u64(table: &impl ReadableTable<&'static str, &'static [u8]>, name: &str) -> Result<u64> {
+pub(crate) fn meta_u64(
+    table: &impl ReadableTable<&'static str, &'static [u8]>,
+    name: &str,
+) -> Result<u64> {
     let guard = table
         .get(name)
         .map_err(Error::storage)?

@@ -24,7 +24,7 @@ pub(crate) mod cache;
 pub(crate) mod layer;
 pub(crate) mod log;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::thread::JoinHandle;
@@ -128,6 +128,9 @@ struct Inner {
     next_token: AtomicU64,
     last_checkpoint_at: Mutex<Instant>,
     last_scrub_at: Mutex<Instant>,
+    /// The log's live segments, next LSN and appended bytes after the last batch, for
+    /// `Stats` while the writer holds the log.
+    log_figures: Mutex<(u64, u64, u64)>,
     failed: Mutex<Option<Error>>,
     /// The sweep's floor: every expiry-index entry at or below it is removed, in the map or in
     /// redb, so the next sweep starts its walk of the index after it instead of stepping over
@@ -176,6 +179,11 @@ impl WalStorage {
                 "replayed the write-ahead log"
             );
         }
+        let log_figures = (
+            log.live_segments(checkpoint_lsn),
+            log.next_lsn(),
+            log.appended_bytes(),
+        );
         let inner = Arc::new(Inner {
             base,
             cache: ReadCache::new(config.read_cache_bytes),
@@ -191,6 +199,7 @@ impl WalStorage {
             next_token: AtomicU64::new(next_token),
             last_checkpoint_at: Mutex::new(Instant::now()),
             last_scrub_at: Mutex::new(Instant::now()),
+            log_figures: Mutex::new(log_figures),
             failed: Mutex::new(None),
             sweep_floor: Mutex::new(None),
             config,
@@ -385,6 +394,11 @@ impl Inner {
         };
         self.next_token.store(token, Ordering::SeqCst);
         *self.sweep_floor.lock() = new_floor;
+        *self.log_figures.lock() = (
+            log.live_segments(self.checkpoint_lsn.load(Ordering::SeqCst)),
+            log.next_lsn(),
+            log.appended_bytes(),
+        );
         layer.last_lsn = lsn;
         let (bytes, frozen) = {
             let mut layers = self.layers.write();
@@ -521,13 +535,15 @@ impl Inner {
             layers.active.bytes + layers.frozen.as_ref().map_or(0, |f| f.bytes)
         };
         let checkpoint_lsn = self.checkpoint_lsn.load(Ordering::SeqCst);
-        let (live_segments, next_lsn, appended) = {
-            let log = self.log.lock();
-            (
+        // Not waiting for the writer's lock, which it holds through a batch's sync and while it
+        // waits for a checkpoint: the figures as of its last batch then do.
+        let (live_segments, next_lsn, appended) = match self.log.try_lock() {
+            Some(log) => (
                 log.live_segments(checkpoint_lsn),
                 log.next_lsn(),
                 log.appended_bytes(),
-            )
+            ),
+            None => *self.log_figures.lock(),
         };
         let control = self.control.lock();
         WalStats {
@@ -622,25 +638,31 @@ impl Storage for WalStorage {
 
     /// Records: the scopes' record counts (the map's over redb's), which the engine keeps
     /// exact. Expiry entries: redb's count plus what the map's layers add. No lookup per
-    /// entry of the map, so `stats()` stays cheap however much the map holds.
+    /// entry of the map, and no wait for a running checkpoint: a layer whose last batch the
+    /// committed checkpoint LSN already covers is in redb's counts, and left out of the sum.
     fn counts(&self) -> Result<Counts> {
-        let _gate = self.inner.gate.read();
-        let (scopes, delta) = {
+        let layers: Vec<(u64, HashMap<Vec<u8>, u64>, i64)> = {
             let layers = self.inner.layers.read();
-            let mut scopes = layers
+            layers
                 .frozen
-                .as_ref()
-                .map(|f| f.scopes.clone())
-                .unwrap_or_default();
-            scopes.extend(layers.active.scopes.iter().map(|(s, c)| (s.clone(), *c)));
-            let delta =
-                layers.active.expiry_delta + layers.frozen.as_ref().map_or(0, |f| f.expiry_delta);
-            (scopes, delta)
+                .as_deref()
+                .into_iter()
+                .chain(std::iter::once(&layers.active))
+                .map(|l| (l.last_lsn, l.scopes.clone(), l.expiry_delta))
+                .collect()
         };
-        let base = self.inner.base.counts()?;
+        let (checkpoint_lsn, mut scopes, mut expiry_entries) =
+            self.inner.base.committed_counts()?;
+        for (last_lsn, layer_scopes, delta) in layers {
+            if last_lsn <= checkpoint_lsn {
+                continue;
+            }
+            scopes.extend(layer_scopes);
+            expiry_entries = expiry_entries.saturating_add_signed(delta);
+        }
         Ok(Counts {
-            records: self.inner.base.records_with_scopes(&scopes)?,
-            expiry_entries: base.expiry_entries.saturating_add_signed(delta),
+            records: scopes.values().sum(),
+            expiry_entries,
         })
     }
 
