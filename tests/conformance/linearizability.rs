@@ -84,6 +84,7 @@ pub async fn linearizability(env: Env) {
             now: if manual { clock.now_ms() } else { wall_ms() },
             owners: pair.iter().map(|(_, owner)| *owner).collect(),
             timeless: !manual,
+            ordered_tokens: env.kind != Kind::Postgres,
         };
         let barrier = Arc::new(tokio::sync::Barrier::new(THREADS));
         let mut tasks = Vec::new();
@@ -234,6 +235,7 @@ fn the_checker_rejects_what_is_not_linearizable(timeless: bool) {
         now: 1_000,
         owners: owners.iter().copied().collect::<BTreeSet<u64>>(),
         timeless,
+        ordered_tokens: true,
     };
     let both = ctx(&[a, b]);
     let claim = |owner: u64| Call::Claim {

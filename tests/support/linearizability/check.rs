@@ -42,10 +42,17 @@ pub struct Ctx {
     /// runs while the round runs, and the round's leases and retentions are long enough that
     /// nothing ends meanwhile, so the model's fixed time decides as the server does.
     pub timeless: bool,
+    /// Whether the backend grants a key's tokens in increasing order (an embedded store's are
+    /// strictly increasing store-wide, Redis's per scope). PostgreSQL promises unique tokens
+    /// only: a claim draws its token before it can find the row it waits for deleted, so
+    /// after a `forget` a later grant may carry a lower token. Fencing is then checked by the
+    /// order of the grants (`fencing_violations`), not by the tokens' values.
+    pub ordered_tokens: bool,
 }
 
 /// Applies `call` to `state` and returns the next state if `ret` is what the model answers.
-/// The token of an acquisition is the store's choice: any token above the key's last one.
+/// The token of an acquisition is the store's choice: any token above the key's last one (any
+/// token at all where the backend does not order them, `Ctx::ordered_tokens`).
 pub fn step(state: &KeyState, call: &Call, ret: &Ret, ctx: &Ctx) -> Option<KeyState> {
     let (s, k) = (MODEL_SCOPE, MODEL_KEY);
     let mut next = state.clone();
@@ -73,11 +80,11 @@ pub fn step(state: &KeyState, call: &Call, ret: &Ret, ctx: &Ctx) -> Option<KeySt
             let mut token = 0;
             if let Expected::Acquired { .. } = answer {
                 let granted = acquired_token(ret)?;
-                if granted <= state.last_token {
+                if ctx.ordered_tokens && granted <= state.last_token {
                     return None;
                 }
                 m.grant(s, k, granted);
-                next.last_token = granted;
+                next.last_token = granted.max(state.last_token);
                 token = granted;
             }
             Ret::Claimed { answer, token }
@@ -168,9 +175,11 @@ pub fn linearize(events: &[Event], start: &KeyState, ctx: &Ctx) -> Verdict {
 }
 
 /// Fencing, independent of the model: a lease write with token `a` that took effect must not
-/// have been invoked after a claim of the same key returned a newer token. Returns the
+/// have been invoked after a claim of the same key returned a newer token (`ordered`: newer by
+/// value), nor after a claim granted another token strictly after `a`'s grant had returned
+/// (by the order of the grants, which holds whatever the tokens' values). Returns the
 /// violations.
-pub fn fencing_violations(events: &[Event]) -> Vec<String> {
+pub fn fencing_violations(events: &[Event], ordered: bool) -> Vec<String> {
     let mut out = Vec::new();
     for w in events {
         let (Some(token), true) = (
@@ -179,13 +188,22 @@ pub fn fencing_violations(events: &[Event]) -> Vec<String> {
         ) else {
             continue;
         };
+        let granted_at = events
+            .iter()
+            .find(|g| acquired_token(&g.ret) == Some(token))
+            .map(|g| g.returned);
         for a in events {
-            if let Some(newer) = acquired_token(&a.ret)
-                && newer > token
-                && a.returned < w.invoked
-            {
+            let Some(other) = acquired_token(&a.ret) else {
+                continue;
+            };
+            let newer = if ordered {
+                other > token
+            } else {
+                other != token && granted_at.is_some_and(|at| at < a.invoked)
+            };
+            if newer && a.returned < w.invoked {
                 out.push(format!(
-                    "{:?} with token {token} took effect after token {newer} was granted ({a:?} then {w:?})",
+                    "{:?} with token {token} took effect after token {other} was granted ({a:?} then {w:?})",
                     w.call
                 ));
             }
@@ -318,7 +336,9 @@ impl Checker {
                     _ => {}
                 }
             }
-            report.fencing.extend(fencing_violations(&events));
+            report
+                .fencing
+                .extend(fencing_violations(&events, ctx.ordered_tokens));
             let start = self.states.get(&key).cloned().unwrap_or_default();
             let verdict = linearize(&events, &start, ctx);
             report.explored += verdict.explored;
