@@ -219,8 +219,8 @@ impl StoreBuilder {
     /// (`tracing`) and counted in [`WalStats::scrubs_failed`](crate::WalStats::scrubs_failed);
     /// the store keeps serving (record envelopes are still checked on every read).
     ///
-    /// A scrub reads the whole file (about 2 s per GB here) and no checkpoint runs meanwhile:
-    /// commits go on into the record map, and wait if it fills its
+    /// A scrub reads the whole file (about 1.3 s per GB on the benchmark machine) and no
+    /// checkpoint runs meanwhile: commits go on into the record map, and wait if it fills its
     /// [`map_budget`](Self::map_budget) first. `None` turns the scrub off. Without a log
     /// there is no scrub ([`verify_on_open`](Self::verify_on_open) checks instead).
     /// Default: every 24 hours.

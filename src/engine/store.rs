@@ -490,7 +490,7 @@ impl Store {
     /// a file altered outside idemstore (bit rot, a bad sector) is found before a damaged
     /// page is trusted. Commits wait while it runs (a store with a write-ahead log keeps
     /// taking commits into its record map, and only its checkpoints wait). It reads the whole
-    /// file, about 2 s per GB on the benchmark machine. Stores with a write-ahead log also do
+    /// file, about 1.3 s per GB on the benchmark machine. Stores with a write-ahead log also do
     /// this in the background ([`StoreBuilder::scrub_interval`](crate::StoreBuilder::scrub_interval)).
     ///
     /// ```
