@@ -698,6 +698,16 @@ impl Log {
         Ok(())
     }
 
+    /// For `Stats`: the live segments as of `checkpoint_lsn`, the next LSN and the bytes
+    /// appended since open.
+    pub(crate) fn figures(&self, checkpoint_lsn: u64) -> (u64, u64, u64) {
+        (
+            self.live_segments(checkpoint_lsn),
+            self.next_lsn(),
+            self.appended_bytes(),
+        )
+    }
+
     /// Bytes of the log holding batches no checkpoint covers (whole segments, approximately).
     pub(crate) fn live_segments(&self, checkpoint_lsn: u64) -> u64 {
         self.slot_max_lsn

@@ -171,19 +171,13 @@ impl WalStorage {
         // redb also records it there.
         if !recovered.batches.is_empty() {
             active.next_token = Some(next_token);
-        }
-        if !recovered.batches.is_empty() {
             tracing::info!(
                 batches = recovered.batches.len(),
                 checkpoint_lsn,
                 "replayed the write-ahead log"
             );
         }
-        let log_figures = (
-            log.live_segments(checkpoint_lsn),
-            log.next_lsn(),
-            log.appended_bytes(),
-        );
+        let log_figures = log.figures(checkpoint_lsn);
         let inner = Arc::new(Inner {
             base,
             cache: ReadCache::new(config.read_cache_bytes),
@@ -394,11 +388,7 @@ impl Inner {
         };
         self.next_token.store(token, Ordering::SeqCst);
         *self.sweep_floor.lock() = new_floor;
-        *self.log_figures.lock() = (
-            log.live_segments(self.checkpoint_lsn.load(Ordering::SeqCst)),
-            log.next_lsn(),
-            log.appended_bytes(),
-        );
+        *self.log_figures.lock() = log.figures(self.checkpoint_lsn.load(Ordering::SeqCst));
         layer.last_lsn = lsn;
         let (bytes, frozen) = {
             let mut layers = self.layers.write();
@@ -538,11 +528,7 @@ impl Inner {
         // Not waiting for the writer's lock, which it holds through a batch's sync and while it
         // waits for a checkpoint: the figures as of its last batch then do.
         let (live_segments, next_lsn, appended) = match self.log.try_lock() {
-            Some(log) => (
-                log.live_segments(checkpoint_lsn),
-                log.next_lsn(),
-                log.appended_bytes(),
-            ),
+            Some(log) => log.figures(checkpoint_lsn),
             None => *self.log_figures.lock(),
         };
         let control = self.control.lock();
