@@ -7,8 +7,8 @@
 //! shows, and the store's counters are sampled at the end of each window.
 
 use std::path::Path;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Barrier};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -20,7 +20,7 @@ use crate::peers::{Idemstore, Peer as _, RETENTION, Redis, Worker, redis_key};
 use crate::rss;
 use crate::servers::{Installer, RedisServer};
 use crate::stats::Histogram;
-use crate::workload::{OUTCOME_LEN, fingerprint, key, key_block, outcome};
+use crate::workload::{OUTCOME_LEN, key, outcome, run_callers};
 
 /// Concurrent callers of the sustained run.
 pub const CALLERS: usize = 64;
@@ -71,42 +71,13 @@ pub fn run<S>(
         .max(1) as usize;
     let windows: Vec<AtomicU64> = (0..n_windows).map(|_| AtomicU64::new(0)).collect();
     let outcome = outcome(OUTCOME_LEN);
-    let start = Barrier::new(workers.len() + 1);
     let rss_phase = rss::Phase::start();
     let mut samples = vec![sample()];
-    let (cycles, latency, elapsed) = thread::scope(|s| -> Result<_, BoxError> {
-        let handles: Vec<_> = workers
-            .iter_mut()
-            .map(|worker| {
-                let (start, windows, outcome) = (&start, &windows, &outcome);
-                s.spawn(move || -> Result<(u64, Histogram, Instant), String> {
-                    let base = key_block();
-                    let mut latency = Histogram::default();
-                    start.wait();
-                    let began = Instant::now();
-                    let deadline = began + duration;
-                    let mut n = 0u64;
-                    loop {
-                        let key = key(base + n);
-                        let fp = fingerprint(&key);
-                        let t0 = Instant::now();
-                        worker
-                            .cycle(&key, &fp, outcome)
-                            .map_err(|e| e.to_string())?;
-                        let t1 = Instant::now();
-                        latency.record((t1 - t0).as_nanos() as u64);
-                        let w = ((t1 - began).as_nanos() / window.as_nanos().max(1)) as usize;
-                        windows[w.min(n_windows - 1)].fetch_add(1, Ordering::Relaxed);
-                        n += 1;
-                        if t1 >= deadline {
-                            return Ok((n, latency, t1));
-                        }
-                    }
-                })
-            })
-            .collect();
-        start.wait();
-        let began = Instant::now();
+    let count = |since_start: Duration| {
+        let w = (since_start.as_nanos() / window.as_nanos().max(1)) as usize;
+        windows[w.min(n_windows - 1)].fetch_add(1, Ordering::Relaxed);
+    };
+    let round = run_callers(workers, duration, &outcome, &count, |began| {
         for i in 1..=n_windows {
             let end = began + (window * i as u32).min(duration);
             if let Some(wait) = end.checked_duration_since(Instant::now()) {
@@ -114,30 +85,8 @@ pub fn run<S>(
             }
             samples.push(sample());
         }
-        let mut cycles = 0;
-        let mut latency = Histogram::default();
-        let mut elapsed = Duration::ZERO;
-        let mut first_error = None;
-        for handle in handles {
-            match handle.join() {
-                Ok(Ok((n, h, ended))) => {
-                    cycles += n;
-                    latency.merge(&h);
-                    elapsed = elapsed.max(ended.saturating_duration_since(began));
-                }
-                Ok(Err(e)) => {
-                    first_error.get_or_insert(e);
-                }
-                Err(_) => {
-                    first_error.get_or_insert_with(|| "a caller thread panicked".into());
-                }
-            }
-        }
-        match first_error {
-            Some(e) => Err(e.into()),
-            None => Ok((cycles, latency, elapsed)),
-        }
     })?;
+    let (cycles, latency, elapsed) = (round.cycles, round.latency, round.elapsed);
     Ok(Sustained {
         cycles,
         elapsed,

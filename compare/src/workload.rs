@@ -81,6 +81,19 @@ pub fn run_round(
     duration: Duration,
     outcome: &[u8],
 ) -> Result<Round, BoxError> {
+    run_callers(workers, duration, outcome, &|_| {}, |_| {})
+}
+
+/// [`run_round`], with `on_cycle` called by each caller after each cycle with the time since
+/// that caller started, and `meanwhile` run on this thread once the callers have started
+/// (with the start time) while they run.
+pub fn run_callers(
+    workers: &mut [Box<dyn Worker>],
+    duration: Duration,
+    outcome: &[u8],
+    on_cycle: &(dyn Fn(Duration) + Sync),
+    meanwhile: impl FnOnce(Instant),
+) -> Result<Round, BoxError> {
     let start = Barrier::new(workers.len() + 1);
     thread::scope(|s| {
         let handles: Vec<_> = workers
@@ -91,7 +104,8 @@ pub fn run_round(
                     let base = key_block();
                     let mut latency = Histogram::default();
                     start.wait();
-                    let deadline = Instant::now() + duration;
+                    let began = Instant::now();
+                    let deadline = began + duration;
                     let mut n = 0u64;
                     loop {
                         let key = key(base + n);
@@ -102,6 +116,7 @@ pub fn run_round(
                             .map_err(|e| e.to_string())?;
                         let t1 = Instant::now();
                         latency.record((t1 - t0).as_nanos() as u64);
+                        on_cycle(t1 - began);
                         n += 1;
                         if t1 >= deadline {
                             return Ok((n, latency, t1));
@@ -112,6 +127,7 @@ pub fn run_round(
             .collect();
         start.wait();
         let began = Instant::now();
+        meanwhile(began);
         let mut round = Round {
             cycles: 0,
             elapsed: Duration::ZERO,
