@@ -1086,7 +1086,7 @@ fn sustained_section(
     );
     let _ = writeln!(
         s,
-        "| window | idemstore cycles/s | commits/s | operations per commit | checkpoints | lag at the end: ms / batches / bytes | last checkpoint took | map bytes | log bytes in use | Redis cycles/s | Redis AOF rewrite running |\n| ---: | ---: | ---: | ---: | ---: | --- | ---: | ---: | ---: | ---: | --- |"
+        "| window | idemstore cycles/s | commits/s | operations per commit | checkpoints | lag at the end: ms / batches / bytes | last checkpoint took | map bytes | log bytes in use | log sync p99 / longest since open | Redis cycles/s | Redis AOF rewrite running |\n| ---: | ---: | ---: | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | --- |"
     );
     for (i, rate) in ours_w.iter().enumerate() {
         let (Some(a), Some(b)) = (ours.samples.get(i), ours.samples.get(i + 1)) else {
@@ -1097,7 +1097,7 @@ fn sustained_section(
         let between = b.taken.duration_since(a.taken).as_secs_f64().max(1e-9);
         let commits = b.commits.saturating_sub(a.commits);
         let ops = b.operations.saturating_sub(a.operations);
-        let (checkpoints, lag, last, map, log) = match (&a.wal, &b.wal) {
+        let (checkpoints, lag, last, map, log, sync) = match (&a.wal, &b.wal) {
             (Some(wa), Some(wb)) => (
                 wb.checkpoints.saturating_sub(wa.checkpoints).to_string(),
                 format!(
@@ -1109,8 +1109,20 @@ fn sustained_section(
                 format!("{} ms", wb.last_checkpoint_ms),
                 bytes(wb.map_bytes),
                 bytes(wb.log_bytes),
+                format!(
+                    "{:.2} / {:.1} ms",
+                    wb.log_sync_p99_us as f64 / 1000.0,
+                    wb.log_sync_max_us as f64 / 1000.0
+                ),
             ),
-            _ => ("—".into(), "—".into(), "—".into(), "—".into(), "—".into()),
+            _ => (
+                "—".into(),
+                "—".into(),
+                "—".into(),
+                "—".into(),
+                "—".into(),
+                "—".into(),
+            ),
         };
         let (redis_rate, rewrite) = match &redis_ok {
             Some((r, w)) => (
@@ -1125,7 +1137,7 @@ fn sustained_section(
         };
         let _ = writeln!(
             s,
-            "| {:.0}–{:.0} s | {} | {} | {} | {checkpoints} | {lag} | {last} | {map} | {log} | {redis_rate} | {rewrite} |",
+            "| {:.0}–{:.0} s | {} | {} | {} | {checkpoints} | {lag} | {last} | {map} | {log} | {sync} | {redis_rate} | {rewrite} |",
             ours.window.as_secs_f64() * i as f64,
             ours.window.as_secs_f64() * i as f64 + secs,
             thousands(*rate),

@@ -23,10 +23,14 @@
 //!   can never be read as a continuation of what is written next.
 
 use std::fmt;
+use std::sync::Arc;
+use std::time::Instant;
 
 use redb::StorageBackend;
 
 use crate::error::{Error, Result};
+
+use super::sync_times::SyncTimes;
 
 /// The unit of alignment: chunks start on sector boundaries, and a torn write loses whole
 /// sectors.
@@ -114,6 +118,8 @@ pub(crate) struct Log {
     failed: bool,
     /// Bytes appended since open (chunks with their headers and padding).
     appended_bytes: u64,
+    /// How long the batches' syncs took.
+    sync_times: Arc<SyncTimes>,
 }
 
 impl fmt::Debug for Log {
@@ -223,6 +229,7 @@ impl Log {
             salt_state: seed(),
             failed: false,
             appended_bytes: 0,
+            sync_times: Arc::default(),
         };
         let mut headers = Vec::new();
         // Slots whose header sector holds bytes but no valid header (torn, or damaged): the
@@ -656,7 +663,7 @@ impl Log {
                 return Err(AppendError::Failed(io_error(e)));
             }
         }
-        if durable && let Err(e) = self.file.sync_data() {
+        if durable && let Err(e) = self.sync_data() {
             self.failed = true;
             return Err(AppendError::Failed(io_error(e)));
         }
@@ -689,13 +696,26 @@ impl Log {
             ));
         }
         if self.written_lsn > self.synced_lsn {
-            if let Err(e) = self.file.sync_data() {
+            if let Err(e) = self.sync_data() {
                 self.failed = true;
                 return Err(io_error(e));
             }
             self.synced_lsn = self.written_lsn;
         }
         Ok(())
+    }
+
+    /// One `sync_data` of the file, timed.
+    fn sync_data(&self) -> std::io::Result<()> {
+        let started = Instant::now();
+        let synced = self.file.sync_data();
+        self.sync_times.record(started.elapsed());
+        synced
+    }
+
+    /// How long the batches' syncs took, since open (shared: `Stats` reads it without the log).
+    pub(crate) fn sync_times(&self) -> Arc<SyncTimes> {
+        Arc::clone(&self.sync_times)
     }
 
     /// For `Stats`: the live segments as of `checkpoint_lsn`, the next LSN and the bytes
