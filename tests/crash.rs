@@ -125,14 +125,6 @@ fn crash_child() {
     } else {
         builder
     };
-    // Checkpoints of more than a few records take several redb transactions, so that kills
-    // land between them too.
-    #[cfg(feature = "__testkit")]
-    let builder = if path.ends_with(WAL_SUFFIX) {
-        builder.checkpoint_part_records(8)
-    } else {
-        builder
-    };
     let store = match builder.open(&path) {
         Ok(store) => Arc::new(store),
         Err(e) => {

@@ -40,8 +40,6 @@ fn wal_builder(clock: ManualClock) -> idemstore::StoreBuilder {
         .wal_segment_bytes(1 << 20)
         .wal_segments(2)
         .checkpoint_interval(Duration::from_secs(3600))
-        // The checkpoint at close takes several redb transactions.
-        .checkpoint_part_records(2)
 }
 
 /// The disks of one store: the database file, and the log when there is one. Faults go to

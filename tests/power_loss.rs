@@ -132,7 +132,6 @@ impl Mode {
                 .wal_segment_bytes(SEGMENT_BYTES)
                 .wal_segments(SEGMENTS)
                 .checkpoint_interval(interval)
-                .checkpoint_part_records(2)
         };
         match self {
             Mode::Redb { two_phase } => builder.two_phase_commit(two_phase),

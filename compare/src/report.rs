@@ -403,11 +403,13 @@ pub fn render(ctx: &Context<'_>, systems: &[System], measured: &Measured) -> Str
                 );
                 let _ = writeln!(
                     s,
-                    "| replay ≥ 500k/s on {REPLAY_THREADS} threads, random keys of a 1M-record store (format {f}) | {}/s ({} records){} | {} |",
+                    "| replay ≥ 500k/s on {REPLAY_THREADS} threads, random keys of a 1M-record store (format {f}) | {}/s once redb's page cache is warm; {}/s in the first {:.0} s after the open ({} records){} | {} |",
+                    thousands(l.replay_2_again),
                     thousands(l.replay_2),
+                    l.phase.as_secs_f64(),
                     thousands(n as f64),
                     records_note(n),
-                    verdict(l.replay_2 >= 500_000.0)
+                    verdict(l.replay_2_again >= 500_000.0)
                 );
                 let sw = &l.sweep;
                 let rate = sw.removed as f64 / sw.sweep_elapsed.as_secs_f64().max(1e-9);
@@ -813,9 +815,16 @@ fn alone(s: &mut String, ctx: &Context<'_>, measured: &Measured, compared: bool)
         row(
             s,
             &format!(
-                "replay (claim of a completed key), random keys of the store: {REPLAY_THREADS} threads / 1 thread"
+                "replay (claim of a completed key), random keys of the store: {REPLAY_THREADS} threads first after the open / 1 thread / {REPLAY_THREADS} threads again"
             ),
-            &|l| format!("{}/s / {}/s", thousands(l.replay_2), thousands(l.replay_1)),
+            &|l| {
+                format!(
+                    "{}/s / {}/s / {}/s",
+                    thousands(l.replay_2),
+                    thousands(l.replay_1),
+                    thousands(l.replay_2_again)
+                )
+            },
         );
         row(
             s,

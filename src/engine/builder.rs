@@ -11,7 +11,7 @@ use crate::engine::shared::Shared;
 use crate::engine::storage::Storage;
 use crate::engine::storage::redb::{RedbStorage, WalMeta, open, tables};
 use crate::engine::storage::wal::log::{self as wal_log, Geometry};
-use crate::engine::storage::wal::{CHECKPOINT_PART_RECORDS, WalConfig, WalStorage};
+use crate::engine::storage::wal::{WalConfig, WalStorage};
 use crate::engine::store::Store;
 use crate::engine::sweeper::Sweeper;
 use crate::engine::telemetry;
@@ -82,7 +82,6 @@ pub struct StoreBuilder {
     read_cache_bytes: usize,
     checkpoint_interval: Duration,
     map_budget_bytes: usize,
-    checkpoint_part_records: usize,
     wal_segment_bytes: u64,
     wal_segments: u64,
 }
@@ -107,7 +106,6 @@ impl Default for StoreBuilder {
             read_cache_bytes: 128 * 1024 * 1024,
             checkpoint_interval: Duration::from_secs(1),
             map_budget_bytes: 256 * 1024 * 1024,
-            checkpoint_part_records: CHECKPOINT_PART_RECORDS,
             wal_segment_bytes: 32 * 1024 * 1024,
             wal_segments: 4,
         }
@@ -361,15 +359,6 @@ impl StoreBuilder {
         self.start(db, Path::new("<backend>"), LogSource::None)
     }
 
-    /// The most records one redb transaction of a checkpoint writes (at least 1): the tests
-    /// make checkpoints of a few records take several transactions.
-    #[cfg(feature = "__testkit")]
-    #[doc(hidden)]
-    pub fn checkpoint_part_records(mut self, records: usize) -> Self {
-        self.checkpoint_part_records = records.max(1);
-        self
-    }
-
     /// Opens a store on `backend` with its write-ahead log on `log` (an empty `log` is
     /// preallocated): the simulated disks of the tests.
     #[cfg(feature = "__testkit")]
@@ -558,7 +547,6 @@ impl StoreBuilder {
         let config = WalConfig {
             checkpoint_interval: self.checkpoint_interval,
             memory_budget: self.map_budget_bytes,
-            part_records: self.checkpoint_part_records,
             scrub_interval: self.scrub_interval,
             read_cache_bytes: self.read_cache_bytes,
         };

@@ -33,9 +33,6 @@ use tables::{EXPIRY, META, META_NEXT_TOKEN, META_WAL_CHECKPOINT_LSN, RECORDS, SC
 /// so a small cache does, and keeps the check from growing the process.
 const VERIFY_CACHE_BYTES: usize = 16 * 1024 * 1024;
 
-/// One record change of a checkpoint: the key and its envelope (`None`: removed).
-pub(crate) type RecordChange<'a> = (&'a [u8], Option<&'a [u8]>);
-
 use crate::engine::storage::wal::layer::Layer;
 
 /// The records table of one committed state, readable from any thread.
@@ -95,72 +92,29 @@ impl RedbStorage {
         self.db.begin_read().map_err(Error::storage)
     }
 
-    /// Writes part of a checkpoint's records (see [`RedbStorage::checkpoint`]) in one durable
-    /// transaction. A crash after it leaves these records in redb and the checkpoint LSN
-    /// unchanged; the replay of the log then writes the same final values over them.
-    pub(crate) fn checkpoint_records(&self, records: &[RecordChange<'_>]) -> Result<()> {
+    /// Writes `layer` into the tables in one durable transaction that also records `lsn` as
+    /// the write-ahead log's checkpoint (and the layer's next token), then serves it to readers.
+    pub(crate) fn checkpoint(&self, layer: &Layer, lsn: u64) -> Result<()> {
         let _quiet = self.quiesce.read();
-        let txn = self.checkpoint_txn()?;
-        Self::put_records(&txn, records)?;
-        self.commit_checkpoint(txn)
-    }
-
-    /// Writes `records` (the last part of `layer`'s records, or all of them) and the rest of
-    /// `layer` (expiry index, scope counts, next token) into the tables in one durable
-    /// transaction that also records `lsn` as the write-ahead log's checkpoint, then serves
-    /// it to readers. Records go in key order: consecutive changes then mostly touch pages
-    /// the previous one already brought into the transaction.
-    pub(crate) fn checkpoint(
-        &self,
-        records: &[RecordChange<'_>],
-        layer: &Layer,
-        lsn: u64,
-    ) -> Result<()> {
-        let _quiet = self.quiesce.read();
-        let txn = self.checkpoint_txn()?;
-        Self::put_records(&txn, records)?;
-        Self::checkpoint_rest(&txn, layer, lsn)?;
-        self.commit_checkpoint(txn)?;
-        self.refresh_snapshot();
-        Ok(())
-    }
-
-    fn put_records(txn: &redb::WriteTransaction, changes: &[RecordChange<'_>]) -> Result<()> {
-        let mut records = txn.open_table(RECORDS).map_err(Error::storage)?;
-        for (key, value) in changes {
-            match value {
-                Some(bytes) => records.insert(*key, *bytes).map(|_| ()),
-                None => records.remove(*key).map(|_| ()),
-            }
-            .map_err(Error::storage)?;
-        }
-        Ok(())
-    }
-
-    fn commit_checkpoint(&self, txn: redb::WriteTransaction) -> Result<()> {
-        txn.commit().map_err(|e| {
-            self.release_reads();
-            Error::CommitOutcomeUnknown {
-                source: Box::new(Error::storage(e)),
-            }
-        })
-    }
-
-    /// A durable transaction for (part of) a checkpoint. Checkpoints are rare (about one a
-    /// second), so each saves redb's allocator state and commits in two phases: a crash then
-    /// needs no walk of the whole file to repair it.
-    fn checkpoint_txn(&self) -> Result<redb::WriteTransaction> {
         let mut txn = self.db.begin_write().map_err(Error::storage)?;
         txn.set_durability(redb::Durability::Immediate)
             .map_err(Error::storage)?;
+        // Checkpoints are rare (about one a second), so each saves redb's allocator state and
+        // commits in two phases: a crash then needs no walk of the whole file to repair it.
         txn.set_quick_repair(true);
-        Ok(txn)
-    }
-
-    /// The last part of a checkpoint: the expiry index, the scope counts, the next token and
-    /// the checkpoint LSN.
-    fn checkpoint_rest(txn: &redb::WriteTransaction, layer: &Layer, lsn: u64) -> Result<()> {
         {
+            let mut records = txn.open_table(RECORDS).map_err(Error::storage)?;
+            // In key order: consecutive changes then mostly touch pages the previous one
+            // already brought into the transaction.
+            let mut changes: Vec<_> = layer.records.iter().collect();
+            changes.sort_unstable_by(|a, b| a.0.cmp(b.0));
+            for (key, value) in changes {
+                match value {
+                    Some(bytes) => records.insert(key.as_slice(), &**bytes).map(|_| ()),
+                    None => records.remove(key.as_slice()).map(|_| ()),
+                }
+                .map_err(Error::storage)?;
+            }
             let mut expiry = txn.open_table(EXPIRY).map_err(Error::storage)?;
             let bulk = layer.swept_upto.as_ref();
             if let Some((upto_at, upto_key)) = bulk {
@@ -207,6 +161,13 @@ impl RedbStorage {
             }
             tables::put_u64(&mut meta, META_WAL_CHECKPOINT_LSN, lsn)?;
         }
+        if let Err(e) = txn.commit() {
+            self.release_reads();
+            return Err(Error::CommitOutcomeUnknown {
+                source: Box::new(Error::storage(e)),
+            });
+        }
+        self.refresh_snapshot();
         Ok(())
     }
 

@@ -6,9 +6,8 @@
 //!   the map's *active* layer. Readers see a batch only after that, so never before its sync.
 //! - **Read**: the active layer, then the *frozen* one (being checkpointed), then redb.
 //! - **Checkpoint**: the active layer is frozen (under the writer's lock, so between batches),
-//!   written into redb in durable transactions of a bounded number of records each, paced
-//!   while nothing waits for it, the last of which records the last LSN it covers, and then
-//!   dropped; only then are the log segments it covered recycled. It runs every
+//!   written into redb in one durable transaction that records the last LSN it covers, and
+//!   then dropped; only then are the log segments it covered recycled. It runs every
 //!   `checkpoint_interval`, when the active layer passes half the memory budget, and when the
 //!   log has no free segment. When the active layer reaches half the budget while a checkpoint
 //!   is still running, the writer waits for it (back-pressure): the map stays within the
@@ -36,17 +35,13 @@ use parking_lot::{Condvar, Mutex, RwLock};
 
 use crate::core::record::Record;
 use crate::engine::codec;
-use crate::engine::storage::redb::{RecordChange, RedbStorage};
+use crate::engine::storage::redb::RedbStorage;
 use crate::engine::storage::{Batch, Counts, Storage, Stored};
 use crate::error::{Error, Result};
 use cache::ReadCache;
 use layer::{Layer, Lookup};
 use log::{AppendError, Geometry, Log};
 use sync_times::SyncTimes;
-
-/// The most records one redb transaction of a checkpoint writes: with random keys about as
-/// many 4 KiB leaves, so each sync of the database file flushes some 16 MiB.
-pub(crate) const CHECKPOINT_PART_RECORDS: usize = 4096;
 
 /// How a store's write-ahead log behaves.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -57,9 +52,6 @@ pub(crate) struct WalConfig {
     /// The map's memory budget in bytes: a checkpoint starts at half of it, and writers wait
     /// past it.
     pub memory_budget: usize,
-    /// The most records one redb transaction of a checkpoint writes
-    /// ([`CHECKPOINT_PART_RECORDS`] but in tests).
-    pub part_records: usize,
     /// How often the checkpointer verifies every page checksum of the database file (`None`:
     /// never; the first one comes one interval after open).
     pub scrub_interval: Option<Duration>,
@@ -345,10 +337,12 @@ impl Inner {
         }
     }
 
-    /// Checkpoints everything written so far, with the writer's lock held: the log has no room.
-    fn checkpoint_all(&self, log: &Log) -> Result<()> {
+    /// Makes room in the log, with the writer's lock held: the log has none. First waits for a
+    /// running checkpoint (the segments it covers are then free, which is often enough);
+    /// with `all`, also checkpoints everything written since.
+    fn make_room(&self, log: &Log, all: bool) -> Result<()> {
         self.wait_for_checkpoint()?;
-        if self.freeze(log) {
+        if all && self.freeze(log) {
             self.wait_for_checkpoint()?;
         }
         Ok(())
@@ -387,14 +381,15 @@ impl Inner {
         let token = layer
             .next_token
             .unwrap_or_else(|| self.next_token.load(Ordering::SeqCst));
-        let mut retried = false;
+        // Tries: 0 as is, 1 after the running checkpoint, 2 after one of everything.
+        let mut tries = 0;
         let lsn = loop {
             let checkpoint_lsn = self.checkpoint_lsn.load(Ordering::SeqCst);
             match log.append(&payload, token, durable, checkpoint_lsn) {
                 Ok(lsn) => break lsn,
-                Err(AppendError::Full) if !retried => {
-                    self.checkpoint_all(&log)?;
-                    retried = true;
+                Err(AppendError::Full) if tries < 2 => {
+                    self.make_room(&log, tries == 1)?;
+                    tries += 1;
                 }
                 Err(AppendError::Full) => {
                     let e = Error::Internal(format!(
@@ -517,42 +512,15 @@ impl Inner {
     }
 
     /// Writes the frozen layer into redb, then drops it.
-    ///
-    /// The records go in key order, at most [`CHECKPOINT_PART_RECORDS`] per durable redb
-    /// transaction, so that each sync of the database file flushes a bounded amount of pages;
-    /// between parts the checkpointer pauses (see [`Inner::pace`]). Only the last transaction
-    /// records the checkpoint LSN.
     fn checkpoint(&self, frozen: &Layer) {
         let started = Instant::now();
         let span = tracing::debug_span!("idemstore.checkpoint", bytes = frozen.bytes);
         let _entered = span.enter();
-        let failed = |e: &Error| {
-            tracing::error!(error = %e, "a checkpoint failed; the store accepts no more writes until reopened (the log keeps every acknowledged batch)");
-            self.fail(e);
-        };
-        let mut changes: Vec<RecordChange<'_>> = frozen
-            .records
-            .iter()
-            .map(|(key, value)| (key.as_slice(), value.as_deref()))
-            .collect();
-        changes.sort_unstable_by(|a, b| a.0.cmp(b.0));
-        let mut parts = changes.chunks(self.config.part_records.max(1));
-        let last = parts.next_back().unwrap_or_default();
-        for part in parts {
-            let part_started = Instant::now();
-            if let Err(e) = self.base.checkpoint_records(part) {
-                failed(&e);
-                return;
-            }
-            self.pace(part_started.elapsed());
-        }
-        // Earlier parts change only records the frozen layer still holds, so readers see no
-        // difference; the last one must not come between a whole-store read's view of the
-        // map and its read of redb.
         let gate = self.gate.write();
-        if let Err(e) = self.base.checkpoint(last, frozen, frozen.last_lsn) {
+        if let Err(e) = self.base.checkpoint(frozen, frozen.last_lsn) {
             drop(gate);
-            failed(&e);
+            tracing::error!(error = %e, "a checkpoint failed; the store accepts no more writes until reopened (the log keeps every acknowledged batch)");
+            self.fail(&e);
             return;
         }
         self.cache.apply(frozen);
@@ -568,28 +536,6 @@ impl Inner {
                 u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
         }
         self.changed.notify_all();
-    }
-
-    /// Paces a checkpoint's write-out: after a part that took `took`, waits as long again, so
-    /// that the database file's syncs leave the disk to the log's about half the time (a sync
-    /// of the log that waits behind a checkpoint's pages is what callers feel). Unless the
-    /// checkpoint is holding writers up or soon will: the active layer has passed a quarter of
-    /// the memory budget (half of what freezes it), at most one log segment is free, the
-    /// checkpoint interval is zero, or the store is closing.
-    fn pace(&self, took: Duration) {
-        let active = self.layers.read().active.bytes;
-        let (live_segments, _, _) = *self.log_figures.lock();
-        if active >= self.config.memory_budget / 4
-            || live_segments + 2 > self.geometry.segments
-            || self.config.checkpoint_interval.is_zero()
-        {
-            return;
-        }
-        let mut control = self.control.lock();
-        if control.stop || self.failure().is_some() {
-            return;
-        }
-        self.changed.wait_for(&mut control, took);
     }
 
     fn figures(&self) -> WalStats {
