@@ -2,10 +2,14 @@
 //!
 //! ```text
 //! cargo run --release --example throughput -- [--threads N] [--seconds S] [--memory | --wal]
+//!     [--ordered-keys]
 //! ```
 //!
 //! Each cycle claims a fresh UUID-like 36-byte key with a 32-byte fingerprint and completes it
-//! with a 512-byte outcome. The store is a new file in a temporary directory at the default
+//! with a 512-byte outcome. Keys are random (like UUIDv4), or with `--ordered-keys` increase
+//! in the order they are written (like UUIDv7 or ULID, which lead with a timestamp): a
+//! checkpoint then rewrites a few leaves at the end of redb's tree instead of one leaf per
+//! record spread over all of it. The store is a new file in a temporary directory at the default
 //! durability (`Immediate`: every commit is fsynced before it is acknowledged), or an
 //! in-memory store with `--memory`. No background sweeper runs, so every commit counted is one
 //! the cycles asked for. The run prints cycles/s and the store's commit counters: operations
@@ -31,13 +35,15 @@ const USAGE: &str = "usage: throughput [--threads N] [--seconds S] [--memory | -
   --threads N   concurrent client threads (default 1)
   --seconds S   how long to run, in seconds, fractions allowed (default 3)
   --memory      use an in-memory store instead of a file in a temporary directory
-  --wal         put a write-ahead log in front of the file (StoreBuilder::write_ahead_log)";
+  --wal         put a write-ahead log in front of the file (StoreBuilder::write_ahead_log)
+  --ordered-keys  keys that increase in the order they are written (like UUIDv7), not random";
 
 struct Args {
     threads: usize,
     seconds: f64,
     memory: bool,
     wal: bool,
+    ordered_keys: bool,
 }
 
 fn parse_args() -> Result<Args, String> {
@@ -46,6 +52,7 @@ fn parse_args() -> Result<Args, String> {
         seconds: 3.0,
         memory: false,
         wal: false,
+        ordered_keys: false,
     };
     let mut it = std::env::args().skip(1);
     while let Some(arg) = it.next() {
@@ -76,6 +83,7 @@ fn parse_args() -> Result<Args, String> {
             }
             "--memory" | "-m" if inline.is_none() => args.memory = true,
             "--wal" if inline.is_none() => args.wal = true,
+            "--ordered-keys" if inline.is_none() => args.ordered_keys = true,
             "--help" | "-h" => {
                 println!("{USAGE}");
                 std::process::exit(0);
@@ -100,11 +108,14 @@ fn mix(mut z: u64) -> u64 {
     z ^ (z >> 31)
 }
 
-/// A fresh key in the textual UUID layout (8-4-4-4-12 hex digits, 36 bytes).
-fn fresh_key() -> [u8; 36] {
+/// A fresh key in the textual UUID layout (8-4-4-4-12 hex digits, 36 bytes): random, or with
+/// `ordered` led by the key's sequence number (the rest random), as a UUIDv7 is by its
+/// timestamp.
+fn fresh_key(ordered: bool) -> [u8; 36] {
     const HEX: &[u8; 16] = b"0123456789abcdef";
     let n = NEXT_KEY.fetch_add(1, Ordering::Relaxed);
-    let bits = (u128::from(mix(n)) << 64) | u128::from(mix(!n));
+    let high = if ordered { n } else { mix(n) };
+    let bits = (u128::from(high) << 64) | u128::from(mix(!n));
     let mut key = [b'-'; 36];
     let mut digit = 0;
     for (i, byte) in key.iter_mut().enumerate() {
@@ -128,12 +139,12 @@ fn fingerprint(key: &[u8; 36]) -> [u8; FINGERPRINT_LEN] {
 }
 
 /// Runs cycles until `deadline`; returns how many completed.
-fn client(store: &Store, deadline: Instant) -> Result<u64, BoxError> {
+fn client(store: &Store, deadline: Instant, ordered_keys: bool) -> Result<u64, BoxError> {
     let options = ClaimOptions::default();
     let outcome: Vec<u8> = (0..=250u8).cycle().take(OUTCOME_LEN).collect();
     let mut cycles = 0;
     while Instant::now() < deadline {
-        let key = fresh_key();
+        let key = fresh_key(ordered_keys);
         match store.claim(SCOPE, key, fingerprint(&key), &options)? {
             Claim::Acquired(lease) => store.complete(&lease, &outcome, RETENTION)?,
             other => return Err(format!("a fresh key was not acquired: {other:?}").into()),
@@ -159,10 +170,17 @@ fn run(args: &Args) -> Result<(), BoxError> {
     };
     let store = Arc::new(store);
     println!(
-        "store: {backend}\nthreads: {}, duration: {} s, key 36 B, fingerprint {FINGERPRINT_LEN} B, outcome {OUTCOME_LEN} B",
-        args.threads, args.seconds
+        "store: {backend}\nthreads: {}, duration: {} s, key 36 B ({}), fingerprint {FINGERPRINT_LEN} B, outcome {OUTCOME_LEN} B",
+        args.threads,
+        args.seconds,
+        if args.ordered_keys {
+            "ordered"
+        } else {
+            "random"
+        }
     );
 
+    let ordered_keys = args.ordered_keys;
     let start = Arc::new(Barrier::new(args.threads + 1));
     let duration = Duration::from_secs_f64(args.seconds);
     let handles: Vec<_> = (0..args.threads)
@@ -171,7 +189,7 @@ fn run(args: &Args) -> Result<(), BoxError> {
             let start = Arc::clone(&start);
             thread::spawn(move || {
                 start.wait();
-                client(&store, Instant::now() + duration)
+                client(&store, Instant::now() + duration, ordered_keys)
             })
         })
         .collect();
@@ -210,6 +228,17 @@ fn run(args: &Args) -> Result<(), BoxError> {
         stats.commits, stats.operations, stats.largest_batch
     );
     println!("records: {}", stats.records);
+    if let Some(wal) = stats.wal {
+        println!(
+            "checkpoints: {} (the last took {} ms; lag at the end {} ms), log syncs: {} (p99 {:.2} ms, longest {:.1} ms)",
+            wal.checkpoints,
+            wal.last_checkpoint_ms,
+            wal.checkpoint_lag_ms,
+            wal.log_syncs,
+            wal.log_sync_p99_us as f64 / 1e3,
+            wal.log_sync_max_us as f64 / 1e3
+        );
+    }
 
     match Arc::try_unwrap(store) {
         Ok(store) => store.close()?,
