@@ -94,6 +94,22 @@ fn checkpoints_move_the_log_into_the_database_and_recycle_its_segments() -> Test
 }
 
 #[test]
+fn stats_count_one_log_sync_per_durable_commit_and_report_their_latency() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let clock = clock();
+    let store = wal_builder(&clock).open(dir.path().join("idem.redb"))?;
+    let before = store.stats()?.wal.expect("a log");
+    // One caller: each claim and each completion is its own `Immediate` commit.
+    complete_keys(&store, 0, 20, 100)?;
+    let after = store.stats()?.wal.expect("a log");
+    let commits = store.stats()?.commits;
+    assert_eq!(after.log_syncs - before.log_syncs, 40, "{after:?}");
+    assert!(commits >= 40, "{commits} commits");
+    assert!(after.log_sync_p99_us <= after.log_sync_max_us, "{after:?}");
+    Ok(())
+}
+
+#[test]
 fn reads_and_sweeps_see_the_map_and_the_database_as_one() -> TestResult {
     let clock = clock();
     let disk = SimDisk::new();
