@@ -101,8 +101,8 @@ fn stats_count_one_log_sync_per_durable_commit_and_report_their_latency() -> Tes
     let before = store.stats()?.wal.expect("a log");
     // One caller: each claim and each completion is its own `Immediate` commit.
     complete_keys(&store, 0, 20, 100)?;
-    let after = store.stats()?.wal.expect("a log");
-    let commits = store.stats()?.commits;
+    let stats = store.stats()?;
+    let (after, commits) = (stats.wal.expect("a log"), stats.commits);
     assert_eq!(after.log_syncs - before.log_syncs, 40, "{after:?}");
     assert!(commits >= 40, "{commits} commits");
     assert!(after.log_sync_p99_us <= after.log_sync_max_us, "{after:?}");
