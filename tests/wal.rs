@@ -134,6 +134,100 @@ fn reads_and_sweeps_see_the_map_and_the_database_as_one() -> TestResult {
     Ok(())
 }
 
+/// A sweep reads on its own thread and commits beside the writer; here two sweepers race two
+/// callers that claim expired keys again (so a key the sweep read may be rewritten before it
+/// commits) and new keys, with checkpoints every few milliseconds. Afterwards every count is
+/// exact: the records, the expiry entries, what replays, and the scope's quota, which admits
+/// exactly the records that are missing to fill it, before and after a reopen.
+#[test]
+fn sweeps_beside_the_writer_race_its_writes_and_keep_every_count_exact() -> TestResult {
+    const OLD: u32 = 1_200;
+    const NEW: u32 = 300;
+    const QUOTA: u64 = 2_000;
+    let dir = tempfile::tempdir()?;
+    let path = dir.path().join("idem.redb");
+    let clock = clock();
+    let open = || {
+        wal_builder(&clock)
+            .checkpoint_interval(Duration::from_millis(5))
+            .limits(idemstore::Limits::default().max_records_per_scope(QUOTA))
+            .open(&path)
+    };
+    let store = open()?;
+    for i in 0..OLD {
+        let lease = acquired(store.claim("s", format!("old{i}"), "fp", &opts(1_000))?);
+        store.complete(&lease, b"old", Duration::from_secs(10))?;
+    }
+    clock.advance(Duration::from_secs(20));
+    let detached_before = store.stats()?.wal.expect("a log").detached_sweeps;
+    std::thread::scope(|s| -> TestResult {
+        let sweepers: Vec<_> = (0..2)
+            .map(|_| {
+                s.spawn(|| -> Result<(), Error> {
+                    while store.sweep(16)?.more {}
+                    Ok(())
+                })
+            })
+            .collect();
+        let again = s.spawn(|| -> Result<(), Error> {
+            for i in (0..OLD).step_by(3) {
+                let lease = acquired(store.claim("s", format!("old{i}"), "fp2", &opts(1_000))?);
+                store.complete(&lease, b"again", DAY)?;
+            }
+            Ok(())
+        });
+        let fresh = s.spawn(|| -> Result<(), Error> {
+            for i in 0..NEW {
+                let lease = acquired(store.claim("s", format!("new{i}"), "fp", &opts(1_000))?);
+                store.complete(&lease, b"new", DAY)?;
+            }
+            Ok(())
+        });
+        for handle in sweepers.into_iter().chain([again, fresh]) {
+            handle.join().map_err(|_| "a thread panicked")??;
+        }
+        Ok(())
+    })?;
+    while store.sweep(64)?.more {}
+    let live = u64::from(OLD.div_ceil(3) + NEW);
+    let stats = store.stats()?;
+    assert_eq!((stats.records, stats.expiry_entries), (live, live));
+    let detached = stats.wal.expect("a log").detached_sweeps - detached_before;
+    assert!(detached > 0, "no sweep committed beside the writer");
+    for i in 0..OLD {
+        let record = store.get("s", format!("old{i}"))?;
+        if i % 3 == 0 {
+            let record = record.ok_or(format!("old{i} is missing"))?;
+            assert_eq!(
+                record.state,
+                RecordState::Completed {
+                    outcome: b"again".to_vec()
+                }
+            );
+        } else {
+            assert!(record.is_none(), "old{i} should be swept");
+        }
+    }
+    // The scope's count is exact: the quota admits exactly the records missing to fill it.
+    let mut admitted = 0u64;
+    loop {
+        match store.claim("s", format!("fill{admitted}"), "fp", &opts(1_000)) {
+            Ok(Claim::Acquired(_)) => admitted += 1,
+            Err(Error::QuotaExceeded { .. }) => break,
+            other => return Err(format!("fill{admitted}: {other:?}").into()),
+        }
+    }
+    assert_eq!(admitted, QUOTA - live);
+    store.close()?;
+    let store = open()?;
+    assert_eq!(store.stats()?.records, QUOTA);
+    assert!(matches!(
+        store.claim("s", "one-more", "fp", &opts(1_000)),
+        Err(Error::QuotaExceeded { .. })
+    ));
+    Ok(())
+}
+
 /// Sweeps in small steps start after what earlier sweeps removed (the sweep's floor), which
 /// must never hide an entry: here a store with a log (checkpointed rarely, so the removals
 /// pile up in the map, and after every commit) runs the same script as a format-1 store —
@@ -292,6 +386,67 @@ fn a_failed_log_sync_acknowledges_nothing_and_stops_writes() -> TestResult {
     match recovered.claim("s", "doomed", "fp", &opts(60_000))? {
         Claim::Acquired(_) | Claim::InProgress { .. } => {}
         other => panic!("unexpected {other:?}"),
+    }
+    Ok(())
+}
+
+/// A sweep beside the writer is acknowledged only once a sync of the log covers it: a failed
+/// write of its removals, or a failed sync after them, fails the sweep and stops writes, and
+/// after a power cut every acknowledged record is there and the counts match what is.
+#[test]
+fn a_failed_log_write_or_sync_under_a_detached_sweep_acknowledges_nothing() -> TestResult {
+    for call in [Call::Write, Call::Sync] {
+        let clock = clock();
+        let (store, disk, log) = on_simulated_disks(&clock, Duration::ZERO)?;
+        for i in 0..20u32 {
+            let lease = acquired(store.claim("s", format!("old{i}"), "fp", &opts(1_000))?);
+            store.complete(&lease, b"old", Duration::from_secs(10))?;
+        }
+        complete_keys(&store, 0, 10, 50)?;
+        // A checkpoint follows every commit: wait until redb holds everything, so that the
+        // sweep's records are below the map and it commits beside the writer.
+        while store.stats()?.wal.expect("a log").checkpoint_lag_batches > 0 {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        clock.advance(Duration::from_secs(20));
+        let detached = store.stats()?.wal.expect("a log").detached_sweeps;
+        log.set_fault(Some(Fault {
+            on: Target::Only(call),
+            nth: log.counts().of(call) + 1,
+            persistent: false,
+            full: false,
+        }));
+        let swept = store.sweep(100);
+        assert!(
+            matches!(swept, Err(Error::CommitOutcomeUnknown { .. })),
+            "{call:?}: {swept:?}"
+        );
+        let stats = store.stats()?;
+        // A failed write commits nothing; after a failed sync the removals were in the map.
+        let expected = detached + u64::from(call == Call::Sync);
+        assert_eq!(
+            stats.wal.expect("a log").detached_sweeps,
+            expected,
+            "{call:?}"
+        );
+        assert!(stats.poisoned, "{call:?}");
+        assert!(matches!(
+            store.claim("s", "after", "fp", &opts(60_000)),
+            Err(Error::Poisoned { .. })
+        ));
+        let (d, l) = power_cut(&disk, &log);
+        drop(store);
+        let recovered = wal_builder(&clock).open_with_backends(d, l)?;
+        assert_replays(&recovered, 0, 10, 50)?;
+        // The sweep was one batch: all of its removals are there, or none.
+        let stats = recovered.stats()?;
+        assert!(
+            [(10, 10), (30, 30)].contains(&(stats.records, stats.expiry_entries)),
+            "{call:?}: {stats:?}"
+        );
+        while recovered.sweep(7)?.more {}
+        let stats = recovered.stats()?;
+        assert_eq!((stats.records, stats.expiry_entries), (10, 10), "{call:?}");
     }
     Ok(())
 }

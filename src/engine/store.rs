@@ -459,16 +459,34 @@ impl Store {
     /// entries remain. To drain a backlog, sweep while it is true (the background sweeper
     /// does).
     ///
+    /// With the [write-ahead log](crate::StoreBuilder::write_ahead_log), the sweep reads the
+    /// index and the records on the calling thread, without holding up the writer, and then
+    /// commits its removals between two of the writer's batches (up to `limit` entries even
+    /// under load), and returns once a sync of the log covers them (the writer's next one,
+    /// shared with the commits it runs meanwhile); if a record it read changed meanwhile, it
+    /// goes through the writer as above.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use idemstore::{ClaimOptions, Claim, ManualClock, Store};
+    ///
+    /// let clock = ManualClock::new(1_000_000);
+    /// let store = Store::builder().clock(clock.clone()).sweep_interval(None).open_in_memory()?;
+    /// let opts = ClaimOptions::default();
+    /// let Claim::Acquired(lease) = store.claim("s", "k", b"fp", &opts)? else { unreachable!() };
+    /// store.complete(&lease, b"ok", Duration::from_secs(60))?;
+    ///
+    /// clock.advance(Duration::from_secs(61));
+    /// let swept = store.sweep(1024)?;
+    /// assert_eq!((swept.removed, swept.more), (1, false));
+    /// assert_eq!(store.stats()?.records, 0);
+    /// # Ok::<(), idemstore::Error>(())
+    /// ```
+    ///
     /// # Errors
     /// The storage errors of [`Store::complete`].
     pub fn sweep(&self, limit: usize) -> Result<Swept> {
-        self.shared.check_writable()?;
-        let limit = limit.min(BATCH_OPS_MAX);
-        self.shared
-            .queue
-            .submit(Command::Sweep { limit })?
-            .wait()?
-            .into_swept()
+        crate::engine::sweeper::sweep(&self.shared, limit.min(BATCH_OPS_MAX))
     }
 
     /// The async form of [`Store::sweep`].

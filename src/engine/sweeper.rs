@@ -1,16 +1,90 @@
-//! The background sweeper: removes expired records through the commit queue in bounded
-//! batches, walking the expiry index from the oldest entry. Expiry itself is logical (a record
-//! past `expires_at_ms` is absent to every operation); sweeping only reclaims space.
+//! Sweeping, and the background sweeper: removes expired records in bounded batches, walking
+//! the expiry index from the oldest entry. Expiry itself is logical (a record past
+//! `expires_at_ms` is absent to every operation); sweeping only reclaims space.
+//!
+//! A sweep reads a record per index entry and writes little. With the write-ahead log, it
+//! runs on the sweeping thread, without the writer's lock ([`Storage::write_detached`]): the
+//! writer waits only for its commit, not for its reads. Where that cannot commit (a record it
+//! read changed meanwhile, or another storage), the sweep goes through the commit queue.
+//!
+//! [`Storage::write_detached`]: crate::engine::storage::Storage::write_detached
 
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use parking_lot::{Condvar, Mutex};
 
+use crate::core::admin::Swept;
+use crate::engine::apply::{Apply, ScopeCounts};
+use crate::engine::durability::Durability;
 use crate::engine::queue::Command;
 use crate::engine::shared::Shared;
+use crate::engine::telemetry;
 use crate::error::{Error, Result};
+
+/// Removes up to `limit` due expiry-index entries and their records (see `Store::sweep`):
+/// away from the writer where the storage allows it, else through the commit queue.
+pub(crate) fn sweep(shared: &Shared, limit: usize) -> Result<Swept> {
+    shared.check_writable()?;
+    if let Some(swept) = sweep_detached(shared, limit)? {
+        return Ok(swept);
+    }
+    shared
+        .queue
+        .submit(Command::Sweep { limit })?
+        .wait()?
+        .into_swept()
+}
+
+/// The sweep as a detached batch; `None` if it could not commit that way.
+fn sweep_detached(shared: &Shared, limit: usize) -> Result<Option<Swept>> {
+    let now_ms = shared.now_ms();
+    let started = std::time::Instant::now();
+    let mut swept = None;
+    let committed = shared.storage.write_detached(&mut |batch| {
+        let mut apply = Apply {
+            batch,
+            scopes: ScopeCounts::default(),
+            next_token: 0,
+            quota: shared.quota,
+        };
+        let result = apply.sweep(now_ms, limit)?;
+        let Apply { batch, scopes, .. } = apply;
+        scopes.flush(batch)?;
+        swept = Some(result);
+        Ok(())
+    });
+    match committed {
+        Ok(true) => {
+            let swept = swept.ok_or_else(|| Error::Internal("a sweep committed nothing".into()))?;
+            // The commit is logged but not synced. At `Immediate`, it is acknowledged only
+            // once a sync of the writer's (shared with the callers' commits it runs meanwhile)
+            // covers it; at `Relaxed`, that sync follows at once, well within the window.
+            let flush = shared.queue.submit(Command::Flush)?;
+            if shared.durability == Durability::Immediate {
+                flush.wait()?;
+            }
+            let c = &shared.counters;
+            c.commits.fetch_add(1, Ordering::Relaxed);
+            c.operations.fetch_add(1, Ordering::Relaxed);
+            c.largest_batch.fetch_max(1, Ordering::Relaxed);
+            c.swept.fetch_add(swept.removed as u64, Ordering::Relaxed);
+            telemetry::committed(1, false, started.elapsed());
+            telemetry::swept(swept.removed);
+            Ok(Some(swept))
+        }
+        Ok(false) => Ok(None),
+        Err(e) => {
+            if matches!(e, Error::CommitOutcomeUnknown { .. }) {
+                telemetry::commit_failed();
+                shared.poison(&e);
+            }
+            Err(e)
+        }
+    }
+}
 
 /// The running sweeper thread; stopped and joined by [`Sweeper::stop`].
 pub(crate) struct Sweeper {
@@ -79,12 +153,7 @@ fn run(shared: &Shared, stop: &(Mutex<bool>, Condvar), interval: Duration, batch
                 );
                 return;
             }
-            let swept = shared
-                .queue
-                .submit(Command::Sweep { limit: batch })
-                .and_then(|slot| slot.wait())
-                .and_then(|answer| answer.into_swept());
-            match swept {
+            match sweep(shared, batch) {
                 Ok(swept) if swept.more => {}
                 Ok(_) => break,
                 Err(Error::Closed) => return,

@@ -62,6 +62,19 @@ pub(crate) trait Storage: Send + Sync {
         apply: &mut dyn FnMut(&mut dyn Batch) -> Result<()>,
     ) -> Result<()>;
 
+    /// Runs `apply` on a batch without the writer's lock, for work that reads much and
+    /// writes little (the sweep), so that callers' batches need not wait while it reads.
+    /// The batch reads committed state; under the writer's lock, its writes are committed
+    /// (not durably: a later durable batch or flush syncs them, which the caller waits for
+    /// before it acknowledges anything) if nothing it read has changed
+    /// since, with its scope counts applied as changes to the counts of that moment. Returns
+    /// `Ok(false)`, having committed nothing, when something changed, when the batch sets the
+    /// next token, or when the storage has no such path (the default): the caller then runs
+    /// the work through the writer. A batch that fails commits nothing either.
+    fn write_detached(&self, _apply: &mut dyn FnMut(&mut dyn Batch) -> Result<()>) -> Result<bool> {
+        Ok(false)
+    }
+
     /// Stops serving reads from cached state: the writer calls it when it stops, and after a
     /// commit failed (readers then read the file directly and see any error themselves).
     fn release_reads(&self);

@@ -88,13 +88,38 @@ impl Layer {
         }
     }
 
-    /// Sets whether the expiry entry `(at_ms, key)` is present.
-    pub(crate) fn set_expiry(&mut self, at_ms: u64, key: &[u8], present: bool) {
-        match self.expiry.get_mut(&(at_ms, key.to_vec())) {
-            Some(mark) => *mark = present,
-            None => {
-                self.bytes += key.len() + 8 + ENTRY_OVERHEAD;
-                self.expiry.insert((at_ms, key.to_vec()), present);
+    /// [`Layer::set_record`] with a key the layer may keep (no copy of it).
+    fn set_record_owned(&mut self, key: Vec<u8>, value: Option<Arc<[u8]>>) {
+        use std::collections::hash_map::Entry;
+        let added = value.as_ref().map_or(0, |v| v.len());
+        match self.records.entry(key) {
+            Entry::Occupied(mut slot) => {
+                let old = slot.get().as_ref().map_or(0, |v| v.len());
+                self.bytes = self.bytes.saturating_sub(old) + added;
+                slot.insert(value);
+            }
+            Entry::Vacant(slot) => {
+                self.bytes += slot.key().len() + added + ENTRY_OVERHEAD;
+                slot.insert(value);
+            }
+        }
+    }
+
+    /// Sets whether the expiry entry `(at_ms, key)` is present; returns what the layer said
+    /// before (`None`: nothing).
+    pub(crate) fn set_expiry(&mut self, at_ms: u64, key: &[u8], present: bool) -> Option<bool> {
+        self.set_expiry_owned((at_ms, key.to_vec()), present)
+    }
+
+    /// [`Layer::set_expiry`] with an entry the layer may keep (no copy of its key).
+    fn set_expiry_owned(&mut self, entry: (u64, Vec<u8>), present: bool) -> Option<bool> {
+        use std::collections::btree_map::Entry;
+        match self.expiry.entry(entry) {
+            Entry::Occupied(mut mark) => Some(mark.insert(present)),
+            Entry::Vacant(mark) => {
+                self.bytes += mark.key().1.len() + 8 + ENTRY_OVERHEAD;
+                mark.insert(present);
+                None
             }
         }
     }
@@ -109,10 +134,10 @@ impl Layer {
     /// Lays `newer` over this layer: its changes replace this layer's for the same keys.
     pub(crate) fn absorb(&mut self, newer: Layer) {
         for (key, value) in newer.records {
-            self.set_record(&key, value);
+            self.set_record_owned(key, value);
         }
-        for ((at, key), present) in newer.expiry {
-            self.set_expiry(at, &key, present);
+        for (entry, present) in newer.expiry {
+            self.set_expiry_owned(entry, present);
         }
         for (scope, count) in newer.scopes {
             self.set_scope(&scope, count);

@@ -99,6 +99,10 @@ pub struct WalStats {
     pub log_sync_p99_us: u64,
     /// The longest sync of the log since open, in microseconds.
     pub log_sync_max_us: u64,
+    /// Sweeps committed beside the writer since open ([`Store::sweep`](crate::Store::sweep)
+    /// and the background sweeper read on their own thread); the others found a record they
+    /// read changed meanwhile, or a due record still in the map, and went through the writer.
+    pub detached_sweeps: u64,
 }
 
 #[derive(Default)]
@@ -146,6 +150,8 @@ struct Inner {
     failed: Mutex<Option<Error>>,
     /// How long the log's syncs took (shared with the log).
     sync_times: Arc<SyncTimes>,
+    /// Detached batches committed since open.
+    detached_commits: AtomicU64,
     /// The sweep's floor: every expiry-index entry at or below it is removed, in the map or in
     /// redb, so the next sweep starts its walk of the index after it instead of stepping over
     /// everything earlier sweeps removed since the last checkpoint. `None`: from the start.
@@ -211,6 +217,7 @@ impl WalStorage {
             log_figures: Mutex::new(log_figures),
             failed: Mutex::new(None),
             sync_times,
+            detached_commits: AtomicU64::new(0),
             sweep_floor: Mutex::new(None),
             config,
             geometry,
@@ -262,17 +269,28 @@ impl Inner {
 
     /// The record under `key` in the map, the read cache or, failing those, in redb.
     fn read(&self, key: &[u8]) -> Result<Option<Stored>> {
-        {
-            let layers = self.layers.read();
-            let frozen = layers.frozen.as_deref();
-            for layer in std::iter::once(&layers.active).chain(frozen) {
-                match layer.lookup(key) {
-                    Lookup::Found(bytes) => return Ok(Some(codec::decode(key, &bytes))),
-                    Lookup::Removed => return Ok(None),
-                    Lookup::Unknown => {}
-                }
+        match self.map_lookup(key) {
+            Lookup::Found(bytes) => Ok(Some(codec::decode(key, &bytes))),
+            Lookup::Removed => Ok(None),
+            Lookup::Unknown => self.read_below_map(key),
+        }
+    }
+
+    /// What the map's layers (active, then frozen) say about `key`.
+    fn map_lookup(&self, key: &[u8]) -> Lookup {
+        let layers = self.layers.read();
+        let frozen = layers.frozen.as_deref();
+        for layer in std::iter::once(&layers.active).chain(frozen) {
+            match layer.lookup(key) {
+                Lookup::Unknown => {}
+                found => return found,
             }
         }
+        Lookup::Unknown
+    }
+
+    /// The record under `key` in the read cache or redb, for a key the map does not hold.
+    fn read_below_map(&self, key: &[u8]) -> Result<Option<Stored>> {
         // A frozen layer is dropped only after redb serves its changes and the cache holds
         // them, so a key it held is found there now.
         if let Some(bytes) = self.cache.get(key) {
@@ -358,15 +376,21 @@ impl Inner {
             return Err(e);
         }
         let floor = self.sweep_floor.lock().clone();
-        let mut batch = WalBatch {
-            inner: self,
-            layer: Layer::default(),
-            floor,
-            due_returned: Vec::new(),
-        };
+        let mut batch = WalBatch::new(self, floor, None);
         apply(&mut batch)?;
         let new_floor = batch.floor_after();
-        let mut layer = batch.layer;
+        self.commit_locked(&mut log, batch.layer, durable, new_floor)
+    }
+
+    /// Appends `layer` to the log and lays it over the map, with the writer's lock held
+    /// (`log`); `new_floor` replaces the sweep floor once it is logged.
+    fn commit_locked(
+        &self,
+        log: &mut Log,
+        mut layer: Layer,
+        durable: bool,
+        new_floor: Option<ExpiryEntry>,
+    ) -> Result<()> {
         if layer.is_empty() {
             // Nothing to log: a durable empty batch is a flush of what was written unsynced.
             if durable {
@@ -388,7 +412,7 @@ impl Inner {
             match log.append(&payload, token, durable, checkpoint_lsn) {
                 Ok(lsn) => break lsn,
                 Err(AppendError::Full) if tries < 2 => {
-                    self.make_room(&log, tries == 1)?;
+                    self.make_room(log, tries == 1)?;
                     tries += 1;
                 }
                 Err(AppendError::Full) => {
@@ -422,9 +446,102 @@ impl Inner {
                 // Back-pressure: the checkpointer is behind; wait for it before taking more.
                 self.wait_for_checkpoint()?;
             }
-            self.freeze(&log);
+            self.freeze(log);
         }
         Ok(())
+    }
+
+    /// [`Storage::write_detached`]: runs `apply` without the writer's lock, then commits its
+    /// layer under it if nothing the batch read has changed meanwhile.
+    fn write_detached(&self, apply: &mut dyn FnMut(&mut dyn Batch) -> Result<()>) -> Result<bool> {
+        if let Some(e) = self.failure() {
+            return Err(e);
+        }
+        // Redb changes only at a checkpoint, which also drops the layer it wrote: with the
+        // same checkpoint LSN at the commit, whatever the batch read from redb or the cache is
+        // still what they hold, unless a batch since then changed that key in the map.
+        let checkpoint_lsn = self.checkpoint_lsn.load(Ordering::SeqCst);
+        let floor = self.sweep_floor.lock().clone();
+        let mut batch = WalBatch::new(self, floor.clone(), Some(Detached::default()));
+        match apply(&mut batch) {
+            Ok(()) => {}
+            Err(_) if batch.detached.as_ref().is_some_and(|d| d.conflict) => return Ok(false),
+            Err(e) => return Err(e),
+        }
+        let new_floor = batch.floor_after();
+        let WalBatch {
+            mut layer,
+            detached,
+            ..
+        } = batch;
+        let Some(detached) = detached else {
+            return Ok(false);
+        };
+        if layer.next_token.is_some() {
+            // Token changes go through the writer, which owns the token sequence.
+            return Ok(false);
+        }
+        let mut log = self.log.lock();
+        if let Some(e) = self.failure() {
+            return Err(e);
+        }
+        if self.checkpoint_lsn.load(Ordering::SeqCst) != checkpoint_lsn {
+            return Ok(false);
+        }
+        {
+            let layers = self.layers.read();
+            let frozen = layers.frozen.as_deref();
+            let in_map = |key: &[u8]| {
+                std::iter::once(&layers.active)
+                    .chain(frozen)
+                    .any(|l| !matches!(l.lookup(key), Lookup::Unknown))
+            };
+            if detached.read.iter().any(|k| in_map(k)) || layer.records.keys().any(|k| in_map(k)) {
+                return Ok(false);
+            }
+        }
+        // Scope counts: what the batch changed, applied to the counts as they are now (batches
+        // since may have added or removed records of the same scopes).
+        let changed: Vec<(Vec<u8>, u64)> =
+            layer.scopes.iter().map(|(s, c)| (s.clone(), *c)).collect();
+        for (scope, count) in changed {
+            let read = detached.scopes.get(&scope).copied().unwrap_or(0);
+            let now = self.scope_records(&scope)?;
+            let adjusted = if count >= read {
+                now.saturating_add(count - read)
+            } else {
+                now.saturating_sub(read - count)
+            };
+            layer.set_scope(&scope, adjusted);
+        }
+        // The floor moves only if no batch moved it since, and none indexed an entry below
+        // where it would go.
+        let new_floor = if *self.sweep_floor.lock() == floor
+            && !self.map_indexes_between(floor.as_ref(), new_floor.as_ref())
+        {
+            new_floor
+        } else {
+            self.sweep_floor.lock().clone()
+        };
+        self.commit_locked(&mut log, layer, false, new_floor)?;
+        self.detached_commits.fetch_add(1, Ordering::Relaxed);
+        Ok(true)
+    }
+
+    /// Whether the map holds a present expiry entry above `from` (from the start for `None`)
+    /// and at or below `to`.
+    fn map_indexes_between(&self, from: Option<&ExpiryEntry>, to: Option<&ExpiryEntry>) -> bool {
+        use std::ops::Bound;
+        let Some(to) = to else {
+            return false;
+        };
+        let lower = from.map_or(Bound::Unbounded, |f| Bound::Excluded(f.clone()));
+        let range = (lower, Bound::Included(to.clone()));
+        let layers = self.layers.read();
+        let frozen = layers.frozen.as_deref();
+        std::iter::once(&layers.active)
+            .chain(frozen)
+            .any(|l| l.expiry.range(range.clone()).any(|(_, present)| *present))
     }
 
     fn run_checkpointer(&self) {
@@ -568,6 +685,7 @@ impl Inner {
             log_syncs,
             log_sync_p99_us,
             log_sync_max_us,
+            detached_sweeps: self.detached_commits.load(Ordering::Relaxed),
         }
     }
 
@@ -694,6 +812,10 @@ impl Storage for WalStorage {
     fn verify_pages(&self) -> Result<Option<(u64, Duration)>> {
         self.inner.base.verify_pages()
     }
+
+    fn write_detached(&self, apply: &mut dyn FnMut(&mut dyn Batch) -> Result<()>) -> Result<bool> {
+        self.inner.write_detached(apply)
+    }
 }
 
 /// An expiry-index entry: `(expires_at_ms, scoped key)`.
@@ -707,9 +829,48 @@ struct WalBatch<'a> {
     floor: Option<ExpiryEntry>,
     /// What `due` returned in this batch, in order.
     due_returned: Vec<ExpiryEntry>,
+    /// For a batch applied without the writer's lock: what it read.
+    detached: Option<Detached>,
 }
 
-impl WalBatch<'_> {
+/// What a detached batch read, checked again under the writer's lock before it commits.
+#[derive(Default)]
+struct Detached {
+    /// Keys read from the read cache or redb (a key the map held is a conflict at once).
+    read: Vec<Vec<u8>>,
+    /// Each scope's count as first read.
+    scopes: HashMap<Vec<u8>, u64>,
+    /// A read met a key the map holds: the batch gives way to the writer.
+    conflict: bool,
+}
+
+impl<'a> WalBatch<'a> {
+    fn new(inner: &'a Inner, floor: Option<ExpiryEntry>, detached: Option<Detached>) -> Self {
+        WalBatch {
+            inner,
+            layer: Layer::default(),
+            floor,
+            due_returned: Vec::new(),
+            detached,
+        }
+    }
+
+    /// A read of `key` by a detached batch, which did not change it itself: from below the
+    /// map only.
+    fn read_detached(&mut self, key: &[u8]) -> Result<Option<Stored>> {
+        let Some(detached) = self.detached.as_mut() else {
+            return self.inner.read(key);
+        };
+        if !matches!(self.inner.map_lookup(key), Lookup::Unknown) {
+            detached.conflict = true;
+            return Err(Error::Internal(
+                "a detached batch read a key the map holds".into(),
+            ));
+        }
+        detached.read.push(key.to_vec());
+        self.inner.read_below_map(key)
+    }
+
     /// The sweep floor once this batch commits: raised over the entries `due` returned that
     /// the batch removed, in order (every entry below them was removed already, since `due`
     /// returns the earliest ones); dropped if the batch indexed an entry at or below it. (The
@@ -786,7 +947,7 @@ impl Batch for WalBatch<'_> {
         match self.layer.lookup(key) {
             Lookup::Found(bytes) => Ok(Some(codec::decode(key, &bytes))),
             Lookup::Removed => Ok(None),
-            Lookup::Unknown => self.inner.read(key),
+            Lookup::Unknown => self.read_detached(key),
         }
     }
 
@@ -817,18 +978,16 @@ impl Batch for WalBatch<'_> {
     fn index(&mut self, at_ms: u64, key: &[u8]) -> Result<()> {
         // A new entry (the engine indexes a record's new expiry), unless this batch had
         // unindexed it.
-        if self.layer.expiry.get(&(at_ms, key.to_vec())) != Some(&true) {
+        if self.layer.set_expiry(at_ms, key, true) != Some(true) {
             self.layer.expiry_delta += 1;
         }
-        self.layer.set_expiry(at_ms, key, true);
         Ok(())
     }
 
     fn unindex(&mut self, at_ms: u64, key: &[u8]) -> Result<()> {
-        if self.layer.expiry.get(&(at_ms, key.to_vec())) != Some(&false) {
+        if self.layer.set_expiry(at_ms, key, false) != Some(false) {
             self.layer.expiry_delta -= 1;
         }
-        self.layer.set_expiry(at_ms, key, false);
         Ok(())
     }
 
@@ -843,10 +1002,14 @@ impl Batch for WalBatch<'_> {
     }
 
     fn scope_records(&mut self, scope: &[u8]) -> Result<u64> {
-        match self.layer.scopes.get(scope) {
-            Some(count) => Ok(*count),
-            None => self.inner.scope_records(scope),
+        if let Some(count) = self.layer.scopes.get(scope) {
+            return Ok(*count);
         }
+        let count = self.inner.scope_records(scope)?;
+        if let Some(detached) = self.detached.as_mut() {
+            detached.scopes.entry(scope.to_vec()).or_insert(count);
+        }
+        Ok(count)
     }
 
     fn set_scope_records(&mut self, scope: &[u8], count: u64) -> Result<()> {
