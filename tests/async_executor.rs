@@ -171,3 +171,74 @@ fn close_async_releases_the_file_with_everything_acknowledged() -> TestResult {
     );
     Ok(())
 }
+
+/// With a write-ahead log, a sweep reads the index and the records itself (beside the writer):
+/// `sweep_async` does that on the store's threads too.
+#[test]
+fn a_sweep_whose_reads_wait_on_the_disk_leaves_a_current_thread_runtime_free() -> TestResult {
+    let (disk, log) = (GatedDisk::default(), GatedDisk::default());
+    let gate = Arc::clone(&disk.gate);
+    let clock = clock();
+    let builder = || {
+        Store::builder()
+            .clock(clock.clone())
+            .sweep_interval(None)
+            .cache_size(0)
+            .read_cache(0)
+            .verify_on_open(false)
+            .write_ahead_log(true)
+            .wal_segment_bytes(1 << 20)
+    };
+    {
+        // Closing checkpoints everything: the records are read from the database file.
+        let store = builder().open_with_backends(disk.clone(), log.clone())?;
+        for i in 0..2_000 {
+            let lease = acquired(store.claim("s", format!("k{i}"), "fp", &opts(1_000))?);
+            store.complete(&lease, b"answer", Duration::from_secs(10))?;
+        }
+        store.close()?;
+    }
+    let store = Arc::new(builder().open_with_backends(disk, log)?);
+    clock.advance(Duration::from_secs(20));
+
+    let (done_tx, done_rx) = std::sync::mpsc::channel();
+    let runtime_store = Arc::clone(&store);
+    let runtime_gate = Arc::clone(&gate);
+    std::thread::spawn(move || {
+        let result = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .map(|rt| {
+                rt.block_on(async move {
+                    runtime_gate.armed.store(true, Ordering::SeqCst);
+                    let store = Arc::clone(&runtime_store);
+                    let sweep = tokio::spawn(async move { store.sweep_async(100).await });
+                    // This task runs only if the sweep's disk reads left the thread free.
+                    while runtime_gate.blocked_reads.load(Ordering::SeqCst) == 0
+                        && !sweep.is_finished()
+                    {
+                        tokio::task::yield_now().await;
+                    }
+                    runtime_gate.armed.store(false, Ordering::SeqCst);
+                    *runtime_gate.open.lock().expect("gate lock") = true;
+                    runtime_gate.opened.notify_all();
+                    sweep.await
+                })
+            });
+        let _ = done_tx.send(result);
+    });
+    let outcome = done_rx.recv_timeout(Duration::from_secs(60)).map_err(|_| {
+        format!(
+            "the runtime's only thread stayed blocked by a disk read (blocked reads {})",
+            gate.blocked_reads.load(Ordering::SeqCst)
+        )
+    })?;
+    let swept = outcome???;
+    assert_eq!((swept.removed, swept.more), (100, true));
+    assert!(
+        gate.blocked_reads.load(Ordering::SeqCst) > 0,
+        "the sweep read no page from the disk: the test proved nothing"
+    );
+    let wal = store.stats()?.wal.ok_or("a log")?;
+    assert_eq!(wal.detached_sweeps, 1, "{wal:?}");
+    Ok(())
+}

@@ -496,6 +496,15 @@ impl Store {
     pub async fn sweep_async(&self, limit: usize) -> Result<Swept> {
         self.shared.check_writable()?;
         let limit = limit.min(BATCH_OPS_MAX);
+        if self.shared.storage.wal_figures().is_some() {
+            // A sweep beside the writer reads records itself: on the read pool, never on the
+            // executor's thread.
+            let shared = Arc::clone(&self.shared);
+            return self
+                .read_pool
+                .run(move || crate::engine::sweeper::sweep(&shared, limit))
+                .await;
+        }
         self.shared
             .queue
             .submit_async(Command::Sweep { limit })
