@@ -62,6 +62,24 @@
 //! | `idemstore_swept_total` | counter | | expired records removed by sweeps |
 //! | `idemstore_poisoned` | gauge | | 1 once a fatal error stopped writes, else 0 |
 //!
+//! With the [write-ahead log](StoreBuilder::write_ahead_log), also:
+//!
+//! | name | kind | labels | what |
+//! | --- | --- | --- | --- |
+//! | `idemstore_log_sync_seconds` | histogram | | each `fdatasync` of the log (what a durable commit waits for) |
+//! | `idemstore_checkpoints_total` | counter | | checkpoints completed |
+//! | `idemstore_checkpoint_seconds` | histogram | | time to write the record map into the database file, per checkpoint |
+//! | `idemstore_checkpoint_failures_total` | counter | | failed checkpoints (the store is then poisoned) |
+//! | `idemstore_checkpoint_lag_bytes` | gauge | | log bytes appended since what the last checkpoint covers |
+//! | `idemstore_checkpoint_lag_seconds` | gauge | | time since the last checkpoint |
+//! | `idemstore_wal_map_bytes` | gauge | | memory held by the record map ([`StoreBuilder::map_budget`]) |
+//! | `idemstore_wal_read_cache_bytes` | gauge | | memory held by the read cache |
+//! | `idemstore_wal_log_bytes` | gauge | | log segments holding batches no checkpoint covers |
+//! | `idemstore_scrubs_total` | counter | `result` = `ok`, `damaged`, `unreadable` | background page verifications ([`StoreBuilder::scrub_interval`]) |
+//!
+//! The gauges are set by the checkpointer after each checkpoint and each idle
+//! `checkpoint_interval`; [`Stats::wal`] reads the same figures on demand.
+//!
 //!
 //! Every store of a process reports under the same names (the facade has no per-store scope).
 //!

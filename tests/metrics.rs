@@ -156,5 +156,36 @@ fn claims_commits_fencing_and_sweeps_are_reported() -> TestResult {
     );
     assert_eq!(kept.gauge("idemstore_poisoned"), Some(0.0));
     assert_eq!(kept.gauge("idemstore_queue_depth"), Some(0.0));
+
+    // With a write-ahead log: its syncs, the checkpoints and the map's figures.
+    let dir = tempfile::tempdir()?;
+    let store = idemstore::Store::builder()
+        .clock(clock.clone())
+        .sweep_interval(None)
+        .write_ahead_log(true)
+        .wal_segment_bytes(1 << 20)
+        .checkpoint_interval(Duration::from_secs(3600))
+        .open(dir.path().join("idem.redb"))?;
+    for i in 0..5 {
+        let lease = acquired(store.claim("s", format!("w{i}"), "fp", &opts(1_000))?);
+        store.complete(&lease, b"done", DAY)?;
+    }
+    let syncs = store.stats()?.wal.ok_or("a log")?.log_syncs;
+    assert!(syncs >= 10, "{syncs} log syncs");
+    let samples = kept.samples("idemstore_log_sync_seconds");
+    assert_eq!(samples.len() as u64, syncs);
+    assert!(
+        samples.iter().all(|s| *s >= 0.0 && *s < 60.0),
+        "{samples:?}"
+    );
+    assert_eq!(kept.counter("idemstore_checkpoints_total"), 0);
+    // Closing checkpoints what the map holds.
+    store.close()?;
+    assert_eq!(kept.counter("idemstore_checkpoints_total"), 1);
+    assert_eq!(kept.samples("idemstore_checkpoint_seconds").len(), 1);
+    // The checkpointer's last report: the map written out, nothing left to checkpoint.
+    assert_eq!(kept.gauge("idemstore_wal_map_bytes"), Some(0.0));
+    assert_eq!(kept.gauge("idemstore_checkpoint_lag_bytes"), Some(0.0));
+    assert_eq!(kept.counter("idemstore_checkpoint_failures_total"), 0);
     Ok(())
 }

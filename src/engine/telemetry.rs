@@ -81,3 +81,55 @@ pub(crate) fn swept(removed: usize) {
     #[cfg(not(feature = "metrics"))]
     let _ = removed;
 }
+
+/// The write-ahead log's sync took `took`.
+pub(crate) fn log_synced(took: std::time::Duration) {
+    #[cfg(feature = "metrics")]
+    metrics::histogram!("idemstore_log_sync_seconds").record(Duration::as_secs_f64(&took));
+    #[cfg(not(feature = "metrics"))]
+    let _ = took;
+}
+
+/// A checkpoint wrote the record map into the database file in `took`.
+pub(crate) fn checkpointed(took: std::time::Duration) {
+    #[cfg(feature = "metrics")]
+    {
+        metrics::counter!("idemstore_checkpoints_total").increment(1);
+        metrics::histogram!("idemstore_checkpoint_seconds").record(Duration::as_secs_f64(&took));
+    }
+    #[cfg(not(feature = "metrics"))]
+    let _ = took;
+}
+
+/// A scrub verified the database file's pages: `result` is `ok`, `damaged` or `unreadable`.
+pub(crate) fn scrubbed(result: &'static str) {
+    #[cfg(feature = "metrics")]
+    metrics::counter!("idemstore_scrubs_total", "result" => result).increment(1);
+    #[cfg(not(feature = "metrics"))]
+    let _ = result;
+}
+
+/// The write-ahead log's figures, as the checkpointer saw them after a checkpoint or an idle
+/// interval.
+pub(crate) fn wal_figures(figures: &crate::engine::storage::wal::WalStats) {
+    #[cfg(feature = "metrics")]
+    {
+        metrics::gauge!("idemstore_wal_map_bytes").set(figures.map_bytes as f64);
+        metrics::gauge!("idemstore_wal_read_cache_bytes").set(figures.cache_bytes as f64);
+        metrics::gauge!("idemstore_wal_log_bytes").set(figures.log_bytes as f64);
+        metrics::gauge!("idemstore_checkpoint_lag_bytes").set(figures.checkpoint_lag_bytes as f64);
+        metrics::gauge!("idemstore_checkpoint_lag_seconds")
+            .set(figures.checkpoint_lag_ms as f64 / 1000.0);
+    }
+    #[cfg(not(feature = "metrics"))]
+    let _ = figures;
+}
+
+/// A checkpoint failed; the store accepts no more writes until reopened.
+pub(crate) fn checkpoint_failed() {
+    #[cfg(feature = "metrics")]
+    {
+        metrics::counter!("idemstore_checkpoint_failures_total").increment(1);
+        metrics::gauge!("idemstore_poisoned").set(1.0);
+    }
+}

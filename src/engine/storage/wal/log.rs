@@ -709,7 +709,9 @@ impl Log {
     fn sync_data(&self) -> std::io::Result<()> {
         let started = Instant::now();
         let synced = self.file.sync_data();
-        self.sync_times.record(started.elapsed());
+        let took = started.elapsed();
+        self.sync_times.record(took);
+        crate::engine::telemetry::log_synced(took);
         synced
     }
 

@@ -37,6 +37,7 @@ use crate::core::record::Record;
 use crate::engine::codec;
 use crate::engine::storage::redb::RedbStorage;
 use crate::engine::storage::{Batch, Counts, Storage, Stored};
+use crate::engine::telemetry;
 use crate::error::{Error, Result};
 use cache::ReadCache;
 use layer::{Layer, Lookup};
@@ -588,6 +589,7 @@ impl Inner {
                 // Nothing waits to be checkpointed: no lag to report, and the interval restarts.
                 *self.last_checkpoint_at.lock() = Instant::now();
             }
+            telemetry::wal_figures(&self.figures());
             if stop && self.layers.read().frozen.is_none() && self.layers.read().active.is_empty() {
                 return;
             }
@@ -612,13 +614,18 @@ impl Inner {
         let elapsed = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
         *self.last_scrub_at.lock() = Instant::now();
         let failed = match &result {
-            Ok(_) => false,
+            Ok(_) => {
+                telemetry::scrubbed("ok");
+                false
+            }
             Err(e @ Error::Corrupt { .. }) => {
                 tracing::error!(error = %e, "idemstore: the scrub found the database file damaged; restore it from a backup or inspect it (`idemstore verify`)");
+                telemetry::scrubbed("damaged");
                 true
             }
             Err(e) => {
                 tracing::warn!(error = %e, "idemstore: the scrub could not read the database file");
+                telemetry::scrubbed("unreadable");
                 true
             }
         };
@@ -637,6 +644,7 @@ impl Inner {
         if let Err(e) = self.base.checkpoint(frozen, frozen.last_lsn) {
             drop(gate);
             tracing::error!(error = %e, "a checkpoint failed; the store accepts no more writes until reopened (the log keeps every acknowledged batch)");
+            telemetry::checkpoint_failed();
             self.fail(&e);
             return;
         }
@@ -645,6 +653,7 @@ impl Inner {
         self.checkpoint_lsn.store(frozen.last_lsn, Ordering::SeqCst);
         drop(gate);
         *self.last_checkpoint_at.lock() = Instant::now();
+        telemetry::checkpointed(started.elapsed());
         {
             let mut control = self.control.lock();
             control.checkpoints += 1;
