@@ -173,7 +173,9 @@ fn close_async_releases_the_file_with_everything_acknowledged() -> TestResult {
 }
 
 /// With a write-ahead log, a sweep reads the index and the records itself (beside the writer):
-/// `sweep_async` does that on the store's threads too.
+/// `sweep_async` does that on the store's threads too. (Two disks of the test's own: the
+/// database file behind the gate, and the log.)
+#[cfg(feature = "__testkit")]
 #[test]
 fn a_sweep_whose_reads_wait_on_the_disk_leaves_a_current_thread_runtime_free() -> TestResult {
     let (disk, log) = (GatedDisk::default(), GatedDisk::default());
