@@ -91,9 +91,19 @@ fn validate_corpus_and_generated_inputs() {
 
 #[test]
 fn ops_corpus_and_generated_inputs() {
+    ops(testkit::run_ops, "");
+}
+
+/// The `ops` inputs again, on a store with a write-ahead log (the `ops_wal` target).
+#[test]
+fn ops_corpus_and_generated_inputs_with_a_write_ahead_log() {
+    ops(testkit::run_ops_with_log, " (write-ahead log)");
+}
+
+fn ops(run: fn(&[u8]) -> testkit::OpsSummary, label: &str) {
     let total = std::sync::Mutex::new(testkit::OpsSummary::default());
     replay("ops", 800, 400, |bytes| {
-        let s = testkit::run_ops(bytes);
+        let s = run(bytes);
         let mut t = total
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
@@ -107,8 +117,8 @@ fn ops_corpus_and_generated_inputs() {
         .into_inner()
         .unwrap_or_else(std::sync::PoisonError::into_inner);
     eprintln!(
-        "ops: {} operations, {} injected I/O failures fired, failed operations rolled back {} \
-         / rolled forward {} (each checked after a reopen), {} reopens",
+        "ops{label}: {} operations, {} injected I/O failures fired, failed operations rolled \
+         back {} / rolled forward {} (each checked after a reopen), {} reopens",
         t.ops, t.faults_fired, t.rolled_back, t.rolled_forward, t.reopens
     );
     assert!(

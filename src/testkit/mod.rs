@@ -19,4 +19,6 @@ pub mod model;
 
 pub use crash::{Fates, SECTOR, crash_image};
 pub use disk::{Call, Counts, DiskOp, Event, Fault, Recorded, Recorder, SimDisk, Target};
-pub use fuzz::{OpsSummary, WalSummary, decode_record, run_ops, scan_log, validate_input};
+pub use fuzz::{
+    OpsSummary, WalSummary, decode_record, run_ops, run_ops_with_log, scan_log, validate_input,
+};

@@ -14,6 +14,10 @@ use crate::{Claim, ClaimOptions, Error, Lease, ManualClock, Record, RecordState,
 pub(super) struct Harness {
     summary: OpsSummary,
     disk: SimDisk,
+    /// The write-ahead log's disk, for a store with one; faults then go to it (its writes and
+    /// syncs are what acknowledge, and happen inside operations, while the database file is
+    /// written by the checkpointer in the background).
+    log: Option<SimDisk>,
     clock: ManualClock,
     store: Option<Store>,
     model: Model,
@@ -23,11 +27,13 @@ pub(super) struct Harness {
 }
 
 impl Harness {
-    /// A new store over an empty disk, checked against an empty model.
-    pub(super) fn start() -> Harness {
+    /// A new store over an empty disk (and an empty log with `wal`), checked against an empty
+    /// model.
+    pub(super) fn start(wal: bool) -> Harness {
         let mut harness = Harness {
             summary: OpsSummary::default(),
             disk: SimDisk::new(),
+            log: wal.then(SimDisk::new),
             clock: ManualClock::new(T0_MS),
             store: None,
             model: Model::new(T0_MS, 0),
@@ -44,19 +50,35 @@ impl Harness {
     /// Disarms the faults, checks that whatever was acknowledged survives a clean reopen, and
     /// reports what the run did (`ops` operations).
     pub(super) fn finish(mut self, ops: usize) -> OpsSummary {
-        self.disk.set_fault(None);
+        self.faulty().set_fault(None);
         self.step(&Op::Reopen);
         self.check_everything();
         self.summary.ops = ops;
-        self.summary.faults_fired = self.disk.injected();
+        self.summary.faults_fired = self.faulty().injected();
         self.summary
     }
 
+    /// The disk faults are planned on.
+    fn faulty(&self) -> &SimDisk {
+        self.log.as_ref().unwrap_or(&self.disk)
+    }
+
     fn open(&self) -> crate::Result<Store> {
-        Store::builder()
+        let builder = Store::builder()
             .clock(self.clock.clone())
-            .sweep_interval(None)
-            .open_with_backend(self.disk.clone())
+            .sweep_interval(None);
+        match &self.log {
+            None => builder.open_with_backend(self.disk.clone()),
+            // A checkpoint after every commit, in the smallest map: checkpoints, evictions and
+            // detached sweeps race every operation; two small segments recycle often.
+            Some(log) => builder
+                .write_ahead_log(true)
+                .checkpoint_interval(Duration::ZERO)
+                .map_budget(crate::MAP_BUDGET_MIN)
+                .wal_segment_bytes(1 << 20)
+                .wal_segments(2)
+                .open_with_backends(self.disk.clone(), log.clone()),
+        }
     }
 
     fn store(&self) -> &Store {
@@ -164,7 +186,7 @@ impl Harness {
     /// acknowledged, the store must refuse writes, and after a reopen every record must be
     /// exactly as before the operation or exactly as after it (its batch is atomic).
     fn recover(&mut self, op: &Op, before: Model, mut after: Model) {
-        self.disk.set_fault(None);
+        self.faulty().set_fault(None);
         let store = self.store.take().expect("store");
         assert!(
             matches!(store.flush(), Err(Error::Poisoned { .. })),
@@ -219,10 +241,10 @@ impl Harness {
     /// fired inside it, checks that it failed and recovers by a reopen. Panics on any
     /// divergence.
     pub(super) fn step(&mut self, op: &Op) {
-        let fired_before = self.disk.injected();
+        let fired_before = self.faulty().injected();
         let before = self.model.clone();
         let result = self.apply(op);
-        let fired = self.disk.injected() > fired_before;
+        let fired = self.faulty().injected() > fired_before;
         match (result, fired) {
             (Ok(()), false) => {}
             (Ok(()), true) => {
@@ -379,10 +401,10 @@ impl Harness {
                         // A fault during the open: nothing was acknowledged, so open again
                         // without faults; the state must be unchanged.
                         assert!(
-                            self.disk.injected() > 0,
+                            self.faulty().injected() > 0,
                             "open failed without a fault: {e:?}"
                         );
-                        self.disk.set_fault(None);
+                        self.faulty().set_fault(None);
                         self.open().expect("a reopen without faults")
                     }
                 };
@@ -394,7 +416,7 @@ impl Harness {
                 self.store = Some(store);
                 self.summary.reopens += 1;
             }
-            Op::Fault(plan) => plan.arm(&self.disk),
+            Op::Fault(plan) => plan.arm(self.faulty()),
         }
         Ok(())
     }

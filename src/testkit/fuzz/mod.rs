@@ -10,7 +10,8 @@
 //! - [`validate_input`]: arbitrary limits, scope, key, fingerprint, outcome, checkpoint and
 //!   durations against the store's input validation.
 //! - [`run_ops`]: arbitrary operation sequences against the reference model of DESIGN §2, on a
-//!   [`SimDisk`](super::SimDisk) that fails writes, syncs or resizes at fuzzer-chosen points.
+//!   [`SimDisk`](super::SimDisk) that fails writes, syncs or resizes at fuzzer-chosen points;
+//!   [`run_ops_with_log`]: the same on a store with a write-ahead log (faults on the log).
 //! - [`scan_log`]: the write-ahead log's recovery over logs damaged in arbitrary ways.
 
 mod decode;
@@ -21,7 +22,7 @@ mod validate;
 mod wal;
 
 pub use decode::decode_record;
-pub use ops::{OpsSummary, run_ops};
+pub use ops::{OpsSummary, run_ops, run_ops_with_log};
 pub use validate::validate_input;
 pub use wal::{WalSummary, scan_log};
 

@@ -190,8 +190,20 @@ pub struct OpsSummary {
 /// exactly as before the operation or exactly as after it, tokens never reused. A reopen
 /// also checks that everything acknowledged survived it.
 pub fn run_ops(data: &[u8]) -> OpsSummary {
+    run(data, false)
+}
+
+/// [`run_ops`] on a store with a write-ahead log, checkpointed after every commit into the
+/// smallest record map, on a log of two 1 MiB segments: the faults go to the log's disk (its
+/// writes and syncs are what acknowledge), while checkpoints, segment recycling and sweeps
+/// committed beside the writer race the operations. The same properties hold.
+pub fn run_ops_with_log(data: &[u8]) -> OpsSummary {
+    run(data, true)
+}
+
+fn run(data: &[u8], wal: bool) -> OpsSummary {
     let mut r = Reader::new(data);
-    let mut harness = Harness::start();
+    let mut harness = Harness::start(wal);
     let mut ops = 0;
     while !r.is_empty() && ops < OPS_MAX {
         let op = read_op(&mut r);
