@@ -64,7 +64,7 @@ const USAGE: &str = "usage: cargo run --release --manifest-path compare/Cargo.to
   --sweep-batch N    records per sweep commit in the sweep-under-load measurement (default
                      1024, the engine's default `sweep_batch`)
   --format 1|2|both  the formats of the --records store (default both: 2 is the write-ahead
-                     log, the shipped default; 1 the redb file alone). The --big-records store
+                     log, `write_ahead_log(true)`; 1 the redb file alone). The --big-records store
                      is filled once, in format 2 unless only format 1 is asked for
   --sustained-seconds S
                      length of the sustained run (64 callers on a format-2 store filled with

@@ -59,6 +59,10 @@ fn sweep_detached(shared: &Shared, limit: usize) -> Result<Option<Swept>> {
     match committed {
         Ok(true) => {
             let swept = swept.ok_or_else(|| Error::Internal("a sweep committed nothing".into()))?;
+            if swept.visited == 0 {
+                // Nothing was due: nothing written, nothing to sync.
+                return Ok(Some(swept));
+            }
             // The commit is logged but not synced. At `Immediate`, it is acknowledged only
             // once a sync of the writer's (shared with the callers' commits it runs meanwhile)
             // covers it; at `Relaxed`, that sync follows at once, well within the window.

@@ -478,6 +478,10 @@ impl Inner {
         let Some(detached) = detached else {
             return Ok(false);
         };
+        if layer.is_empty() {
+            // Nothing to commit (a sweep with nothing due).
+            return Ok(true);
+        }
         if layer.next_token.is_some() {
             // Token changes go through the writer, which owns the token sequence.
             return Ok(false);
