@@ -41,7 +41,7 @@ pub(crate) fn sweep(shared: &Shared, limit: usize) -> Result<Swept> {
 /// The sweep as a detached batch; `None` if it could not commit that way.
 fn sweep_detached(shared: &Shared, limit: usize) -> Result<Option<Swept>> {
     let now_ms = shared.now_ms();
-    let started = std::time::Instant::now();
+    let started = Instant::now();
     let mut swept = None;
     let committed = shared.storage.write_detached(&mut |batch| {
         let mut apply = Apply {
