@@ -78,6 +78,50 @@ impl StorageBackend for GatedDisk {
     }
 }
 
+/// Runs `call` as a task of a current-thread Tokio runtime with `gate` armed, so that its disk
+/// reads wait; a second task, which runs only if those reads left the runtime's only thread
+/// free, then opens the gate. The runtime runs on a thread of its own, so that a blocked
+/// runtime fails the test (after 60 s) instead of hanging it.
+fn on_a_current_thread_runtime<T, F, Fut>(
+    gate: &Arc<Gate>,
+    call: F,
+) -> Result<T, Box<dyn std::error::Error>>
+where
+    T: Send + 'static,
+    F: FnOnce() -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = idemstore::Result<T>> + Send + 'static,
+{
+    let (done_tx, done_rx) = std::sync::mpsc::channel();
+    let runtime_gate = Arc::clone(gate);
+    std::thread::spawn(move || {
+        let result = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .map(|rt| {
+                rt.block_on(async move {
+                    runtime_gate.armed.store(true, Ordering::SeqCst);
+                    let task = tokio::spawn(call());
+                    while runtime_gate.blocked_reads.load(Ordering::SeqCst) == 0
+                        && !task.is_finished()
+                    {
+                        tokio::task::yield_now().await;
+                    }
+                    runtime_gate.armed.store(false, Ordering::SeqCst);
+                    *runtime_gate.open.lock().expect("gate lock") = true;
+                    runtime_gate.opened.notify_all();
+                    task.await
+                })
+            });
+        let _ = done_tx.send(result);
+    });
+    let outcome = done_rx.recv_timeout(Duration::from_secs(60)).map_err(|_| {
+        format!(
+            "the runtime's only thread stayed blocked by a disk read (blocked reads {})",
+            gate.blocked_reads.load(Ordering::SeqCst)
+        )
+    })?;
+    Ok(outcome???)
+}
+
 #[test]
 fn a_claim_whose_read_waits_on_the_disk_leaves_a_current_thread_runtime_free() -> TestResult {
     let disk = GatedDisk::default();
@@ -101,42 +145,9 @@ fn a_claim_whose_read_waits_on_the_disk_leaves_a_current_thread_runtime_free() -
     }
     let store = Arc::new(builder().open_with_backend(disk)?);
 
-    // The runtime runs on a thread of its own, so that a blocked runtime fails the test
-    // instead of hanging it.
-    let (done_tx, done_rx) = std::sync::mpsc::channel();
-    let runtime_store = Arc::clone(&store);
-    let runtime_gate = Arc::clone(&gate);
-    std::thread::spawn(move || {
-        let result = tokio::runtime::Builder::new_current_thread()
-            .build()
-            .map(|rt| {
-                rt.block_on(async move {
-                    runtime_gate.armed.store(true, Ordering::SeqCst);
-                    let store = Arc::clone(&runtime_store);
-                    let claim = tokio::spawn(async move {
-                        store.claim_async("s", "k1234", "fp", &opts(1_000)).await
-                    });
-                    // This task runs only if the claim's disk read left the thread free.
-                    while runtime_gate.blocked_reads.load(Ordering::SeqCst) == 0
-                        && !claim.is_finished()
-                    {
-                        tokio::task::yield_now().await;
-                    }
-                    runtime_gate.armed.store(false, Ordering::SeqCst);
-                    *runtime_gate.open.lock().expect("gate lock") = true;
-                    runtime_gate.opened.notify_all();
-                    claim.await
-                })
-            });
-        let _ = done_tx.send(result);
-    });
-    let outcome = done_rx.recv_timeout(Duration::from_secs(60)).map_err(|_| {
-        format!(
-            "the runtime's only thread stayed blocked by a disk read (blocked reads {})",
-            gate.blocked_reads.load(Ordering::SeqCst)
-        )
+    let claim = on_a_current_thread_runtime(&gate, move || async move {
+        store.claim_async("s", "k1234", "fp", &opts(1_000)).await
     })?;
-    let claim = outcome???;
     assert!(
         matches!(&claim, Claim::Replay(r) if r.outcome == b"answer 1234"),
         "{claim:?}"
@@ -203,38 +214,12 @@ fn a_sweep_whose_reads_wait_on_the_disk_leaves_a_current_thread_runtime_free() -
     let store = Arc::new(builder().open_with_backends(disk, log)?);
     clock.advance(Duration::from_secs(20));
 
-    let (done_tx, done_rx) = std::sync::mpsc::channel();
-    let runtime_store = Arc::clone(&store);
-    let runtime_gate = Arc::clone(&gate);
-    std::thread::spawn(move || {
-        let result = tokio::runtime::Builder::new_current_thread()
-            .build()
-            .map(|rt| {
-                rt.block_on(async move {
-                    runtime_gate.armed.store(true, Ordering::SeqCst);
-                    let store = Arc::clone(&runtime_store);
-                    let sweep = tokio::spawn(async move { store.sweep_async(100).await });
-                    // This task runs only if the sweep's disk reads left the thread free.
-                    while runtime_gate.blocked_reads.load(Ordering::SeqCst) == 0
-                        && !sweep.is_finished()
-                    {
-                        tokio::task::yield_now().await;
-                    }
-                    runtime_gate.armed.store(false, Ordering::SeqCst);
-                    *runtime_gate.open.lock().expect("gate lock") = true;
-                    runtime_gate.opened.notify_all();
-                    sweep.await
-                })
-            });
-        let _ = done_tx.send(result);
-    });
-    let outcome = done_rx.recv_timeout(Duration::from_secs(60)).map_err(|_| {
-        format!(
-            "the runtime's only thread stayed blocked by a disk read (blocked reads {})",
-            gate.blocked_reads.load(Ordering::SeqCst)
-        )
-    })?;
-    let swept = outcome???;
+    let sweeping = Arc::clone(&store);
+    let swept =
+        on_a_current_thread_runtime(
+            &gate,
+            move || async move { sweeping.sweep_async(100).await },
+        )?;
     assert_eq!((swept.removed, swept.more), (100, true));
     assert!(
         gate.blocked_reads.load(Ordering::SeqCst) > 0,
