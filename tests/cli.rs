@@ -604,6 +604,65 @@ fn reading_commands_leave_the_file_byte_for_byte_as_it_was() -> TestResult {
     Ok(())
 }
 
+/// A store with a write-ahead log, copied while it runs with no checkpoint since its open:
+/// the copy of the database file holds no record, its log holds them all, as after a crash.
+#[test]
+fn reading_commands_read_a_crashed_format_2_store_with_its_log_and_write_nothing() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let live = dir.path().join("live.redb");
+    let store = Store::builder()
+        .sweep_interval(None)
+        .write_ahead_log(true)
+        .checkpoint_interval(Duration::from_secs(3600))
+        .open(&live)?;
+    let options = ClaimOptions::default().retention(DAY);
+    let done = acquired(store.claim("s", "done", "fp-done", &options)?);
+    store.complete(&done, OUTCOME, DAY)?;
+    acquired(store.claim("t", "running", "fp-running", &options)?);
+    let crashed = dir.path().join("crashed");
+    std::fs::create_dir(&crashed)?;
+    let path = crashed.join("idem.redb");
+    std::fs::copy(&live, &path)?;
+    std::fs::copy(
+        dir.path().join("live.redb.wal"),
+        crashed.join("idem.redb.wal"),
+    )?;
+    drop(store);
+    let p = path.to_str().ok_or("path")?;
+    let before = (
+        std::fs::read(&path)?,
+        std::fs::read(crashed.join("idem.redb.wal"))?,
+    );
+
+    let figures = json(&run(&["stats", p, "--json"])?)?;
+    for (name, value) in [
+        ("format_version", 2),
+        ("records", 2),
+        ("completed", 1),
+        ("in_flight", 1),
+        ("log_batches", 3),
+    ] {
+        assert_eq!(figures[name], value, "{name}: {figures}");
+    }
+    let text = stdout(&run(&["stats", p])?);
+    assert!(text.contains("3 batches not yet checkpointed"), "{text}");
+    let line = json(&run(&["get", p, "s", "done", "--json"])?)?;
+    assert_eq!(b64(&line["outcome"]), OUTCOME);
+    let orphans = json_lines(&run(&["orphans", p, "--json"])?)?;
+    assert_eq!(orphans.len(), 1, "{orphans:?}");
+    for args in [vec!["list", p], vec!["export", p], vec!["verify", p]] {
+        let output = run(&args)?;
+        assert_eq!(code(&output), Some(0), "{args:?}: {}", stderr(&output));
+    }
+    let after = (
+        std::fs::read(&path)?,
+        std::fs::read(crashed.join("idem.redb.wal"))?,
+    );
+    assert!(after == before, "a reading command changed a file");
+    assert_eq!(std::fs::read_dir(&crashed)?.count(), 2, "no other file");
+    Ok(())
+}
+
 #[test]
 fn a_binary_scope_is_printed_as_hex_and_taken_back_as_an_argument() -> TestResult {
     let dir = tempfile::tempdir()?;

@@ -26,7 +26,7 @@ use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use idemstore::{Claim, ClaimOptions, Error, Lease, RecordState, Store};
+use idemstore::{Claim, ClaimOptions, Error, Lease, ReadOnlyStore, RecordState, Store};
 use support::rng::Rng;
 
 const CHILD_DB_ENV: &str = "IDEMSTORE_CRASH_CHILD_DB";
@@ -299,6 +299,10 @@ struct Counters {
     parent_takeovers: u64,
     cycles_without_acks: u64,
     records_checked: u64,
+    /// Killed stores read by the read-only view and compared with the store's own recovery.
+    views_compared: u64,
+    /// Log batches those views replayed (write-ahead log only).
+    view_log_batches: u64,
 }
 
 impl Model {
@@ -628,6 +632,22 @@ fn one_cycle(
     }
     absorb(model, &mut stats.counters, cycle, base, &lines);
 
+    // First the read-only view of the killed store, now and then (after every kill with a
+    // log, which it replays in memory): it must see exactly what the store opened for writing
+    // sees next.
+    let with_log = db.to_string_lossy().ends_with(WAL_SUFFIX);
+    let view = (full || with_log).then(|| {
+        let view = ReadOnlyStore::open(db)
+            .unwrap_or_else(|e| panic!("cycle {cycle}: read-only open after SIGKILL: {e:?}"));
+        let mut records = BTreeMap::new();
+        view.scan(None, |entry| {
+            records.insert((entry.scope, entry.key), entry.record.ok());
+            true
+        })
+        .expect("scan the view");
+        (view.summary().expect("view summary"), records)
+    });
+
     // Recovery: reopen after the kill, timed.
     let verify_started = Instant::now();
     let size = std::fs::metadata(db).map(|m| m.len()).unwrap_or(0);
@@ -636,6 +656,35 @@ fn one_cycle(
         Err(e) => panic!("cycle {cycle}: reopen after SIGKILL failed: {e:?}"),
     };
     stats.recovery.push((verify_started.elapsed(), size));
+    if let Some((summary, records)) = view {
+        stats.counters.views_compared += 1;
+        stats.counters.view_log_batches += summary.log_batches;
+        let store_stats = store.stats().expect("stats");
+        if (summary.records, summary.next_token) != (store_stats.records, store_stats.next_token) {
+            model.violation(
+                cycle,
+                format!(
+                    "the read-only view saw {} records and next token {}, the store {} and {}",
+                    summary.records,
+                    summary.next_token,
+                    store_stats.records,
+                    store_stats.next_token
+                ),
+            );
+        }
+        for ((scope, key), record) in records {
+            let stored = store.get(&scope, &key).ok().flatten();
+            if record.is_none() || stored != record {
+                model.violation(
+                    cycle,
+                    format!(
+                        "{}: the read-only view read {record:?}, the store {stored:?}",
+                        String::from_utf8_lossy(&key)
+                    ),
+                );
+            }
+        }
+    }
 
     // Which keys to check: all of them now and then, else the ones in play this cycle.
     let keys: Vec<String> = if full {
@@ -846,7 +895,9 @@ fn kill_loop(wal: bool, default_cycles: u64) {
             && counters.checkpoints > 0
             && counters.replays > 0
             && counters.stale_rejected > 0
-            && counters.parent_takeovers > 0,
+            && counters.parent_takeovers > 0
+            && counters.views_compared > 0
+            && (!wal || counters.view_log_batches > 0),
         "{counters:?}"
     );
     assert!(

@@ -63,11 +63,126 @@ fn acknowledged_writes_survive_reopen_and_a_format_2_store_opens_with_its_log() 
     assert!(store.get("s", "k7")?.is_none());
     assert_eq!(store.stats()?.records, 199);
     drop(store);
-    // The read-only view does not read the log: it refuses rather than show stale records.
-    match ReadOnlyStore::open(&path) {
-        Err(Error::UnsupportedFormat { found: 2, .. }) => {}
-        other => panic!("expected UnsupportedFormat, got {other:?}"),
+    // After a clean close the log holds nothing past the checkpoint: the read-only view
+    // replays nothing and sees what the store saw.
+    let summary = ReadOnlyStore::open(&path)?.summary()?;
+    assert_eq!(
+        (summary.format_version, summary.log_batches, summary.records),
+        (2, 0, 199)
+    );
+    assert!(summary.log_file_bytes > 0);
+    Ok(())
+}
+
+/// A clock at the system's time: the read-only view decides expiry by the system clock.
+fn clock_now() -> idemstore::ManualClock {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("after 1970");
+    idemstore::ManualClock::new(u64::try_from(now.as_millis()).expect("in range"))
+}
+
+/// The crash images of a store whose log holds everything since its open (no checkpoint ran):
+/// 30 keys completed, `k3` forgotten, `k30` claimed and left in flight. Returns them with the
+/// token of that last claim.
+fn crash_images_with_a_log_to_replay(
+    clock: &idemstore::ManualClock,
+) -> idemstore::Result<(Vec<u8>, Vec<u8>, u64)> {
+    let (store, disk, log) = on_simulated_disks(clock, Duration::from_secs(3600))?;
+    complete_keys(&store, 0, 30, 200).map_err(|e| idemstore::Error::Internal(e.to_string()))?;
+    assert!(store.forget("s", "k3")?);
+    let last = acquired(store.claim("s", "k30", "fp", &opts(60_000))?).token();
+    let mut images = (Vec::new(), Vec::new());
+    drop_without_checkpoint(store, &disk, &log, |d, l| images = (d, l));
+    Ok((images.0, images.1, last))
+}
+
+#[test]
+fn a_read_only_view_replays_the_log_of_a_crashed_store_and_writes_nothing() -> TestResult {
+    let clock = clock_now();
+    let (disk_image, log_image, last_token) = crash_images_with_a_log_to_replay(&clock)?;
+    let dir = tempfile::tempdir()?;
+    let path = dir.path().join("idem.redb");
+    std::fs::write(&path, &disk_image)?;
+    std::fs::write(dir.path().join("idem.redb.wal"), &log_image)?;
+
+    let view = ReadOnlyStore::open(&path)?;
+    let summary = view.summary()?;
+    assert_eq!(summary.format_version, 2);
+    // The database file alone holds no record: every one comes from the log.
+    assert!(summary.log_batches >= 61, "{summary:?}");
+    assert_eq!(
+        (summary.records, summary.completed, summary.in_flight),
+        (30, 29, 1),
+        "{summary:?}"
+    );
+    assert_eq!(summary.expiry_entries, 30, "{summary:?}");
+    assert!(view.next_token() > last_token, "{summary:?}");
+    let record = view.get("s", "k17")?.expect("k17 completed");
+    match record.state {
+        RecordState::Completed { outcome, .. } => {
+            assert_eq!(outcome.len(), 200);
+            assert_eq!(outcome[..4], 17u32.to_le_bytes());
+        }
+        other => panic!("k17: {other:?}"),
     }
+    assert_eq!(view.get("s", "k3")?, None);
+    let orphans = view.orphans(10)?;
+    assert_eq!(orphans.len(), 1);
+    assert_eq!(orphans[0].key, b"k30");
+    assert!(view.verify()?.is_clean());
+    drop(view);
+    // Neither file changed.
+    assert!(std::fs::read(&path)? == disk_image);
+    assert!(std::fs::read(dir.path().join("idem.redb.wal"))? == log_image);
+
+    // The store opened for writing replays the same log and agrees with the view.
+    let store = file_store(&path, &clock);
+    assert_eq!(store.stats()?.records, 30);
+    assert_eq!(store.stats()?.next_token, summary.next_token);
+    assert_replays(&store, 0, 3, 200)?;
+    assert_replays(&store, 4, 26, 200)?;
+    Ok(())
+}
+
+#[test]
+fn a_read_only_view_refuses_a_damaged_log_and_drops_a_torn_tail_in_memory_only() -> TestResult {
+    let clock = clock_now();
+    let (disk_image, log_image, _) = crash_images_with_a_log_to_replay(&clock)?;
+    let dir = tempfile::tempdir()?;
+    let path = dir.path().join("idem.redb");
+    let log_path = dir.path().join("idem.redb.wal");
+    std::fs::write(&path, &disk_image)?;
+
+    // A payload byte of the first batch flipped: acknowledged batches follow it.
+    let mut damaged = log_image.clone();
+    damaged[first_nonzero(&log_image) + 512 + 100] ^= 0x40;
+    std::fs::write(&log_path, &damaged)?;
+    match ReadOnlyStore::open(&path) {
+        Err(Error::Corrupt { location, .. }) => assert!(location.contains("log"), "{location}"),
+        other => panic!("expected Corrupt, got {other:?}"),
+    }
+    assert!(std::fs::read(&log_path)? == damaged);
+
+    // The last batch (the claim of k30) torn: the view drops it, as a writer's recovery would,
+    // but erases nothing on disk.
+    let mut torn = log_image.clone();
+    let end = last_nonzero(&torn);
+    let start = end.saturating_sub(1) / 512 * 512;
+    torn[start..end].fill(0);
+    std::fs::write(&log_path, &torn)?;
+    let summary = ReadOnlyStore::open(&path)?.summary()?;
+    assert_eq!((summary.records, summary.in_flight), (29, 0), "{summary:?}");
+    assert!(std::fs::read(&log_path)? == torn);
+    assert!(std::fs::read(&path)? == disk_image);
+
+    // A missing log: the batches it held would be lost, so the view refuses.
+    std::fs::remove_file(&log_path)?;
+    match ReadOnlyStore::open(&path) {
+        Err(Error::Corrupt { location, .. }) => assert!(location.contains("log"), "{location}"),
+        other => panic!("expected Corrupt, got {other:?}"),
+    }
+    assert!(!log_path.exists());
     Ok(())
 }
 

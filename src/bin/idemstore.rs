@@ -272,6 +272,8 @@ fn stats(out: &mut impl Write, path: &Path, as_json: bool) -> Outcome {
             "path": path.display().to_string(),
             "file_bytes": s.file_bytes,
             "format_version": s.format_version,
+            "log_file_bytes": s.log_file_bytes,
+            "log_batches": s.log_batches,
             "epoch": s.epoch,
             "next_token": s.next_token,
             "records": s.records,
@@ -287,8 +289,18 @@ fn stats(out: &mut impl Write, path: &Path, as_json: bool) -> Outcome {
         write_line(out, &value)?;
         return Ok(status::OK);
     }
+    let log = if s.format_version >= 2 {
+        format!(
+            "log           {} ({} batches not yet checkpointed, read with the file)\n",
+            show::size(s.log_file_bytes),
+            s.log_batches
+        )
+    } else {
+        String::new()
+    };
     let text = format!(
         "store         {} ({}, format {})\n\
+         {log}\
          records       {} stored: {} completed, {} failed, {} in flight, {} expired awaiting a sweep, {} damaged\n\
          orphans       {} (no process has the file open: every in-flight record has lost its owner)\n\
          scopes        {}\n\

@@ -11,7 +11,7 @@ use crate::engine::shared::Shared;
 use crate::engine::storage::Storage;
 use crate::engine::storage::redb::{RedbStorage, WalMeta, open, tables};
 use crate::engine::storage::wal::log::{self as wal_log, Geometry};
-use crate::engine::storage::wal::{WalConfig, WalStorage};
+use crate::engine::storage::wal::{WalConfig, WalStorage, log_path};
 use crate::engine::store::Store;
 use crate::engine::sweeper::Sweeper;
 use crate::engine::telemetry;
@@ -244,8 +244,9 @@ impl StoreBuilder {
     ///
     /// Turning it on for an existing format-1 store upgrades it to format 2, which builds that
     /// know only format 1 refuse; a format-2 store always opens with its log, whatever this
-    /// setting. [`ReadOnlyStore`](crate::ReadOnlyStore) does not read the log and refuses a
-    /// format-2 store. Default: off.
+    /// setting. [`ReadOnlyStore`](crate::ReadOnlyStore) (and the `idemstore` tool's read-only
+    /// commands) replay the log into memory when they open such a store, and write to neither
+    /// file. Default: off.
     ///
     /// ```
     /// # let dir = tempfile::tempdir()?;
@@ -537,7 +538,7 @@ impl StoreBuilder {
                     segments: self.wal_segments,
                     checkpoint_lsn: 0,
                 };
-                (create_log(log, geometry(&meta))?, Some(meta))
+                (create_log(log, Geometry::of(&meta))?, Some(meta))
             }
         };
         let (base, adopted) = RedbStorage::adopt(db, path, &options, upgrade)?;
@@ -553,27 +554,13 @@ impl StoreBuilder {
         let (storage, next_token) = WalStorage::open(
             base,
             file,
-            geometry(&meta),
+            Geometry::of(&meta),
             meta.store_id,
             meta.checkpoint_lsn,
             adopted.next_token,
             config,
         )?;
         Ok((Box::new(storage), adopted.epoch, next_token))
-    }
-}
-
-/// The log file of the database at `path`: `<path>.wal`.
-fn log_path(path: &Path) -> PathBuf {
-    let mut name = path.as_os_str().to_owned();
-    name.push(".wal");
-    PathBuf::from(name)
-}
-
-fn geometry(meta: &WalMeta) -> Geometry {
-    Geometry {
-        segment_bytes: meta.segment_bytes,
-        segments: meta.segments,
     }
 }
 

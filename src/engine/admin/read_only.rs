@@ -12,6 +12,7 @@ use crate::engine::apply::corrupt_record;
 use crate::engine::codec;
 use crate::engine::storage::redb::tables::{Adopted, EXPIRY, RECORDS, SCOPES};
 use crate::engine::storage::redb::view;
+use crate::engine::storage::wal::log_path;
 use crate::error::{Error, Result};
 use crate::limits::Limits;
 
@@ -26,6 +27,12 @@ use crate::limits::Limits;
 /// No process has the file open for writing while it is open, so every live in-flight record
 /// has lost its owner: all of them are [`orphans`](ReadOnlyStore::orphans).
 ///
+/// A store with a write-ahead log (format 2) is read with its log (`<path>.wal`): the batches
+/// its last checkpoint did not cover (after a crash, or while a process kills it mid-run) are
+/// replayed into the view's memory, as the next open for writing would replay them, and
+/// neither file is written. A log damaged before batches that were acknowledged is refused
+/// with [`Error::Corrupt`], as the store refuses it; a torn unsynced tail is left out.
+///
 /// ```
 /// use idemstore::{ClaimOptions, ReadOnlyStore, Store};
 ///
@@ -39,11 +46,22 @@ use crate::limits::Limits;
 /// let summary = file.summary()?;
 /// assert_eq!((summary.records, summary.in_flight), (1, 1));
 /// assert_eq!(file.orphans(10)?.len(), 1);
+/// drop(file);
+///
+/// // With a write-ahead log: records still in the log are read too.
+/// let logged = dir.path().join("logged.redb");
+/// let store = Store::builder().write_ahead_log(true).open(&logged)?;
+/// store.claim("tenant-1", "key-2", b"fingerprint", &ClaimOptions::default())?;
+/// store.close()?;
+/// let summary = ReadOnlyStore::open(&logged)?.summary()?;
+/// assert_eq!((summary.format_version, summary.in_flight), (2, 1));
 /// # Ok::<(), idemstore::Error>(())
 /// ```
 pub struct ReadOnlyStore {
     db: Database,
     meta: Adopted,
+    /// Batches of the write-ahead log replayed at open (format 2).
+    log_batches: u64,
     path: PathBuf,
 }
 
@@ -60,7 +78,7 @@ impl std::fmt::Debug for ReadOnlyStore {
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct Summary {
-    /// The database format version (1; a read-only view refuses format 2, see
+    /// The database format version: 1, or 2 for a store with a write-ahead log (see
     /// [`FORMAT_VERSION`](crate::FORMAT_VERSION)).
     pub format_version: u64,
     /// The process epoch of the last open for writing.
@@ -69,6 +87,12 @@ pub struct Summary {
     pub next_token: u64,
     /// The size of the file in bytes.
     pub file_bytes: u64,
+    /// The size of the write-ahead log file (`<path>.wal`) in bytes; 0 for format 1.
+    pub log_file_bytes: u64,
+    /// Batches in the write-ahead log that the last checkpoint did not cover: the view replayed
+    /// them over the database file's tables, as the next open for writing will (0 for format 1,
+    /// and after a clean close).
+    pub log_batches: u64,
     /// Records stored: live, expired but not yet swept, and damaged.
     pub records: u64,
     /// Entries of the expiry index.
@@ -108,13 +132,15 @@ impl ReadOnlyStore {
     /// created); [`Error::NotAnIdemstoreFile`] for an empty file, a directory, or a file that
     /// is not an idemstore database (left untouched); [`Error::UnsupportedFormat`];
     /// [`Error::AlreadyOpen`] if a process has the file open for writing;
-    /// [`Error::Corrupt`] if a page fails its checksum; other storage errors.
+    /// [`Error::Corrupt`] if a page fails its checksum, or if a format-2 store's write-ahead
+    /// log is missing or damaged before batches it acknowledged; other storage errors.
     pub fn open(path: impl AsRef<Path>) -> Result<ReadOnlyStore> {
         let path = path.as_ref();
-        let (db, meta) = view::open(path, true)?;
+        let (db, meta, log_batches) = view::open(path, true)?;
         Ok(ReadOnlyStore {
             db,
             meta,
+            log_batches,
             path: path.to_path_buf(),
         })
     }
@@ -179,6 +205,12 @@ impl ReadOnlyStore {
             epoch: self.meta.epoch,
             next_token: self.meta.next_token,
             file_bytes: std::fs::metadata(&self.path)?.len(),
+            log_file_bytes: if self.meta.wal.is_some() {
+                std::fs::metadata(log_path(&self.path))?.len()
+            } else {
+                0
+            },
+            log_batches: self.log_batches,
             records: records.len().map_err(Error::storage)?,
             expiry_entries: expiry.len().map_err(Error::storage)?,
             scopes: scopes.len().map_err(Error::storage)?,

@@ -102,65 +102,7 @@ impl RedbStorage {
         // Checkpoints are rare (about one a second), so each saves redb's allocator state and
         // commits in two phases: a crash then needs no walk of the whole file to repair it.
         txn.set_quick_repair(true);
-        {
-            let mut records = txn.open_table(RECORDS).map_err(Error::storage)?;
-            // In key order: consecutive changes then mostly touch pages the previous one
-            // already brought into the transaction.
-            let mut changes: Vec<_> = layer.records.iter().collect();
-            changes.sort_unstable_by(|a, b| a.0.cmp(b.0));
-            for (key, value) in changes {
-                match value {
-                    Some(bytes) => records.insert(key.as_slice(), &**bytes).map(|_| ()),
-                    None => records.remove(key.as_slice()).map(|_| ()),
-                }
-                .map_err(Error::storage)?;
-            }
-            let mut expiry = txn.open_table(EXPIRY).map_err(Error::storage)?;
-            let bulk = layer.swept_upto.as_ref();
-            if let Some((upto_at, upto_key)) = bulk {
-                // The sweep removed a prefix of the index: clear it in one pass over redb's
-                // leaves instead of one tree descent per entry. Only entries this layer
-                // removes go; anything else found there stays.
-                let mut gone = layer
-                    .expiry
-                    .range(..=(*upto_at, upto_key.clone()))
-                    .filter(|(_, present)| !**present)
-                    .map(|((at, key), _)| (*at, key.as_slice()))
-                    .peekable();
-                expiry
-                    .retain_in(..=(*upto_at, upto_key.as_slice()), |entry, ()| {
-                        while gone.next_if(|g| *g < entry).is_some() {}
-                        gone.next_if(|g| *g == entry).is_none()
-                    })
-                    .map_err(Error::storage)?;
-            }
-            for ((at, key), present) in &layer.expiry {
-                if !*present && bulk.is_some_and(|(b_at, b_key)| (*at, key) <= (*b_at, b_key)) {
-                    continue;
-                }
-                let entry = (*at, key.as_slice());
-                if *present {
-                    expiry.insert(entry, ()).map(|_| ())
-                } else {
-                    expiry.remove(entry).map(|_| ())
-                }
-                .map_err(Error::storage)?;
-            }
-            let mut scopes = txn.open_table(SCOPES).map_err(Error::storage)?;
-            for (scope, count) in &layer.scopes {
-                if *count == 0 {
-                    scopes.remove(scope.as_slice()).map(|_| ())
-                } else {
-                    scopes.insert(scope.as_slice(), *count).map(|_| ())
-                }
-                .map_err(Error::storage)?;
-            }
-            let mut meta = txn.open_table(META).map_err(Error::storage)?;
-            if let Some(token) = layer.next_token {
-                tables::put_u64(&mut meta, META_NEXT_TOKEN, token)?;
-            }
-            tables::put_u64(&mut meta, META_WAL_CHECKPOINT_LSN, lsn)?;
-        }
+        write_layer(&txn, layer, lsn)?;
         if let Err(e) = txn.commit() {
             self.release_reads();
             return Err(Error::CommitOutcomeUnknown {
@@ -360,4 +302,68 @@ impl Storage for RedbStorage {
     fn release_reads(&self) {
         *self.snapshot.write() = None;
     }
+}
+
+/// Writes `layer` into the tables of `txn` and records `lsn` as the write-ahead log's
+/// checkpoint (and the layer's next token): a checkpoint's changes, or, in a read-only view
+/// of a format-2 store, the log's batches replayed over the view's in-memory copy.
+pub(crate) fn write_layer(txn: &redb::WriteTransaction, layer: &Layer, lsn: u64) -> Result<()> {
+    let mut records = txn.open_table(RECORDS).map_err(Error::storage)?;
+    // In key order: consecutive changes then mostly touch pages the previous one
+    // already brought into the transaction.
+    let mut changes: Vec<_> = layer.records.iter().collect();
+    changes.sort_unstable_by(|a, b| a.0.cmp(b.0));
+    for (key, value) in changes {
+        match value {
+            Some(bytes) => records.insert(key.as_slice(), &**bytes).map(|_| ()),
+            None => records.remove(key.as_slice()).map(|_| ()),
+        }
+        .map_err(Error::storage)?;
+    }
+    let mut expiry = txn.open_table(EXPIRY).map_err(Error::storage)?;
+    let bulk = layer.swept_upto.as_ref();
+    if let Some((upto_at, upto_key)) = bulk {
+        // The sweep removed a prefix of the index: clear it in one pass over redb's
+        // leaves instead of one tree descent per entry. Only entries this layer
+        // removes go; anything else found there stays.
+        let mut gone = layer
+            .expiry
+            .range(..=(*upto_at, upto_key.clone()))
+            .filter(|(_, present)| !**present)
+            .map(|((at, key), _)| (*at, key.as_slice()))
+            .peekable();
+        expiry
+            .retain_in(..=(*upto_at, upto_key.as_slice()), |entry, ()| {
+                while gone.next_if(|g| *g < entry).is_some() {}
+                gone.next_if(|g| *g == entry).is_none()
+            })
+            .map_err(Error::storage)?;
+    }
+    for ((at, key), present) in &layer.expiry {
+        if !*present && bulk.is_some_and(|(b_at, b_key)| (*at, key) <= (*b_at, b_key)) {
+            continue;
+        }
+        let entry = (*at, key.as_slice());
+        if *present {
+            expiry.insert(entry, ()).map(|_| ())
+        } else {
+            expiry.remove(entry).map(|_| ())
+        }
+        .map_err(Error::storage)?;
+    }
+    let mut scopes = txn.open_table(SCOPES).map_err(Error::storage)?;
+    for (scope, count) in &layer.scopes {
+        if *count == 0 {
+            scopes.remove(scope.as_slice()).map(|_| ())
+        } else {
+            scopes.insert(scope.as_slice(), *count).map(|_| ())
+        }
+        .map_err(Error::storage)?;
+    }
+    let mut meta = txn.open_table(META).map_err(Error::storage)?;
+    if let Some(token) = layer.next_token {
+        tables::put_u64(&mut meta, META_NEXT_TOKEN, token)?;
+    }
+    tables::put_u64(&mut meta, META_WAL_CHECKPOINT_LSN, lsn)?;
+    Ok(())
 }

@@ -17,7 +17,8 @@ use redb::backends::FileBackend;
 use redb::{BackendError, Database, ReadableDatabase, StorageBackend};
 
 use super::overlay::Overlay;
-use super::tables::{self, Adopted};
+use super::tables::{self, Adopted, WalMeta};
+use crate::engine::storage::wal::{self, log::Geometry, log::Log, log_path};
 use crate::error::{Error, Result};
 
 /// The file as the [`Overlay`] shows it, with redb's locks taken shared on the real file.
@@ -108,8 +109,10 @@ impl StorageBackend for SharedLockView {
 /// checksum first if `verify_pages`. A missing file is an I/O error (`NotFound`) and is not
 /// created; an empty file, a file that is not a redb database and a redb database without the
 /// idemstore tables are [`Error::NotAnIdemstoreFile`]; a file open for writing in another
-/// process is [`Error::AlreadyOpen`]. Returns the database and its meta values.
-pub(crate) fn open(path: &Path, verify_pages: bool) -> Result<(Database, Adopted)> {
+/// process is [`Error::AlreadyOpen`]. A format-2 store's log is replayed into the view (in
+/// memory); a log damaged before acknowledged batches is [`Error::Corrupt`], as for a writer.
+/// Returns the database, its meta values, and the number of log batches replayed.
+pub(crate) fn open(path: &Path, verify_pages: bool) -> Result<(Database, Adopted, u64)> {
     let meta = std::fs::metadata(path)?;
     let refuse = |reason: &str| Error::NotAnIdemstoreFile {
         path: path.to_path_buf(),
@@ -130,15 +133,25 @@ pub(crate) fn open(path: &Path, verify_pages: bool) -> Result<(Database, Adopted
     };
     // redb's reads may panic on a file damaged outside redb (the page check catches that
     // damage first when it is on); nothing is written either way.
-    let open = std::panic::AssertUnwindSafe(|| -> Result<(Database, Option<Adopted>)> {
+    let open = std::panic::AssertUnwindSafe(|| -> Result<(Database, Option<Adopted>, u64)> {
         let db = redb::Builder::new()
             .set_check_integrity_on_open(verify_pages)
             .create_with_backend(backend)
             .map_err(Error::storage)?;
         let adopted = tables::inspect(&db.begin_read().map_err(Error::storage)?, path)?;
-        Ok((db, adopted))
+        let (adopted, log_batches) = match adopted {
+            Some(a) => match a.wal {
+                Some(wal) => {
+                    let (a, batches) = replay_log(&db, path, a, wal)?;
+                    (Some(a), batches)
+                }
+                None => (Some(a), 0),
+            },
+            None => (None, 0),
+        };
+        Ok((db, adopted, log_batches))
     });
-    let (db, adopted) = std::panic::catch_unwind(open).unwrap_or_else(|_| {
+    let (db, adopted, log_batches) = std::panic::catch_unwind(open).unwrap_or_else(|_| {
         Err(Error::corrupt(
             "database file",
             "its structures are damaged (the storage engine panicked reading them)",
@@ -146,13 +159,52 @@ pub(crate) fn open(path: &Path, verify_pages: bool) -> Result<(Database, Adopted
     })?;
     let adopted =
         adopted.ok_or_else(|| refuse("it is a redb database without idemstore tables"))?;
-    if adopted.wal.is_some() {
-        // Batches not yet checkpointed live in the write-ahead log, which this view does not
-        // read: answering from the redb file alone could show stale records.
-        return Err(Error::UnsupportedFormat {
-            found: adopted.format,
-            supported: tables::FORMAT_REDB_ONLY,
-        });
+    Ok((db, adopted, log_batches))
+}
+
+/// Replays the write-ahead log of a format-2 store over the view's in-memory copy of the
+/// database, as an open for writing would: what the last checkpoint did not cover is then in
+/// the tables the view reads. The log file is read through an [`Overlay`] too, so the erasures
+/// a recovery makes (of a torn tail) stay in memory. Returns the meta values with the next
+/// token the log carried, and the number of batches replayed.
+fn replay_log(
+    db: &Database,
+    path: &Path,
+    adopted: Adopted,
+    wal: WalMeta,
+) -> Result<(Adopted, u64)> {
+    let log = log_path(path);
+    let file = match Overlay::open(&log) {
+        Ok(file) => file,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            return Err(Error::corrupt(
+                "write-ahead log",
+                format!(
+                    "{} is missing: the store's latest batches may be in it",
+                    log.display()
+                ),
+            ));
+        }
+        Err(e) => return Err(Error::from_io(e)),
+    };
+    let (_, recovered) = Log::recover(
+        Box::new(file),
+        Geometry::of(&wal),
+        wal.store_id,
+        wal.checkpoint_lsn,
+    )?;
+    let (layer, next_token) = wal::replay(&recovered, adopted.next_token)?;
+    if !recovered.batches.is_empty() {
+        let txn = db.begin_write().map_err(Error::storage)?;
+        super::write_layer(&txn, &layer, layer.last_lsn)?;
+        txn.commit().map_err(Error::storage)?;
     }
-    Ok((db, adopted))
+    let batches = u64::try_from(recovered.batches.len()).unwrap_or(u64::MAX);
+    Ok((
+        Adopted {
+            next_token,
+            ..adopted
+        },
+        batches,
+    ))
 }

@@ -28,6 +28,7 @@ use std::time::Instant;
 
 use redb::StorageBackend;
 
+use crate::engine::storage::redb::WalMeta;
 use crate::error::{Error, Result};
 
 use super::sync_times::SyncTimes;
@@ -51,6 +52,14 @@ pub(crate) struct Geometry {
 }
 
 impl Geometry {
+    /// The geometry a format-2 database file records for its log.
+    pub(crate) fn of(meta: &WalMeta) -> Geometry {
+        Geometry {
+            segment_bytes: meta.segment_bytes,
+            segments: meta.segments,
+        }
+    }
+
     /// The file's length.
     pub(crate) fn file_len(&self) -> u64 {
         self.segment_bytes * self.segments

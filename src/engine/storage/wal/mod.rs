@@ -26,6 +26,7 @@ pub(crate) mod log;
 pub(crate) mod sync_times;
 
 use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::thread::JoinHandle;
@@ -41,7 +42,7 @@ use crate::engine::telemetry;
 use crate::error::{Error, Result};
 use cache::ReadCache;
 use layer::{Layer, Lookup};
-use log::{AppendError, Geometry, Log};
+use log::{AppendError, Geometry, Log, Recovered};
 use sync_times::SyncTimes;
 
 /// How a store's write-ahead log behaves.
@@ -161,6 +162,33 @@ struct Inner {
     geometry: Geometry,
 }
 
+/// The log file of the store whose database file is at `path`: `<path>.wal`.
+pub(crate) fn log_path(path: &Path) -> PathBuf {
+    let mut name = path.as_os_str().to_owned();
+    name.push(".wal");
+    PathBuf::from(name)
+}
+
+/// The batches a recovery found, laid over each other in LSN order into one layer (whose
+/// `last_lsn` is the last batch's), and the next fencing token: the larger of `next_token`
+/// (the database file's) and the highest one a batch carried.
+pub(crate) fn replay(recovered: &Recovered, next_token: u64) -> Result<(Layer, u64)> {
+    let mut active = Layer::default();
+    for (lsn, payload) in &recovered.batches {
+        let mut batch = Layer::decode(payload)?;
+        batch.last_lsn = *lsn;
+        active.absorb(batch);
+    }
+    let next_token = next_token.max(recovered.next_token.unwrap_or(0));
+    // The batches' payloads do not carry the next token (their chunk headers do): the replayed
+    // layer takes it over, so that the checkpoint that moves these batches into redb also
+    // records it there.
+    if !recovered.batches.is_empty() {
+        active.next_token = Some(next_token);
+    }
+    Ok((active, next_token))
+}
+
 /// The storage: redb behind a write-ahead log and a record map.
 pub(crate) struct WalStorage {
     inner: Arc<Inner>,
@@ -180,18 +208,8 @@ impl WalStorage {
         config: WalConfig,
     ) -> Result<(WalStorage, u64)> {
         let (log, recovered) = Log::recover(log_file, geometry, store_id, checkpoint_lsn)?;
-        let mut active = Layer::default();
-        for (lsn, payload) in &recovered.batches {
-            let mut batch = Layer::decode(payload)?;
-            batch.last_lsn = *lsn;
-            active.absorb(batch);
-        }
-        let next_token = next_token.max(recovered.next_token.unwrap_or(0));
-        // The batches' payloads do not carry the next token (their chunk headers do): the
-        // replayed layer takes it over, so that the checkpoint that moves these batches into
-        // redb also records it there.
+        let (active, next_token) = replay(&recovered, next_token)?;
         if !recovered.batches.is_empty() {
-            active.next_token = Some(next_token);
             tracing::info!(
                 batches = recovered.batches.len(),
                 checkpoint_lsn,
