@@ -48,12 +48,14 @@ mod support;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::RecvTimeoutError;
 use std::time::{Duration, Instant};
 
 use idemstore::testkit::{self, DiskOp, Event, Fates, Recorded, Recorder, SimDisk};
-use idemstore::{Claim, ClaimOptions, ManualClock, Record, RecordState, Store};
+use idemstore::{
+    Claim, ClaimOptions, Error, ManualClock, ReadOnlyStore, Record, RecordState, Store,
+};
 use support::rng::Rng;
 use support::workload::{self, Divergence, Driver, Effect, Id, Step};
 
@@ -264,6 +266,10 @@ struct Tally {
     other: u64,
     token_regressions: u64,
     hangs: u64,
+    /// Images of a store with a log also read by the read-only view, and those whose view
+    /// differed from the recovered store.
+    views: u64,
+    view_mismatches: u64,
     fates: Fates,
     failures: Vec<String>,
     open_time: Duration,
@@ -286,6 +292,8 @@ impl Tally {
         self.other += other.other;
         self.token_regressions += other.token_regressions;
         self.hangs += other.hangs;
+        self.views += other.views;
+        self.view_mismatches += other.view_mismatches;
         self.fates.applied += other.fates.applied;
         self.fates.dropped += other.fates.dropped;
         self.fates.torn += other.fates.torn;
@@ -357,6 +365,11 @@ fn check_image(
     if lo.is_none() {
         tally.before_first_open += 1;
     }
+    let view = (mode.has_log()
+        && VIEWED
+            .fetch_add(1, Ordering::Relaxed)
+            .is_multiple_of(VIEW_EVERY))
+    .then(|| read_only_view(&images));
     let started = Instant::now();
     let opened = mode.open(ManualClock::new(0), images.map(SimDisk::from_image));
     tally.open_time += started.elapsed();
@@ -402,6 +415,23 @@ fn check_image(
     // Fencing tokens never go back: the next acquisition is above every acknowledged token.
     let floor = rec.next_tokens[lo_index].max(workload::max_token(&found) + 1);
     let stats = store.stats().expect("stats");
+    if let Some(view) = view {
+        tally.views += 1;
+        let store_sees = (stats.records, stats.next_token);
+        // No store in the image (a cut during the first open): the recovered one is new.
+        let agrees = match &view {
+            Ok(Some(seen)) => *seen == store_sees,
+            Ok(None) => lo.is_none() && stats.records == 0,
+            Err(_) => false,
+        };
+        if !agrees {
+            tally.view_mismatches += 1;
+            tally.fail(format!(
+                "{label}: the read-only view read (records, next token) {view:?}, the \
+                 recovered store {store_sees:?}"
+            ));
+        }
+    }
     let probe = store.claim(
         "probe",
         "p",
@@ -431,6 +461,28 @@ fn check_image(
                 "{label}: probe claim on the recovered store: {other:?}"
             ));
         }
+    }
+}
+
+/// One image in this many of a store with a log is also read by the read-only view.
+const VIEW_EVERY: u64 = 4;
+static VIEWED: AtomicU64 = AtomicU64::new(0);
+
+/// The records stored and the next token that `ReadOnlyStore` reads in `images` (database,
+/// log) written to files; `Ok(None)` if it finds no store there (a cut during the first open).
+/// It replays the log in memory: it must see what the recovered store sees.
+fn read_only_view(images: &[Vec<u8>; 2]) -> Result<Option<(u64, u64)>, String> {
+    let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
+    let path = dir.path().join("image.redb");
+    std::fs::write(&path, &images[0]).map_err(|e| e.to_string())?;
+    std::fs::write(dir.path().join("image.redb.wal"), &images[1]).map_err(|e| e.to_string())?;
+    match ReadOnlyStore::open(&path) {
+        Ok(view) => {
+            let summary = view.summary().map_err(|e| e.to_string())?;
+            Ok(Some((summary.records, summary.next_token)))
+        }
+        Err(Error::NotAnIdemstoreFile { .. }) => Ok(None),
+        Err(e) => Err(e.to_string()),
     }
 }
 
@@ -638,7 +690,7 @@ fn every_sync_point_of_a_workload_recovers_with_every_acknowledged_write() {
          written per sync point and after the last event; {} before the first open was \
          acknowledged, of which {} refused as \"not a redb database\"), {acked_ops} operations; \
          pending ops applied {} / dropped {} / torn {}; failed recoveries {}, lost acks {}, \
-         resurrected {}, other divergences {}, token regressions {}, hung recoveries {}; mean recovery open {:?}; \
+         resurrected {}, other divergences {}, token regressions {}, hung recoveries {}; read-only views {} ({} differed); mean recovery open {:?}; \
          {:?} total",
         sizes.seeds,
         sizes.steps,
@@ -662,6 +714,8 @@ fn every_sync_point_of_a_workload_recovers_with_every_acknowledged_write() {
         tally.other,
         tally.token_regressions,
         tally.hangs,
+        tally.views,
+        tally.view_mismatches,
         tally.open_time / u32::try_from(tally.images.max(1)).unwrap_or(u32::MAX),
         started.elapsed(),
     );
@@ -673,7 +727,8 @@ fn every_sync_point_of_a_workload_recovers_with_every_acknowledged_write() {
             + tally.resurrected
             + tally.other
             + tally.token_regressions
-            + tally.hangs,
+            + tally.hangs
+            + tally.view_mismatches,
         tally.failures.join("\n\n")
     );
 }
