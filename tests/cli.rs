@@ -660,6 +660,16 @@ fn reading_commands_read_a_crashed_format_2_store_with_its_log_and_write_nothing
     );
     assert!(after == before, "a reading command changed a file");
     assert_eq!(std::fs::read_dir(&crashed)?.count(), 2, "no other file");
+
+    // A writing command opens the store with its log (replaying it), and closes it cleanly:
+    // the log then holds nothing more to replay.
+    let forgot = run(&["forget", p, "s", "done"])?;
+    assert_eq!(code(&forgot), Some(0), "{}", stderr(&forgot));
+    assert_eq!(code(&run(&["get", p, "s", "done"])?), Some(6));
+    let figures = json(&run(&["stats", p, "--json"])?)?;
+    for (name, value) in [("records", 1), ("in_flight", 1), ("log_batches", 0)] {
+        assert_eq!(figures[name], value, "{name}: {figures}");
+    }
     Ok(())
 }
 
