@@ -8,15 +8,17 @@
 //! that found a record in redb caches it only if no checkpoint started since the read began
 //! (the generation), so an envelope read before a checkpoint never replaces a newer one.
 //!
-//! Bounded by a byte budget split over shards; each shard evicts in insertion order. A record
-//! read from redb is admitted on one read in [`FILL_EVERY`] (per thread), so a key read again
-//! and again gets in soon, while a stream of one-off reads of a store much larger than the
-//! cache does not pay for churning it.
+//! Bounded by a byte budget split over shards; each shard evicts in insertion order. While a
+//! shard has room, every record read from redb is admitted to it (nothing is evicted for it, so
+//! a cache that is still filling, after open, fills at the rate of reads); once it is full, a
+//! record is admitted on one read in [`FILL_EVERY`] (per thread), so a key read again and again
+//! gets in soon, while a stream of one-off reads of a store much larger than the cache does not
+//! pay for churning it.
 
 use std::collections::{HashMap, HashSet, VecDeque};
-use std::hash::BuildHasher;
+use std::hash::{BuildHasher, BuildHasherDefault, Hasher};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use parking_lot::RwLock;
 
@@ -33,11 +35,42 @@ thread_local! {
     static READS: std::cell::Cell<u32> = const { std::cell::Cell::new(0) };
 }
 
+/// A cached envelope and the key it is stored under.
+struct Entry {
+    key: Box<[u8]>,
+    value: Arc<[u8]>,
+}
+
+/// A hasher for keys that are already hashes: the map of a shard is keyed by the cache's keyed
+/// hash of each storage key, so a lookup hashes the key once (choosing the shard with it too)
+/// and compares the key itself only on a match.
+#[derive(Default)]
+struct HashIsKey(u64);
+
+impl Hasher for HashIsKey {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        // Only `u64`s are hashed with it; this folds anything else in all the same.
+        for &b in bytes {
+            self.0 = self.0.rotate_left(8) ^ u64::from(b);
+        }
+    }
+
+    fn write_u64(&mut self, n: u64) {
+        self.0 = n;
+    }
+}
+
 #[derive(Default)]
 struct Shard {
-    map: HashMap<Vec<u8>, Arc<[u8]>>,
-    /// Keys in insertion order; may hold keys removed since (skipped when evicting).
-    order: VecDeque<Vec<u8>>,
+    /// Entries by the hash of their key. Two keys with one hash share a slot: the later insert
+    /// replaces the earlier entry, which then is only a miss.
+    map: HashMap<u64, Entry, BuildHasherDefault<HashIsKey>>,
+    /// Hashes in insertion order; may hold ones removed since (skipped when evicting).
+    order: VecDeque<u64>,
     bytes: usize,
 }
 
@@ -46,25 +79,36 @@ impl Shard {
         key.len() + value.len() + ENTRY_OVERHEAD
     }
 
-    fn insert(&mut self, key: &[u8], value: Arc<[u8]>, budget: usize) {
+    fn get(&self, hash: u64, key: &[u8]) -> Option<Arc<[u8]>> {
+        let entry = self.map.get(&hash)?;
+        (*entry.key == *key).then(|| Arc::clone(&entry.value))
+    }
+
+    fn insert(&mut self, hash: u64, key: &[u8], value: Arc<[u8]>, budget: usize) {
         let charge = Shard::charge(key, &value);
         if charge > budget {
-            self.remove(key);
+            self.remove(hash, key);
             return;
         }
-        match self.map.insert(key.to_vec(), value) {
-            Some(old) => self.bytes = self.bytes - Shard::charge(key, &old) + charge,
+        let entry = Entry {
+            key: key.into(),
+            value,
+        };
+        match self.map.insert(hash, entry) {
+            Some(old) => {
+                self.bytes = self.bytes - Shard::charge(&old.key, &old.value) + charge;
+            }
             None => {
                 self.bytes += charge;
-                self.order.push_back(key.to_vec());
+                self.order.push_back(hash);
             }
         }
         while self.bytes > budget {
             let Some(oldest) = self.order.pop_front() else {
                 break;
             };
-            if let Some(value) = self.map.remove(&oldest) {
-                self.bytes -= Shard::charge(&oldest, &value);
+            if let Some(old) = self.map.remove(&oldest) {
+                self.bytes -= Shard::charge(&old.key, &old.value);
             }
         }
         if self.order.len() > 2 * self.map.len() + 1024 {
@@ -72,24 +116,38 @@ impl Shard {
         }
     }
 
-    fn remove(&mut self, key: &[u8]) {
-        if let Some(value) = self.map.remove(key) {
-            self.bytes -= Shard::charge(key, &value);
+    fn remove(&mut self, hash: u64, key: &[u8]) {
+        if self.map.get(&hash).is_some_and(|e| *e.key == *key)
+            && let Some(old) = self.map.remove(&hash)
+        {
+            self.bytes -= Shard::charge(&old.key, &old.value);
         }
     }
 
-    /// Drops the keys of `order` that are no longer cached, and repeats.
+    /// Drops the hashes of `order` that are no longer cached, and repeats.
     fn compact(&mut self) {
         let mut seen = HashSet::new();
         let map = &self.map;
         self.order
-            .retain(|k| map.contains_key(k) && seen.insert(k.clone()));
+            .retain(|h| map.contains_key(h) && seen.insert(*h));
     }
 }
 
+/// One shard and whether it has room for a typical entry (kept beside its lock, so that a read
+/// can decide on admission without taking it).
+#[derive(Default)]
+struct Slot {
+    shard: RwLock<Shard>,
+    /// The shard's bytes are below its budget less [`ROOM`]: an admission evicts nothing.
+    has_room: AtomicBool,
+}
+
+/// The room a shard must have left for reads to be admitted without [`FILL_EVERY`]'s sampling.
+const ROOM: usize = 4096;
+
 /// The cache; see the module documentation.
 pub(crate) struct ReadCache {
-    shards: Box<[RwLock<Shard>]>,
+    shards: Box<[Slot]>,
     hasher: std::hash::RandomState,
     shard_budget: usize,
     generation: AtomicU64,
@@ -99,16 +157,25 @@ impl ReadCache {
     /// A cache of at most about `budget` bytes (0: caches nothing).
     pub(crate) fn new(budget: usize) -> ReadCache {
         ReadCache {
-            shards: (0..SHARDS).map(|_| RwLock::default()).collect(),
+            shards: (0..SHARDS)
+                .map(|_| Slot {
+                    shard: RwLock::default(),
+                    has_room: AtomicBool::new(budget / SHARDS > ROOM),
+                })
+                .collect(),
             hasher: std::hash::RandomState::new(),
             shard_budget: budget / SHARDS,
             generation: AtomicU64::new(0),
         }
     }
 
-    fn shard(&self, key: &[u8]) -> Option<&RwLock<Shard>> {
-        let index = usize::try_from(self.hasher.hash_one(key)).unwrap_or(0) % SHARDS;
-        self.shards.get(index)
+    /// The hash of `key` and its shard. The shard is chosen by bits of the hash that the
+    /// shard's table does not use to place it (its low bits) or to tell entries apart (its
+    /// top seven).
+    fn shard(&self, key: &[u8]) -> Option<(u64, &Slot)> {
+        let hash = self.hasher.hash_one(key);
+        let index = usize::try_from(hash >> 32).unwrap_or(0) % SHARDS;
+        Some((hash, self.shards.get(index)?))
     }
 
     /// The cached envelope of `key`.
@@ -116,7 +183,8 @@ impl ReadCache {
         if self.shard_budget == 0 {
             return None;
         }
-        self.shard(key)?.read().map.get(key).cloned()
+        let (hash, slot) = self.shard(key)?;
+        slot.shard.read().get(hash, key)
     }
 
     /// The generation to pass to [`ReadCache::fill`], taken before reading redb.
@@ -124,31 +192,45 @@ impl ReadCache {
         self.generation.load(Ordering::SeqCst)
     }
 
-    /// Caches what a read found in redb (one read in [`FILL_EVERY`]), unless a checkpoint
-    /// started since `generation`.
+    /// Caches what a read found in redb (every read while its shard has room, then one read in
+    /// [`FILL_EVERY`]), unless a checkpoint started since `generation`.
     pub(crate) fn fill(&self, key: &[u8], value: &[u8], generation: u64) {
         if self.shard_budget == 0 {
             return;
         }
-        let admitted = READS.with(|n| {
-            let next = n.get().wrapping_add(1);
-            n.set(next);
-            next.is_multiple_of(FILL_EVERY)
-        });
+        let Some((hash, slot)) = self.shard(key) else {
+            return;
+        };
+        let admitted = slot.has_room.load(Ordering::Relaxed)
+            || READS.with(|n| {
+                let next = n.get().wrapping_add(1);
+                n.set(next);
+                next.is_multiple_of(FILL_EVERY)
+            });
         if admitted {
-            self.fill_now(key, value, generation);
+            self.fill_slot(hash, slot, key, value, generation);
         }
     }
 
     /// [`ReadCache::fill`] without the admission.
+    #[cfg(test)]
     fn fill_now(&self, key: &[u8], value: &[u8], generation: u64) {
-        let Some(shard) = self.shard(key) else {
-            return;
-        };
-        let mut shard = shard.write();
-        if self.generation.load(Ordering::SeqCst) == generation {
-            shard.insert(key, Arc::from(value), self.shard_budget);
+        if let Some((hash, slot)) = self.shard(key) {
+            self.fill_slot(hash, slot, key, value, generation);
         }
+    }
+
+    fn fill_slot(&self, hash: u64, slot: &Slot, key: &[u8], value: &[u8], generation: u64) {
+        let mut shard = slot.shard.write();
+        if self.generation.load(Ordering::SeqCst) == generation {
+            shard.insert(hash, key, Arc::from(value), self.shard_budget);
+            self.note_room(slot, &shard);
+        }
+    }
+
+    fn note_room(&self, slot: &Slot, shard: &Shard) {
+        let room = shard.bytes.saturating_add(ROOM) < self.shard_budget;
+        slot.has_room.store(room, Ordering::Relaxed);
     }
 
     /// Takes in the records a checkpoint just wrote into redb: their new envelopes replace
@@ -159,20 +241,21 @@ impl ReadCache {
             return;
         }
         for (key, value) in &layer.records {
-            let Some(shard) = self.shard(key) else {
+            let Some((hash, slot)) = self.shard(key) else {
                 continue;
             };
-            let mut shard = shard.write();
+            let mut shard = slot.shard.write();
             match value {
-                Some(bytes) => shard.insert(key, Arc::clone(bytes), self.shard_budget),
-                None => shard.remove(key),
+                Some(bytes) => shard.insert(hash, key, Arc::clone(bytes), self.shard_budget),
+                None => shard.remove(hash, key),
             }
+            self.note_room(slot, &shard);
         }
     }
 
     /// Bytes held (keys, envelopes and overhead).
     pub(crate) fn bytes(&self) -> usize {
-        self.shards.iter().map(|s| s.read().bytes).sum()
+        self.shards.iter().map(|s| s.shard.read().bytes).sum()
     }
 }
 
@@ -205,6 +288,55 @@ mod tests {
     }
 
     #[test]
+    fn reads_fill_a_cache_with_room_at_once_and_a_full_one_by_sampling() {
+        let budget = SHARDS * 8 * ROOM;
+        let cache = ReadCache::new(budget);
+        let value = vec![7u8; 200];
+        // While its shard has room, the first read of a key caches it.
+        for i in 0..64u32 {
+            cache.fill(&i.to_be_bytes(), &value, cache.generation());
+            assert!(cache.get(&i.to_be_bytes()).is_some(), "{i}");
+        }
+        // Once every shard is full, most one-off reads are not admitted.
+        for i in 64..100_000u32 {
+            cache.fill(&i.to_be_bytes(), &value, cache.generation());
+        }
+        assert!(
+            cache
+                .shards
+                .iter()
+                .all(|s| !s.has_room.load(Ordering::Relaxed))
+        );
+        let admitted = (200_000..201_000u32)
+            .filter(|i| {
+                cache.fill(&i.to_be_bytes(), &value, cache.generation());
+                cache.get(&i.to_be_bytes()).is_some()
+            })
+            .count();
+        assert!(admitted < 1000 / 4, "{admitted}");
+        assert!(cache.bytes() <= budget);
+    }
+
+    #[test]
+    fn keys_sharing_a_hash_never_answer_for_each_other() {
+        let mut shard = Shard::default();
+        let budget = 1 << 20;
+        shard.insert(42, b"a", Arc::from(&b"one"[..]), budget);
+        assert_eq!(shard.get(42, b"a").as_deref(), Some(&b"one"[..]));
+        assert!(shard.get(42, b"b").is_none());
+        shard.insert(42, b"b", Arc::from(&b"two"[..]), budget);
+        assert!(shard.get(42, b"a").is_none());
+        assert_eq!(shard.get(42, b"b").as_deref(), Some(&b"two"[..]));
+        assert_eq!(shard.bytes, Shard::charge(b"b", b"two"));
+        // Removing a key the slot no longer holds leaves the other one.
+        shard.remove(42, b"a");
+        assert_eq!(shard.get(42, b"b").as_deref(), Some(&b"two"[..]));
+        shard.remove(42, b"b");
+        assert!(shard.get(42, b"b").is_none());
+        assert_eq!(shard.bytes, 0);
+    }
+
+    #[test]
     fn the_cache_stays_within_its_budget_and_evicts_the_oldest() {
         let budget = SHARDS * 4096;
         let cache = ReadCache::new(budget);
@@ -222,8 +354,8 @@ mod tests {
             let g = cache.generation();
             cache.fill_now(&i.to_be_bytes(), &value, g);
         }
-        for shard in cache.shards.iter() {
-            let shard = shard.read();
+        for slot in cache.shards.iter() {
+            let shard = slot.shard.read();
             assert!(shard.order.len() <= 2 * shard.map.len() + 1024 + 1);
         }
         let off = ReadCache::new(0);
