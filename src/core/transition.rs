@@ -4,6 +4,7 @@
 //! is the one place that decides semantics (DESIGN §2), and the one place that builds the
 //! public answers ([`Claim`], [`Lease`], [`Replay`]) from a record.
 
+use std::borrow::Cow;
 use std::time::Duration;
 
 use crate::core::claim::{Claim, Lease, Replay};
@@ -132,7 +133,14 @@ pub(crate) fn apply(key: &[u8], stored: Option<&Record>, op: Op, ctx: &Ctx) -> S
             fingerprint,
             lease_ms,
             retention_ms,
-        } => claim(key, live, fingerprint, lease_ms, retention_ms, ctx),
+        } => claim(
+            key,
+            live.map(Cow::Borrowed),
+            Cow::Owned(fingerprint),
+            lease_ms,
+            retention_ms,
+            ctx,
+        ),
         Op::Complete {
             token,
             outcome,
@@ -190,10 +198,34 @@ pub(crate) fn apply(key: &[u8], stored: Option<&Record>, op: Op, ctx: &Ctx) -> S
     }
 }
 
+/// [`apply`] for a claim decided by a reader from its own copy of the stored record, which it
+/// needs no further: the same decision, but a replay takes the outcome out of `stored` instead
+/// of copying it, and `op` is only borrowed.
+pub(crate) fn apply_to_owned(key: &[u8], stored: Record, op: &Op, ctx: &Ctx) -> Step {
+    match op {
+        Op::Claim {
+            fingerprint,
+            lease_ms,
+            retention_ms,
+        } => {
+            let live = (!stored.is_expired(ctx.now_ms)).then_some(Cow::Owned(stored));
+            claim(
+                key,
+                live,
+                Cow::Borrowed(fingerprint),
+                *lease_ms,
+                *retention_ms,
+                ctx,
+            )
+        }
+        other => apply(key, Some(&stored), other.clone(), ctx),
+    }
+}
+
 fn claim(
     key: &[u8],
-    live: Option<&Record>,
-    fingerprint: Vec<u8>,
+    live: Option<Cow<'_, Record>>,
+    fingerprint: Cow<'_, [u8]>,
     lease_ms: u64,
     retention_ms: u64,
     ctx: &Ctx,
@@ -205,7 +237,7 @@ fn claim(
             return Step::keep(Err(Error::QuotaExceeded { limit }));
         }
         let record = Record {
-            fingerprint,
+            fingerprint: fingerprint.into_owned(),
             created_at_ms: ctx.now_ms,
             updated_at_ms: ctx.now_ms,
             expires_at_ms,
@@ -222,13 +254,18 @@ fn claim(
     if !fingerprints_equal(&r.fingerprint, &fingerprint) {
         return Step::keep(Ok(Reply::Claim(Claim::Mismatch)));
     }
+    let r = match r {
+        Cow::Owned(Record {
+            state: RecordState::Completed { outcome },
+            updated_at_ms,
+            attempt,
+            ..
+        }) => return replay(outcome, updated_at_ms, attempt),
+        other => other,
+    };
     let (checkpoint, takeover) = match &r.state {
         RecordState::Completed { outcome } => {
-            return Step::keep(Ok(Reply::Claim(Claim::Replay(Replay {
-                outcome: outcome.clone(),
-                completed_at_ms: r.updated_at_ms,
-                attempt: r.attempt,
-            }))));
+            return replay(outcome.clone(), r.updated_at_ms, r.attempt);
         }
         RecordState::InFlight {
             lease_until_ms: current_until,
@@ -255,6 +292,15 @@ fn claim(
         },
     };
     acquired(key, record, checkpoint, takeover, ctx)
+}
+
+/// The answer to a claim of a completed record: its outcome, replayed.
+fn replay(outcome: Vec<u8>, completed_at_ms: u64, attempt: u32) -> Step {
+    Step::keep(Ok(Reply::Claim(Claim::Replay(Replay {
+        outcome,
+        completed_at_ms,
+        attempt,
+    }))))
 }
 
 fn acquired(
@@ -327,6 +373,47 @@ mod tests {
         match step.write {
             Write::Put(r) => r,
             other => panic!("expected a put, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_claim_decided_from_an_owned_record_is_the_claim_decided_from_a_borrowed_one() {
+        let base = Record {
+            fingerprint: b"f".to_vec(),
+            created_at_ms: 10,
+            updated_at_ms: 20,
+            expires_at_ms: 5_000,
+            attempt: 2,
+            state: RecordState::Completed {
+                outcome: b"response".to_vec(),
+            },
+        };
+        let in_flight = |lease_until_ms, epoch| RecordState::InFlight {
+            token: 7,
+            epoch,
+            lease_until_ms,
+            checkpoint: Some(b"cp".to_vec()),
+        };
+        let states = [
+            base.state.clone(),
+            in_flight(1_500, 3),
+            in_flight(900, 3),
+            in_flight(1_500, 2),
+            RecordState::Failed { checkpoint: None },
+        ];
+        for state in states {
+            for expires_at_ms in [5_000, 1_000] {
+                let record = Record {
+                    state: state.clone(),
+                    expires_at_ms,
+                    ..base.clone()
+                };
+                for op in [claim_op(b"f"), claim_op(b"g"), Op::Forget] {
+                    let borrowed = apply(KEY, Some(&record), op.clone(), &CTX);
+                    let owned = apply_to_owned(KEY, record.clone(), &op, &CTX);
+                    assert_eq!(format!("{borrowed:?}"), format!("{owned:?}"));
+                }
+            }
         }
     }
 

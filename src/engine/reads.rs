@@ -81,7 +81,7 @@ impl Reader<'_> {
         let Some(stored) = self.record(sk)? else {
             return Ok(None);
         };
-        let step = transition::apply(sk, Some(&stored), op.clone(), &self.shared.ctx());
+        let step = transition::apply_to_owned(sk, stored, op, &self.shared.ctx());
         if step.write != Write::Keep {
             return Ok(None);
         }

@@ -132,7 +132,9 @@ mod bytes {
     pub(super) fn deserialize<'de, 'a, D: Deserializer<'de>>(
         d: D,
     ) -> Result<Cow<'a, [u8]>, D::Error> {
-        d.deserialize_byte_buf(BytesVisitor).map(Cow::Owned)
+        // `bytes`, not `byte_buf`: from a slice the decoder then lends the bytes, and they are
+        // copied once into a buffer of their length (`byte_buf` zero-fills one, then copies).
+        d.deserialize_bytes(BytesVisitor).map(Cow::Owned)
     }
 
     struct BytesVisitor;
