@@ -11,7 +11,7 @@ use crate::engine::shared::Shared;
 use crate::engine::storage::Storage;
 use crate::engine::storage::redb::{RedbStorage, WalMeta, open, tables};
 use crate::engine::storage::wal::log::{self as wal_log, Geometry};
-use crate::engine::storage::wal::{WalConfig, WalStorage, log_path};
+use crate::engine::storage::wal::{WalConfig, WalStorage, log_path, missing_log};
 use crate::engine::store::Store;
 use crate::engine::sweeper::Sweeper;
 use crate::engine::telemetry;
@@ -575,13 +575,7 @@ fn open_log(log: LogSource, meta: WalMeta) -> Result<Box<dyn redb::StorageBacken
             {
                 Ok(f) => f,
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                    return Err(Error::corrupt(
-                        "write-ahead log",
-                        format!(
-                            "{} is missing: the store's latest batches may be in it",
-                            path.display()
-                        ),
-                    ));
+                    return Err(missing_log(&path));
                 }
                 Err(e) => return Err(Error::from_io(e)),
             };

@@ -176,15 +176,7 @@ fn replay_log(
     let log = log_path(path);
     let file = match Overlay::open(&log) {
         Ok(file) => file,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => {
-            return Err(Error::corrupt(
-                "write-ahead log",
-                format!(
-                    "{} is missing: the store's latest batches may be in it",
-                    log.display()
-                ),
-            ));
-        }
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Err(wal::missing_log(&log)),
         Err(e) => return Err(Error::from_io(e)),
     };
     let (_, recovered) = Log::recover(

@@ -169,6 +169,18 @@ pub(crate) fn log_path(path: &Path) -> PathBuf {
     PathBuf::from(name)
 }
 
+/// The error for a format-2 store whose log file at `log` is missing: the batches its last
+/// checkpoint did not cover may have been in it, so the store is not read without it.
+pub(crate) fn missing_log(log: &Path) -> Error {
+    Error::corrupt(
+        "write-ahead log",
+        format!(
+            "{} is missing: the store's latest batches may be in it",
+            log.display()
+        ),
+    )
+}
+
 /// The batches a recovery found, laid over each other in LSN order into one layer (whose
 /// `last_lsn` is the last batch's), and the next fencing token: the larger of `next_token`
 /// (the database file's) and the highest one a batch carried.
