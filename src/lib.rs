@@ -142,7 +142,9 @@ pub use engine::{
     QUEUE_BYTES_MAX, QUEUE_CAPACITY_MAX, Stats, Store, StoreBuilder, WAL_SEGMENT_BYTES_MAX,
     WAL_SEGMENT_BYTES_MIN, WAL_SEGMENTS_MAX, WalStats,
 };
-pub use engine::{Damage, Entry, ImportReport, PageCheck, ReadOnlyStore, Summary, Verification};
+pub use engine::{
+    Compaction, Damage, Entry, ImportReport, PageCheck, ReadOnlyStore, Summary, Verification,
+};
 pub use error::{Error, Input, Result, Source};
 pub use limits::{
     CHECKPOINT_LEN_MAX, FINGERPRINT_LEN_MAX, KEY_LEN_MAX, Limits, OUTCOME_LEN_MAX,

@@ -506,6 +506,7 @@ fn a_foreign_file_is_refused_by_every_command_and_left_unchanged() -> TestResult
             vec!["export", f],
             vec!["verify", f],
             vec!["sweep", f],
+            vec!["compact", f],
             vec!["forget", f, "s", "k"],
         ] {
             let output = run(&args)?;
@@ -541,6 +542,7 @@ fn a_missing_path_is_reported_and_not_created() -> TestResult {
         vec!["export", m],
         vec!["verify", m],
         vec!["sweep", m],
+        vec!["compact", m],
         vec!["forget", m, "s", "k"],
     ] {
         let output = run(&args)?;
@@ -566,7 +568,12 @@ fn a_store_open_in_another_process_is_named_as_such() -> TestResult {
     let p = path.to_str().ok_or("path")?;
     let before = std::fs::read(&path)?;
     let store = Store::open(&path)?;
-    for args in [vec!["stats", p], vec!["verify", p], vec!["sweep", p]] {
+    for args in [
+        vec!["stats", p],
+        vec!["verify", p],
+        vec!["sweep", p],
+        vec!["compact", p],
+    ] {
         let output = run(&args)?;
         assert_eq!(code(&output), Some(4), "{args:?}");
         let message = stderr(&output);
@@ -699,5 +706,184 @@ fn a_binary_scope_is_printed_as_hex_and_taken_back_as_an_argument() -> TestResul
     );
     assert_eq!(code(&run(&["forget", p, "hex:ca3e000a", "k1"])?), Some(0));
     assert_eq!(code(&run(&["get", p, "hex:ca3e000a", "k1"])?), Some(6));
+    Ok(())
+}
+
+/// A store at `dir/<name>` whose records mostly expired and were swept, so that much of its
+/// file is free: `records` records of `outcome_len` bytes in scope `s`, one in `keep_every`
+/// (`keep-N`) kept for a day, the others (`gone-N`) swept after their minute. With a log, a
+/// checkpoint follows every commit, so that the sweep's removals reach the database file in
+/// many commits, as in a long-running store. Returns the path and the kept keys.
+fn swept_store(
+    dir: &Path,
+    name: &str,
+    log: bool,
+    (records, keep_every, outcome_len): (usize, usize, usize),
+) -> Result<(PathBuf, Vec<String>), Box<dyn std::error::Error>> {
+    let path = dir.join(name);
+    let clock = ManualClock::new(now_ms());
+    let store = Store::builder()
+        .clock(clock.clone())
+        .sweep_interval(None)
+        .write_ahead_log(log)
+        .checkpoint_interval(Duration::ZERO)
+        .durability(idemstore::Durability::Relaxed {
+            max_unsynced: Duration::from_secs(1),
+        })
+        .open(&path)?;
+    let options = ClaimOptions::default().retention(DAY);
+    let mut kept = Vec::new();
+    for i in 0..records {
+        let keep = i % keep_every == 0;
+        let key = if keep {
+            format!("keep-{i}")
+        } else {
+            format!("gone-{i}")
+        };
+        let lease = acquired(store.claim("s", &key, key.as_bytes(), &options)?);
+        let outcome = vec![(i % 251) as u8; outcome_len];
+        let retention = if keep { DAY } else { Duration::from_secs(60) };
+        store.complete(&lease, &outcome, retention)?;
+        if keep {
+            kept.push(key);
+        }
+    }
+    clock.advance(Duration::from_secs(120));
+    while store.sweep(1024)?.more {}
+    store.close()?;
+    Ok((path, kept))
+}
+
+/// Every kept record of [`swept_store`] is there with its outcome, and nothing else.
+fn check_kept(path: &Path, kept: &[String], outcome_len: usize) -> TestResult {
+    let view = ReadOnlyStore::open(path)?;
+    let summary = view.summary()?;
+    assert_eq!(summary.records, kept.len() as u64, "{summary:?}");
+    assert_eq!((summary.damaged, summary.expired), (0, 0), "{summary:?}");
+    for key in kept {
+        let i: usize = key.trim_start_matches("keep-").parse()?;
+        let record = view
+            .get("s", key)?
+            .ok_or_else(|| format!("{key} is missing"))?;
+        match record.state {
+            RecordState::Completed { outcome } => {
+                assert_eq!(outcome, vec![(i % 251) as u8; outcome_len], "{key}");
+            }
+            other => panic!("{key}: {other:?}"),
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn compact_gives_back_the_free_space_of_a_swept_store_and_keeps_every_record() -> TestResult {
+    const OUTCOME_LEN: usize = 2048;
+    let dir = tempfile::tempdir()?;
+    for (name, log) in [("f1.redb", false), ("f2.redb", true)] {
+        let (path, kept) = swept_store(dir.path(), name, log, (3_000, 10, OUTCOME_LEN))?;
+        let p = path.to_str().ok_or("path")?;
+        let stats = json(&run(&["stats", p, "--json"])?)?;
+        let (file, free) = (
+            stats["file_bytes"].as_u64().ok_or("file_bytes")?,
+            stats["free_bytes"].as_u64().ok_or("free_bytes")?,
+        );
+        assert!(free * 2 > file, "{name}: mostly free before: {stats}");
+
+        let output = run(&["compact", p, "--json"])?;
+        assert_eq!(code(&output), Some(0), "{name}: {}", stderr(&output));
+        let done = json(&output)?;
+        let (before, after) = (
+            done["bytes_before"].as_u64().ok_or("bytes_before")?,
+            done["bytes_after"].as_u64().ok_or("bytes_after")?,
+        );
+        assert_eq!(std::fs::metadata(&path)?.len(), after, "{name}");
+        assert!(after * 2 < before, "{name}: {before} -> {after}");
+        let stats = json(&run(&["stats", p, "--json"])?)?;
+        assert!(
+            stats["free_bytes"].as_u64().ok_or("free_bytes")? * 4 < after,
+            "{name}: little free after: {stats}"
+        );
+        assert_eq!(stats["format_version"], if log { 2 } else { 1 }, "{name}");
+        check_kept(&path, &kept, OUTCOME_LEN)?;
+        let verify = run(&["verify", p])?;
+        assert_eq!(code(&verify), Some(0), "{name}: {}", stdout(&verify));
+
+        // The store goes on working: a kept key replays, a swept one runs again.
+        let store = Store::open(&path)?;
+        let options = ClaimOptions::default().retention(DAY);
+        assert!(matches!(
+            store.claim("s", "keep-0", "keep-0", &options)?,
+            Claim::Replay(_)
+        ));
+        assert!(matches!(
+            store.claim("s", "gone-1", "gone-1", &options)?,
+            Claim::Acquired(_)
+        ));
+        store.close()?;
+    }
+    Ok(())
+}
+
+/// `idemstore compact` killed (SIGKILL) at moments spread over its run, each time on a fresh
+/// copy of a swept store: every copy opens, passes its page checks and holds exactly the kept
+/// records, with no swept record back and the next token never lower.
+#[test]
+fn a_compaction_killed_at_any_moment_leaves_every_record() -> TestResult {
+    const OUTCOME_LEN: usize = 4096;
+    const KILLS: u32 = 12;
+    let dir = tempfile::tempdir()?;
+    for (name, log) in [("f1.redb", false), ("f2.redb", true)] {
+        let (path, kept) = swept_store(dir.path(), name, log, (6_000, 3, OUTCOME_LEN))?;
+        let next_token = ReadOnlyStore::open(&path)?.next_token();
+        let copy = |to: &Path| -> Result<(), std::io::Error> {
+            std::fs::copy(&path, to)?;
+            if log {
+                let mut from_log = path.clone().into_os_string();
+                from_log.push(".wal");
+                let mut to_log = to.to_path_buf().into_os_string();
+                to_log.push(".wal");
+                std::fs::copy(from_log, to_log)?;
+            }
+            Ok(())
+        };
+        // How long a whole run takes here, to spread the kills over it.
+        let timed = dir.path().join(format!("timed-{name}"));
+        copy(&timed)?;
+        let began = std::time::Instant::now();
+        let output = run(&["compact", timed.to_str().ok_or("path")?])?;
+        assert_eq!(code(&output), Some(0), "{}", stderr(&output));
+        let whole = began.elapsed();
+        let (mut changed, mut shrunk) = (0, 0);
+        for k in 0..KILLS {
+            let target = dir.path().join(format!("kill-{k}-{name}"));
+            copy(&target)?;
+            let before = std::fs::read(&target)?;
+            let mut child = Command::new(env!("CARGO_BIN_EXE_idemstore"))
+                .args(["compact", target.to_str().ok_or("path")?])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()?;
+            std::thread::sleep(whole * k / KILLS);
+            child.kill()?;
+            child.wait()?;
+            check_kept(&target, &kept, OUTCOME_LEN)?;
+            assert!(
+                ReadOnlyStore::open(&target)?.next_token() >= next_token,
+                "{name}, kill {k}: the next token went back"
+            );
+            let after = std::fs::read(&target)?;
+            changed += u32::from(after != before);
+            shrunk += u32::from(after.len() < before.len());
+            // A compaction after the kill finishes the job.
+            let output = run(&["compact", target.to_str().ok_or("path")?])?;
+            assert_eq!(code(&output), Some(0), "{}", stderr(&output));
+            check_kept(&target, &kept, OUTCOME_LEN)?;
+            std::fs::remove_file(&target)?;
+        }
+        eprintln!(
+            "{name}: a whole run {whole:?}; of {KILLS} kills, {changed} came after the file \
+             changed, {shrunk} after it shrank"
+        );
+    }
     Ok(())
 }

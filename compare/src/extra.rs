@@ -616,6 +616,9 @@ pub struct SweepUnderLoad {
     pub files_before: Files,
     pub files_after: Files,
     pub files_after_close: Files,
+    /// `Store::compact` after the close: the files then, and how long it took.
+    pub files_after_compact: Files,
+    pub compact_elapsed: Duration,
     pub peak_rss: rss::Peak,
 }
 
@@ -760,6 +763,9 @@ pub fn large(plan: &LargePlan<'_>) -> Result<Large, BoxError> {
         Err(_) => return Err("the store is still shared".into()),
     }
     let files_after_close = Files::of(&path)?;
+    eprintln!("[{label}] compacting the file");
+    let compaction = Store::compact(&path)?;
+    let files_after_compact = Files::of(&path)?;
     remove_store(&path)?;
     Ok(Large {
         format,
@@ -787,6 +793,8 @@ pub fn large(plan: &LargePlan<'_>) -> Result<Large, BoxError> {
             files_before,
             files_after,
             files_after_close,
+            files_after_compact,
+            compact_elapsed: compaction.elapsed,
             peak_rss,
         },
     })

@@ -877,13 +877,15 @@ fn alone(s: &mut String, ctx: &Context<'_>, measured: &Measured, compared: bool)
         row(s, "… after the sweep", &|l| phase(&l.sweep.after));
         row(
             s,
-            "files before the sweep → after sweeping (open) → after close",
+            "files before the sweep → after sweeping (open) → after close → after `Store::compact` (its time)",
             &|l| {
                 format!(
-                    "{} → {} → {}",
+                    "{} → {} → {} → {} ({:.1} s)",
                     files_cell(&l.sweep.files_before),
                     files_cell(&l.sweep.files_after),
-                    files_cell(&l.sweep.files_after_close)
+                    files_cell(&l.sweep.files_after_close),
+                    files_cell(&l.sweep.files_after_compact),
+                    l.sweep.compact_elapsed.as_secs_f64()
                 )
             },
         );

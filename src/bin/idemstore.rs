@@ -4,8 +4,8 @@
 //! `cargo run --release --features cli --bin idemstore -- stats PATH`.
 //!
 //! The reading commands (`stats`, `get`, `list`, `orphans`, `export`, `verify`) open the file
-//! read-only: they create nothing and write nothing. The writing ones (`sweep`, `forget`,
-//! `import`) open it as a store does. Either kind needs a file that no process has open for
+//! read-only: they create nothing and write nothing. The writing ones (`sweep`, `compact`,
+//! `forget`, `import`) open it as a store does. Either kind needs a file that no process has open for
 //! writing (a store holds its file exclusively); both refuse a file that is not a store and
 //! leave it untouched.
 
@@ -96,6 +96,13 @@ enum Command {
     },
     /// Remove every expired record now (writes; the file must not be open elsewhere).
     Sweep { path: PathBuf },
+    /// Give the file's free space back to the file system (writes; the file must not be open
+    /// elsewhere).
+    ///
+    /// The file grows when commits rewrite much of it and never shrinks by itself: after a
+    /// large sweep most of it can be free (`stats` shows how much). Records are unchanged; a
+    /// kill at any moment leaves a store that opens with every record.
+    Compact { path: PathBuf },
     /// Remove the record of SCOPE and KEY, so that the key runs again (writes).
     Forget {
         path: PathBuf,
@@ -171,6 +178,7 @@ fn run(cli: &Cli) -> Outcome {
         } => list(&mut out, path, scope.as_deref(), *state, *limit, cli.json),
         Command::Orphans { path, limit } => orphans(&mut out, path, *limit, cli.json),
         Command::Sweep { path } => sweep(&mut out, path, cli.json),
+        Command::Compact { path } => compact(&mut out, path, cli.json),
         Command::Forget { path, scope, key } => forget(&mut out, path, scope, key, cli.json),
         Command::Export { path } => export(&mut out, path),
         Command::Import { path } => import(&mut out, path, cli.json),
@@ -271,6 +279,7 @@ fn stats(out: &mut impl Write, path: &Path, as_json: bool) -> Outcome {
         let value = json!({
             "path": path.display().to_string(),
             "file_bytes": s.file_bytes,
+            "free_bytes": s.free_bytes,
             "format_version": s.format_version,
             "log_file_bytes": s.log_file_bytes,
             "log_batches": s.log_batches,
@@ -299,7 +308,7 @@ fn stats(out: &mut impl Write, path: &Path, as_json: bool) -> Outcome {
         String::new()
     };
     let text = format!(
-        "store         {} ({}, format {})\n\
+        "store         {} ({}, format {}; {} free, `compact` gives it back)\n\
          {log}\
          records       {} stored: {} completed, {} failed, {} in flight, {} expired awaiting a sweep, {} damaged\n\
          orphans       {} (no process has the file open: every in-flight record has lost its owner)\n\
@@ -310,6 +319,7 @@ fn stats(out: &mut impl Write, path: &Path, as_json: bool) -> Outcome {
         path.display(),
         show::size(s.file_bytes),
         s.format_version,
+        show::size(s.free_bytes),
         s.records,
         s.completed,
         s.failed,
@@ -504,6 +514,29 @@ fn sweep(out: &mut impl Write, path: &Path, as_json: bool) -> Outcome {
         let text = format!(
             "swept {}: removed {removed} expired records ({visited} expiry-index entries visited)\n",
             path.display()
+        );
+        out.write_all(text.as_bytes()).map_err(|e| io_failure(&e))?;
+    }
+    Ok(status::OK)
+}
+
+fn compact(out: &mut impl Write, path: &Path, as_json: bool) -> Outcome {
+    let done = Store::compact(path).map_err(|e| failure(path, e))?;
+    if as_json {
+        let value = json!({
+            "bytes_before": done.bytes_before,
+            "bytes_after": done.bytes_after,
+            "elapsed_ms": done.elapsed.as_millis() as u64,
+        });
+        write_line(out, &value)?;
+    } else {
+        let text = format!(
+            "compacted {}: {} -> {} ({} given back) in {:.1} s\n",
+            path.display(),
+            show::size(done.bytes_before),
+            show::size(done.bytes_after),
+            show::size(done.bytes_freed()),
+            done.elapsed.as_secs_f64()
         );
         out.write_all(text.as_bytes()).map_err(|e| io_failure(&e))?;
     }

@@ -34,7 +34,9 @@ pub(crate) mod telemetry;
 pub(crate) mod waits;
 pub(crate) mod writer;
 
-pub use admin::{Damage, Entry, ImportReport, PageCheck, ReadOnlyStore, Summary, Verification};
+pub use admin::{
+    Compaction, Damage, Entry, ImportReport, PageCheck, ReadOnlyStore, Summary, Verification,
+};
 pub use builder::{
     ASYNC_READ_THREADS_MAX, BATCH_OPS_MAX, MAP_BUDGET_MIN, QUEUE_BYTES_MAX, QUEUE_CAPACITY_MAX,
     StoreBuilder, WAL_SEGMENT_BYTES_MAX, WAL_SEGMENT_BYTES_MIN, WAL_SEGMENTS_MAX,

@@ -87,6 +87,10 @@ pub struct Summary {
     pub next_token: u64,
     /// The size of the file in bytes.
     pub file_bytes: u64,
+    /// Bytes of the file that no page in use takes, about: space that commits freed and later
+    /// ones reuse, which [`Store::compact`](crate::Store::compact) gives back to the file
+    /// system.
+    pub free_bytes: u64,
     /// The size of the write-ahead log file (`<path>.wal`) in bytes; 0 for format 1.
     pub log_file_bytes: u64,
     /// Batches in the write-ahead log that the last checkpoint did not cover: the view replayed
@@ -163,6 +167,17 @@ impl ReadOnlyStore {
         self.meta.next_token
     }
 
+    /// Bytes of the file taken by pages in use, from redb's allocator. The view's writes stay
+    /// in memory, so the write transaction that reads it (aborted) leaves the file untouched.
+    fn bytes_in_use(&self) -> Result<u64> {
+        let txn = self.db.begin_write().map_err(Error::storage)?;
+        let stats = txn.stats().map_err(Error::storage)?;
+        txn.abort().map_err(Error::storage)?;
+        Ok(stats
+            .allocated_pages()
+            .saturating_mul(stats.page_size() as u64))
+    }
+
     pub(super) fn read(&self) -> Result<ReadTransaction> {
         self.db.begin_read().map_err(Error::storage)
     }
@@ -200,11 +215,13 @@ impl ReadOnlyStore {
         let expiry = read.open_table(EXPIRY).map_err(Error::storage)?;
         let scopes = read.open_table(SCOPES).map_err(Error::storage)?;
         let ctx = self.ctx();
+        let file_bytes = std::fs::metadata(&self.path)?.len();
         let mut summary = Summary {
             format_version: self.meta.format,
             epoch: self.meta.epoch,
             next_token: self.meta.next_token,
-            file_bytes: std::fs::metadata(&self.path)?.len(),
+            file_bytes,
+            free_bytes: file_bytes.saturating_sub(self.bytes_in_use()?),
             log_file_bytes: if self.meta.wal.is_some() {
                 std::fs::metadata(log_path(&self.path))?.len()
             } else {
