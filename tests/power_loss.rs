@@ -933,3 +933,134 @@ fn spanning_batches() {
     }
     assert!(failures.is_empty(), "{}", failures.join("\n"));
 }
+
+/// Compaction (`Store::compact` runs redb's, on the file) on the simulated disk of a store whose
+/// records mostly expired and were swept: a power cut at every sync point of it, with each write
+/// pending there applied, dropped or torn at sector granularity, leaves a store that opens with
+/// exactly the kept records and outcomes (none lost, no swept one back) and the same next token.
+/// In both formats: a format-2 store's log (checkpointed at its close) is not touched.
+#[test]
+fn a_compaction_cut_at_every_sync_point_keeps_every_record()
+-> Result<(), Box<dyn std::error::Error>> {
+    compaction_cut_at_every_sync_point(false)?;
+    compaction_cut_at_every_sync_point(true)
+}
+
+fn compaction_cut_at_every_sync_point(log: bool) -> Result<(), Box<dyn std::error::Error>> {
+    const RECORDS: usize = 600;
+    const KEEP_EVERY: usize = 3;
+    const OUTCOME_LEN: usize = 2048;
+    let variants: u64 = if std::env::var_os("IDEMSTORE_LONG").is_some() {
+        24
+    } else {
+        4
+    };
+    let outcome = |i: usize| vec![(i % 251) as u8; OUTCOME_LEN];
+    let disk = SimDisk::new();
+    let log_disk = SimDisk::new();
+    let clock = ManualClock::new(1_700_000_000_000);
+    let open = |builder: idemstore::StoreBuilder, disk: SimDisk| {
+        let builder = builder.clock(clock.clone()).sweep_interval(None);
+        if log {
+            builder
+                .write_ahead_log(true)
+                .wal_segment_bytes(1 << 20)
+                .checkpoint_interval(Duration::ZERO)
+                .open_with_backends(disk, SimDisk::from_image(log_disk.durable_image()))
+        } else {
+            builder.open_with_backend(disk)
+        }
+    };
+    let store = if log {
+        Store::builder()
+            .clock(clock.clone())
+            .sweep_interval(None)
+            .write_ahead_log(true)
+            .wal_segment_bytes(1 << 20)
+            .checkpoint_interval(Duration::ZERO)
+            .open_with_backends(disk.clone(), log_disk.clone())?
+    } else {
+        open(Store::builder(), disk.clone())?
+    };
+    let options = ClaimOptions::default().retention(Duration::from_secs(86_400));
+    let mut kept = Vec::new();
+    for i in 0..RECORDS {
+        let key = format!("k-{i}");
+        let Claim::Acquired(lease) = store.claim("s", &key, key.as_bytes(), &options)? else {
+            return Err(format!("{key} was not new").into());
+        };
+        let keep = i % KEEP_EVERY == 0;
+        let retention = Duration::from_secs(if keep { 86_400 } else { 60 });
+        store.complete(&lease, &outcome(i), retention)?;
+        if keep {
+            kept.push(i);
+        }
+    }
+    clock.advance(Duration::from_secs(120));
+    while store.sweep(64)?.more {}
+    assert_eq!(store.stats()?.wal.is_some(), log, "the store's format");
+    let next_token = store.stats()?.next_token;
+    store.close()?;
+    assert_eq!(disk.durable_image(), disk.live_image(), "the close synced");
+    let len_before = disk.live_len();
+
+    let mut durable = disk.durable_image();
+    disk.start_recording();
+    let mut db = redb::Builder::new().create_with_backend(disk.clone())?;
+    assert!(db.compact()?, "there was something to compact");
+    drop(db);
+    let (mut windows, tail) = disk.take_windows();
+    windows.push(tail);
+    assert!(
+        disk.live_len() < len_before,
+        "{len_before} -> {}",
+        disk.live_len()
+    );
+
+    let check = |image: Vec<u8>, at: &str| -> Result<(), String> {
+        let store = open(Store::builder(), SimDisk::from_image(image))
+            .map_err(|e| format!("{at}: the store does not open: {e}"))?;
+        let stats = store.stats().map_err(|e| e.to_string())?;
+        if stats.wal.is_some() != log {
+            return Err(format!("{at}: opened in the other format"));
+        }
+        if stats.records != kept.len() as u64 || stats.next_token != next_token {
+            return Err(format!(
+                "{at}: {} records (expected {}), next token {} (expected {next_token})",
+                stats.records,
+                kept.len(),
+                stats.next_token
+            ));
+        }
+        for &i in &kept {
+            let key = format!("k-{i}");
+            match store.claim("s", &key, key.as_bytes(), &options) {
+                Ok(Claim::Replay(replay)) if replay.outcome == outcome(i) => {}
+                other => return Err(format!("{at}: {key}: {other:?}")),
+            }
+        }
+        store.close().map_err(|e| e.to_string())
+    };
+    let mut rng = Rng::new(0xC0_4AC7);
+    let mut fates = Fates::default();
+    let mut images = 0u64;
+    for (w, window) in windows.iter().enumerate() {
+        for v in 0..variants {
+            let image = testkit::crash_image(&durable, window, &mut |n| rng.below(n), &mut fates);
+            check(image, &format!("sync point {w} variant {v}"))?;
+            images += 1;
+        }
+        for op in window {
+            op.apply_to(&mut durable);
+        }
+        check(durable.clone(), &format!("sync point {w} fully written"))?;
+        images += 1;
+    }
+    eprintln!(
+        "compaction (log: {log}) {len_before} -> {} bytes: {} sync points, {images} crash \
+         images, {fates:?}",
+        disk.live_len(),
+        windows.len() - 1
+    );
+    Ok(())
+}
