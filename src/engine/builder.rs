@@ -530,7 +530,7 @@ impl StoreBuilder {
             return Ok((Box::new(storage), adopted.epoch, adopted.next_token));
         }
         let (file, upgrade): (Box<dyn redb::StorageBackend>, Option<WalMeta>) = match has_log {
-            Some(meta) => (open_log(log, meta)?, None),
+            Some(_) => (open_log(log)?, None),
             None => {
                 let meta = WalMeta {
                     store_id: wal_log::seed() | 1,
@@ -565,7 +565,7 @@ impl StoreBuilder {
 }
 
 /// The existing log of a format-2 store.
-fn open_log(log: LogSource, meta: WalMeta) -> Result<Box<dyn redb::StorageBackend>> {
+fn open_log(log: LogSource) -> Result<Box<dyn redb::StorageBackend>> {
     match log {
         LogSource::File(path) => {
             let file = match std::fs::OpenOptions::new()
@@ -579,7 +579,6 @@ fn open_log(log: LogSource, meta: WalMeta) -> Result<Box<dyn redb::StorageBacken
                 }
                 Err(e) => return Err(Error::from_io(e)),
             };
-            let _ = meta;
             Ok(Box::new(
                 redb::backends::FileBackend::new(file).map_err(Error::storage)?,
             ))
