@@ -308,7 +308,7 @@ fn stats(out: &mut impl Write, path: &Path, as_json: bool) -> Outcome {
         String::new()
     };
     let text = format!(
-        "store         {} ({}, format {}; {} free, `compact` gives it back)\n\
+        "store         {} ({}, format {}; {} of it free, see `compact`)\n\
          {log}\
          records       {} stored: {} completed, {} failed, {} in flight, {} expired awaiting a sweep, {} damaged\n\
          orphans       {} (no process has the file open: every in-flight record has lost its owner)\n\
