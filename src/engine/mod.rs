@@ -15,7 +15,8 @@
 //!   records in bounded batches through the queue; [`read_pool`] runs the reads of async calls
 //!   on threads of its own, never on an executor's.
 //!
-//! [`admin`] serves operators: a read-only view of a store file, its verification, and import.
+//! [`admin`] serves operators: a read-only view of a store file, its verification, import, and
+//! compaction.
 
 pub(crate) mod admin;
 pub(crate) mod apply;
