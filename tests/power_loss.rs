@@ -959,29 +959,20 @@ fn compaction_cut_at_every_sync_point(log: bool) -> Result<(), Box<dyn std::erro
     let disk = SimDisk::new();
     let log_disk = SimDisk::new();
     let clock = ManualClock::new(1_700_000_000_000);
-    let open = |builder: idemstore::StoreBuilder, disk: SimDisk| {
-        let builder = builder.clock(clock.clone()).sweep_interval(None);
+    // The store on `disk` (and, in format 2, its log on `log_disk`).
+    let open = |disk: SimDisk, log_disk: SimDisk| {
+        let builder = Store::builder().clock(clock.clone()).sweep_interval(None);
         if log {
             builder
                 .write_ahead_log(true)
                 .wal_segment_bytes(1 << 20)
                 .checkpoint_interval(Duration::ZERO)
-                .open_with_backends(disk, SimDisk::from_image(log_disk.durable_image()))
+                .open_with_backends(disk, log_disk)
         } else {
             builder.open_with_backend(disk)
         }
     };
-    let store = if log {
-        Store::builder()
-            .clock(clock.clone())
-            .sweep_interval(None)
-            .write_ahead_log(true)
-            .wal_segment_bytes(1 << 20)
-            .checkpoint_interval(Duration::ZERO)
-            .open_with_backends(disk.clone(), log_disk.clone())?
-    } else {
-        open(Store::builder(), disk.clone())?
-    };
+    let store = open(disk.clone(), log_disk.clone())?;
     let options = ClaimOptions::default().retention(Duration::from_secs(86_400));
     let mut kept = Vec::new();
     for i in 0..RECORDS {
@@ -1018,8 +1009,11 @@ fn compaction_cut_at_every_sync_point(log: bool) -> Result<(), Box<dyn std::erro
     );
 
     let check = |image: Vec<u8>, at: &str| -> Result<(), String> {
-        let store = open(Store::builder(), SimDisk::from_image(image))
-            .map_err(|e| format!("{at}: the store does not open: {e}"))?;
+        let store = open(
+            SimDisk::from_image(image),
+            SimDisk::from_image(log_disk.durable_image()),
+        )
+        .map_err(|e| format!("{at}: the store does not open: {e}"))?;
         let stats = store.stats().map_err(|e| e.to_string())?;
         if stats.wal.is_some() != log {
             return Err(format!("{at}: opened in the other format"));
