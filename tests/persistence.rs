@@ -481,6 +481,45 @@ fn relaxed_durability_acknowledges_and_flush_makes_it_durable() -> TestResult {
     Ok(())
 }
 
+/// A lone blocking caller commits its own operation (no commit was running), unsynced at
+/// `Relaxed`: the sync still follows within `max_unsynced`, without another write or a flush.
+#[test]
+fn a_relaxed_write_of_a_lone_caller_is_synced_within_its_window() -> TestResult {
+    for log in [false, true] {
+        let dir = tempfile::tempdir()?;
+        let path = dir.path().join("idem.redb");
+        let store = Store::builder()
+            .clock(clock())
+            .sweep_interval(None)
+            .write_ahead_log(log)
+            .durability(idemstore::Durability::Relaxed {
+                max_unsynced: Duration::from_millis(50),
+            })
+            .open(&path)?;
+        // Whatever the open synced is behind us once the first window has passed.
+        std::thread::sleep(Duration::from_millis(200));
+        let synced = |s: &idemstore::Stats| s.wal.as_ref().map_or(s.commits, |w| w.log_syncs);
+        let before = store.stats()?;
+        let lease = acquired(store.claim("s", "k", "fp", &opts(1_000))?);
+        store.complete(&lease, b"relaxed", DAY)?;
+        let written = store.stats()?;
+        assert_eq!(written.commits, before.commits + 2, "log {log}");
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        loop {
+            let now = store.stats()?;
+            if synced(&now) > synced(&written) {
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "log {log}: no sync followed the relaxed writes ({now:?})"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+    Ok(())
+}
+
 #[test]
 fn two_phase_commit_stores_the_same_data() -> TestResult {
     let dir = tempfile::tempdir()?;

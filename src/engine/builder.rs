@@ -482,16 +482,16 @@ impl StoreBuilder {
             self.queue_capacity,
             self.queue_capacity_bytes,
             self.limits.records_per_scope(),
+            self.max_batch_ops,
         ));
         // Threads that can fail to start come before the writer, which must not be left
         // running without a store to stop it.
         let timer = Timer::start()?;
         let read_pool = ReadPool::start(self.async_read_threads)?;
         let writer_shared = Arc::clone(&shared);
-        let max_batch = self.max_batch_ops;
         let writer = std::thread::Builder::new()
             .name("idemstore-writer".into())
-            .spawn(move || writer::run(&writer_shared, max_batch))
+            .spawn(move || writer::run(&writer_shared))
             .map_err(Error::from_io)?;
         // From here on the writer runs: the store must be built (and dropped on error) so that
         // the writer is stopped and joined.

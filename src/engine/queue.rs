@@ -172,6 +172,8 @@ struct QueueState {
     bytes: usize,
     closed: bool,
     space_wakers: Vec<Waker>,
+    /// Set by [`Queue::recheck_deadline`], cleared when the writer thread sees it.
+    recheck: bool,
 }
 
 impl QueueState {
@@ -192,10 +194,14 @@ impl QueueState {
     }
 }
 
-/// What [`Queue::drain`] found.
-pub(crate) enum Drained {
-    Jobs(Vec<Job>),
+/// What [`Queue::wait_for_work`] found.
+pub(crate) enum Work {
+    /// At least one job is queued.
+    Jobs,
+    /// The deadline passed with nothing queued, or the deadline must be computed again
+    /// ([`Queue::recheck_deadline`]).
     TimedOut,
+    /// The queue is closed and empty.
     Closed,
 }
 
@@ -207,6 +213,7 @@ impl Queue {
                 bytes: 0,
                 closed: false,
                 space_wakers: Vec::new(),
+                recheck: false,
             }),
             not_empty: Condvar::new(),
             not_full: Condvar::new(),
@@ -215,8 +222,10 @@ impl Queue {
         }
     }
 
-    /// Queues `command`, blocking while the queue is full.
-    pub(crate) fn submit(&self, command: Command) -> Result<Arc<Slot>> {
+    /// Queues `command`, blocking while the queue is full, without waking the writer thread:
+    /// the caller either commits the queue itself or calls [`Queue::wake_writer`]. Returns the
+    /// command's slot and whether it is alone in the queue.
+    pub(crate) fn submit_quietly(&self, command: Command) -> Result<(Arc<Slot>, bool)> {
         let weight = command.weight();
         let mut s = self.state.lock();
         loop {
@@ -224,13 +233,23 @@ impl Queue {
                 return Err(Error::Closed);
             }
             if s.has_room(weight, self.capacity, self.capacity_bytes) {
-                let slot = s.push(command, weight);
-                drop(s);
-                self.not_empty.notify_one();
-                return Ok(slot);
+                let alone = s.jobs.is_empty();
+                return Ok((s.push(command, weight), alone));
             }
             self.not_full.wait(&mut s);
         }
+    }
+
+    /// Wakes the writer thread if it waits for work.
+    pub(crate) fn wake_writer(&self) {
+        self.not_empty.notify_one();
+    }
+
+    /// Makes the writer thread's [`Queue::wait_for_work`] return (`Work::TimedOut`), so that it
+    /// computes its sync deadline again.
+    pub(crate) fn recheck_deadline(&self) {
+        self.state.lock().recheck = true;
+        self.not_empty.notify_one();
     }
 
     /// Queues `command` without blocking the thread: waits for space as a future.
@@ -267,22 +286,40 @@ impl Queue {
         Poll::Pending
     }
 
-    /// Takes up to `max` queued jobs and [`BATCH_BYTES_MAX`] bytes (at least one job), waiting
-    /// for the first until `deadline` (forever if `None`).
-    pub(crate) fn drain(&self, max: usize, deadline: Option<Instant>) -> Drained {
+    /// Waits until a job is queued (`Work::Jobs`), the queue is closed and empty
+    /// (`Work::Closed`), or `deadline` passes with the queue empty (`Work::TimedOut`); forever
+    /// if `deadline` is `None`. Takes nothing: see [`Queue::take`].
+    pub(crate) fn wait_for_work(&self, deadline: Option<Instant>) -> Work {
         let mut s = self.state.lock();
         while s.jobs.is_empty() {
             if s.closed {
-                return Drained::Closed;
+                return Work::Closed;
+            }
+            if std::mem::take(&mut s.recheck) {
+                return Work::TimedOut;
             }
             match deadline {
                 Some(d) => {
                     if self.not_empty.wait_until(&mut s, d).timed_out() && s.jobs.is_empty() {
-                        return Drained::TimedOut;
+                        return if s.closed {
+                            Work::Closed
+                        } else {
+                            Work::TimedOut
+                        };
                     }
                 }
                 None => self.not_empty.wait(&mut s),
             }
+        }
+        Work::Jobs
+    }
+
+    /// Takes up to `max` queued jobs and [`BATCH_BYTES_MAX`] bytes (at least one job, if any
+    /// is queued), without waiting.
+    pub(crate) fn take(&self, max: usize) -> Vec<Job> {
+        let mut s = self.state.lock();
+        if s.jobs.is_empty() {
+            return Vec::new();
         }
         // At most `max` commands and BATCH_BYTES_MAX bytes (but always the first command).
         let mut n = 0;
@@ -302,7 +339,7 @@ impl Queue {
         for w in wakers {
             w.wake();
         }
-        Drained::Jobs(jobs)
+        jobs
     }
 
     pub(crate) fn close(&self) {
@@ -382,9 +419,8 @@ mod tests {
         let mut second = Some(complete(b"b", 2_000));
         assert!(poll_push(&queue, &mut second).is_pending());
         assert!(queue.bytes() > 9_000);
-        let Drained::Jobs(jobs) = queue.drain(10, None) else {
-            panic!("one job is queued");
-        };
+        assert!(matches!(queue.wait_for_work(None), Work::Jobs));
+        let jobs = queue.take(10);
         assert_eq!((jobs.len(), queue.bytes()), (1, 0));
         assert!(matches!(poll_push(&queue, &mut second), Poll::Ready(Ok(_))));
         drop(jobs);

@@ -12,6 +12,7 @@ use crate::engine::durability::Durability;
 use crate::engine::queue::Queue;
 use crate::engine::storage::Storage;
 use crate::engine::waits::Waiters;
+use crate::engine::writer::WriterState;
 use crate::error::{Error, Result};
 use std::sync::Arc;
 
@@ -37,6 +38,8 @@ pub(crate) struct Shared {
     /// The per-scope record quota, if any.
     pub quota: Option<u64>,
     pub queue: Queue,
+    /// What commits carry from one to the next; held by whoever commits.
+    pub writer: Mutex<WriterState>,
     pub waiters: Waiters,
     pub counters: Counters,
     poisoned: AtomicBool,
@@ -54,6 +57,7 @@ impl Shared {
         queue_capacity: usize,
         queue_capacity_bytes: usize,
         quota: Option<u64>,
+        max_batch: usize,
     ) -> Shared {
         let counters = Counters::default();
         counters.next_token.store(next_token, Ordering::SeqCst);
@@ -65,6 +69,7 @@ impl Shared {
             durability,
             quota,
             queue: Queue::new(queue_capacity, queue_capacity_bytes),
+            writer: Mutex::new(WriterState::new(next_token, max_batch)),
             waiters: Waiters::default(),
             counters,
             poisoned: AtomicBool::new(false),

@@ -19,6 +19,7 @@ use crate::engine::shared::Shared;
 use crate::engine::sweeper::Sweeper;
 use crate::engine::telemetry;
 use crate::engine::waits::{Signal, Timer, Waiters};
+use crate::engine::writer;
 use crate::error::{Error, Result};
 use crate::limits::Limits;
 
@@ -554,7 +555,7 @@ impl Store {
     /// The storage errors of [`Store::complete`].
     pub fn flush(&self) -> Result<()> {
         self.shared.check_writable()?;
-        self.shared.queue.submit(Command::Flush)?.wait().map(|_| ())
+        writer::submit_and_wait(&self.shared, Command::Flush).map(|_| ())
     }
 
     // ----- plumbing -----
@@ -567,11 +568,14 @@ impl Store {
 
     fn run(&self, sk: &[u8], op: Op) -> Result<Reply> {
         self.shared.check_writable()?;
-        let slot = self.shared.queue.submit(Command::Record {
-            key: sk.to_vec(),
-            op,
-        })?;
-        slot.wait()?.into_reply()
+        writer::submit_and_wait(
+            &self.shared,
+            Command::Record {
+                key: sk.to_vec(),
+                op,
+            },
+        )?
+        .into_reply()
     }
 
     async fn run_async(&self, sk: &[u8], op: Op) -> Result<Reply> {

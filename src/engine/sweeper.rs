@@ -22,6 +22,7 @@ use crate::engine::durability::Durability;
 use crate::engine::queue::Command;
 use crate::engine::shared::Shared;
 use crate::engine::telemetry;
+use crate::engine::writer;
 use crate::error::{Error, Result};
 
 /// Removes up to `limit` due expiry-index entries and their records (see `Store::sweep`):
@@ -31,11 +32,7 @@ pub(crate) fn sweep(shared: &Shared, limit: usize) -> Result<Swept> {
     if let Some(swept) = sweep_detached(shared, limit)? {
         return Ok(swept);
     }
-    shared
-        .queue
-        .submit(Command::Sweep { limit })?
-        .wait()?
-        .into_swept()
+    writer::submit_and_wait(shared, Command::Sweep { limit })?.into_swept()
 }
 
 /// The sweep as a detached batch; `None` if it could not commit that way.
@@ -66,9 +63,11 @@ fn sweep_detached(shared: &Shared, limit: usize) -> Result<Option<Swept>> {
             // The commit is logged but not synced. At `Immediate`, it is acknowledged only
             // once a sync of the writer's (shared with the callers' commits it runs meanwhile)
             // covers it; at `Relaxed`, that sync follows at once, well within the window.
-            let flush = shared.queue.submit(Command::Flush)?;
             if shared.durability == Durability::Immediate {
-                flush.wait()?;
+                writer::submit_and_wait(shared, Command::Flush)?;
+            } else {
+                shared.queue.submit_quietly(Command::Flush)?;
+                shared.queue.wake_writer();
             }
             let c = &shared.counters;
             c.commits.fetch_add(1, Ordering::Relaxed);

@@ -1,14 +1,20 @@
-//! The group-commit writer: one thread drains everything queued while the last commit was
+//! The group commit: whoever commits drains everything queued while the last commit was
 //! syncing, applies it in order in one storage batch (each operation sees the effects of the
 //! earlier ones), commits once and answers every caller. No caller hears back before its
 //! batch's commit has returned, and readers see the commit before any caller does.
+//!
+//! A blocking caller whose operation is alone in the queue, with no commit running, commits it
+//! on its own thread ([`lead`]): a lone caller then pays no hand-off to the writer thread and
+//! back on each operation. Otherwise, and for futures, the writer thread ([`run`]) commits.
+//! Either way one commit runs at a time, under [`WriterState`]'s lock, so batches commit one
+//! after the other and tokens stay monotonic.
 
 use std::sync::atomic::Ordering;
 use std::time::Instant;
 
 use crate::engine::apply::{Apply, ScopeCounts};
 use crate::engine::durability::Durability;
-use crate::engine::queue::{Answer, Command, Drained, Job};
+use crate::engine::queue::{Answer, Command, Job, Work};
 use crate::engine::shared::Shared;
 use crate::engine::telemetry;
 use crate::error::{Error, Result};
@@ -18,26 +24,109 @@ use crate::error::{Error, Result};
 /// visits its whole limit.
 pub(crate) const SWEEP_SHARED_MAX: usize = 64;
 
-/// The writer thread's loop; returns when the queue is closed and drained.
-pub(crate) fn run(shared: &Shared, max_batch: usize) {
-    let mut writer = Writer {
-        shared,
-        next_token: shared.counters.next_token.load(Ordering::SeqCst),
-        unsynced_since: None,
-    };
-    loop {
-        let deadline = match (shared.durability, writer.unsynced_since) {
+/// What a commit carries from one batch to the next; locked by whoever commits.
+#[derive(Debug)]
+pub(crate) struct WriterState {
+    /// The next fencing token to hand out.
+    next_token: u64,
+    /// Since when acknowledged writes wait for a sync (`Durability::Relaxed`).
+    unsynced_since: Option<Instant>,
+    /// The most operations in one batch.
+    max_batch: usize,
+}
+
+impl WriterState {
+    pub(crate) fn new(next_token: u64, max_batch: usize) -> WriterState {
+        WriterState {
+            next_token,
+            unsynced_since: None,
+            max_batch,
+        }
+    }
+
+    /// When the writer thread must sync unsynced writes, if any wait.
+    fn sync_deadline(&self, durability: Durability) -> Option<Instant> {
+        match (durability, self.unsynced_since) {
             (Durability::Relaxed { max_unsynced }, Some(since)) => Some(since + max_unsynced),
             _ => None,
+        }
+    }
+}
+
+/// Queues `command` and returns its answer once its batch has committed: on this thread if
+/// the command is alone in the queue and no commit is running, else by the writer thread.
+/// Under concurrency the writer thread commits: it starts each batch as soon as the last one
+/// returns, while a caller would first have to answer the others.
+pub(crate) fn submit_and_wait(shared: &Shared, command: Command) -> Result<Answer> {
+    let (slot, alone) = shared.queue.submit_quietly(command)?;
+    if !(alone && lead(shared)) {
+        shared.queue.wake_writer();
+    }
+    slot.wait()
+}
+
+/// Commits one batch of what is queued on this thread, unless a commit is running; returns
+/// whether it ran. Whatever it leaves queued goes to the writer thread.
+fn lead(shared: &Shared) -> bool {
+    let Some(mut state) = shared.writer.try_lock() else {
+        return false;
+    };
+    let jobs = shared.queue.take(state.max_batch);
+    if jobs.is_empty() {
+        return true;
+    }
+    let was_synced = state.unsynced_since.is_none();
+    Writer {
+        shared,
+        state: &mut state,
+    }
+    .process_guarded(jobs);
+    let unsynced = was_synced && state.unsynced_since.is_some();
+    drop(state);
+    if unsynced {
+        // The writer thread sleeps without a deadline while nothing is unsynced: it must
+        // learn of this write to sync it within the window.
+        shared.queue.recheck_deadline();
+    }
+    if shared.queue.len() > 0 {
+        // More than one batch was queued, or jobs came while this one committed.
+        shared.queue.wake_writer();
+    }
+    true
+}
+
+/// The writer thread's loop: commits what callers queued without committing it themselves,
+/// and syncs `Relaxed` writes when their window closes. Returns when the queue is closed and
+/// drained.
+pub(crate) fn run(shared: &Shared) {
+    loop {
+        let deadline = shared.writer.lock().sync_deadline(shared.durability);
+        let work = shared.queue.wait_for_work(deadline);
+        let mut state = shared.writer.lock();
+        let mut writer = Writer {
+            shared,
+            state: &mut state,
         };
-        match shared.queue.drain(max_batch, deadline) {
-            Drained::Jobs(jobs) => {
-                telemetry::queue(&shared.queue);
-                writer.process_guarded(jobs);
+        match work {
+            Work::Jobs => {
+                let jobs = shared.queue.take(writer.state.max_batch);
+                if !jobs.is_empty() {
+                    telemetry::queue(&shared.queue);
+                    writer.process_guarded(jobs);
+                }
             }
-            Drained::TimedOut => writer.process_guarded(Vec::new()),
-            Drained::Closed => {
-                if writer.unsynced_since.is_some() {
+            Work::TimedOut => {
+                // A caller's commit may have synced meanwhile.
+                let due = writer
+                    .state
+                    .sync_deadline(shared.durability)
+                    .is_some_and(|d| d <= Instant::now());
+                if due {
+                    writer.process_guarded(Vec::new());
+                }
+            }
+            Work::Closed => {
+                if writer.state.unsynced_since.is_some() {
                     writer.process_guarded(Vec::new());
                 }
                 shared.storage.release_reads();
@@ -49,8 +138,7 @@ pub(crate) fn run(shared: &Shared, max_batch: usize) {
 
 struct Writer<'a> {
     shared: &'a Shared,
-    next_token: u64,
-    unsynced_since: Option<Instant>,
+    state: &'a mut WriterState,
 }
 
 impl Writer<'_> {
@@ -87,11 +175,12 @@ impl Writer<'_> {
                 jobs.is_empty()
                     || jobs.iter().any(|j| matches!(j.command, Command::Flush))
                     || self
+                        .state
                         .unsynced_since
                         .is_some_and(|since| since.elapsed() >= max_unsynced)
             }
         };
-        let token_before = self.next_token;
+        let token_before = self.state.next_token;
         // The commands move into the batch (an outcome is never copied); each job keeps its
         // reply slot.
         let commands: Vec<Command> = jobs
@@ -105,17 +194,17 @@ impl Writer<'_> {
         match committed {
             Ok(answers) => {
                 telemetry::committed(jobs.len(), durable, started.elapsed());
-                self.unsynced_since = if durable {
+                self.state.unsynced_since = if durable {
                     None
                 } else {
-                    self.unsynced_since.or_else(|| Some(Instant::now()))
+                    self.state.unsynced_since.or_else(|| Some(Instant::now()))
                 };
                 let c = &self.shared.counters;
                 c.commits.fetch_add(1, Ordering::Relaxed);
                 c.operations.fetch_add(jobs.len() as u64, Ordering::Relaxed);
                 c.largest_batch
                     .fetch_max(jobs.len() as u64, Ordering::Relaxed);
-                c.next_token.store(self.next_token, Ordering::SeqCst);
+                c.next_token.store(self.state.next_token, Ordering::SeqCst);
                 for (job, answer) in jobs.iter().zip(answers) {
                     match &answer {
                         Ok(Answer::Swept(swept)) => {
@@ -137,7 +226,7 @@ impl Writer<'_> {
             }
             Err(e) => {
                 telemetry::commit_failed();
-                self.next_token = token_before;
+                self.state.next_token = token_before;
                 self.shared.storage.release_reads();
                 self.shared.poison(&e);
                 for job in &jobs {
@@ -160,7 +249,7 @@ impl Writer<'_> {
         let n = commands.len();
         let mut commands = Some(commands);
         let mut answers = Vec::with_capacity(n);
-        let mut next_token = self.next_token;
+        let mut next_token = self.state.next_token;
         shared.storage.write(durable, &mut |batch| {
             let commands = commands
                 .take()
@@ -168,7 +257,7 @@ impl Writer<'_> {
             let mut apply = Apply {
                 batch,
                 scopes: ScopeCounts::default(),
-                next_token: self.next_token,
+                next_token: self.state.next_token,
                 quota: shared.quota,
             };
             for command in commands {
@@ -200,13 +289,13 @@ impl Writer<'_> {
                 ..
             } = apply;
             scopes.flush(batch)?;
-            if advanced != self.next_token {
+            if advanced != self.state.next_token {
                 batch.set_next_token(advanced)?;
             }
             next_token = advanced;
             Ok(())
         })?;
-        self.next_token = next_token;
+        self.state.next_token = next_token;
         Ok(answers)
     }
 }
