@@ -63,6 +63,9 @@ fn unexpected(command: &str, answer: &Answer) -> Error {
 pub(crate) struct Slot {
     state: Mutex<SlotState>,
     cv: Condvar,
+    /// Whether a blocking caller is sure to [`Slot::wait`] for the answer, so that it may pass
+    /// wake-ups on to other callers of its batch ([`answer_batch`]).
+    relays: bool,
 }
 
 #[derive(Debug, Default)]
@@ -71,6 +74,9 @@ struct SlotState {
     waker: Option<Waker>,
     /// Whether `set` ran (the result may have been taken since).
     answered: bool,
+    /// Slots whose answers are set and whose waiters this slot's waiter wakes once it has its
+    /// own answer.
+    relay: Vec<Arc<Slot>>,
 }
 
 impl Slot {
@@ -87,14 +93,29 @@ impl Slot {
         }
     }
 
-    pub(crate) fn wait(&self) -> Result<Answer> {
+    /// Sets the answer without waking the waiter, which learns of it from whoever relays to
+    /// it, or finds it when it comes to wait.
+    fn fill(&self, result: Result<Answer>, relay: Vec<Arc<Slot>>) {
         let mut s = self.state.lock();
-        loop {
-            if let Some(r) = s.result.take() {
-                return r;
+        s.result = Some(result);
+        s.answered = true;
+        s.relay = relay;
+    }
+
+    pub(crate) fn wait(&self) -> Result<Answer> {
+        let (result, relay) = {
+            let mut s = self.state.lock();
+            loop {
+                if let Some(r) = s.result.take() {
+                    break (r, std::mem::take(&mut s.relay));
+                }
+                self.cv.wait(&mut s);
             }
-            self.cv.wait(&mut s);
+        };
+        for slot in relay {
+            slot.cv.notify_one();
         }
+        result
     }
 
     fn poll_answer(&self, cx: &mut Context<'_>) -> Poll<Result<Answer>> {
@@ -106,6 +127,41 @@ impl Slot {
                 Poll::Pending
             }
         }
+    }
+}
+
+/// How many waiters the committing thread wakes itself, and how many each woken blocking
+/// caller wakes in turn.
+const RELAY_FAN_OUT: usize = 2;
+
+/// Answers a committed batch. Futures and callers that may not wait are answered directly;
+/// blocking callers are woken as a tree: the committing thread wakes the first
+/// [`RELAY_FAN_OUT`], and each woken caller wakes the next ones before it returns. Waking a
+/// batch of dozens of threads one by one would otherwise keep the committing thread from the
+/// next batch for most of a sync's time; this way the wake-ups run on every core, and the
+/// last caller of a batch waits for a few hops instead of a queue of them.
+pub(crate) fn answer_batch(answers: Vec<(Arc<Slot>, Result<Answer>)>) {
+    let mut blocking = Vec::with_capacity(answers.len());
+    for (slot, answer) in answers {
+        if slot.relays {
+            blocking.push((slot, answer));
+        } else {
+            slot.set(answer);
+        }
+    }
+    // Children before parents: a waiter that finds its answer (woken or not) relays only to
+    // slots whose answers are set already. Node `i` relays to `(i + 1) * F ..= (i + 1) * F + F - 1`.
+    let slots: Vec<Arc<Slot>> = blocking.iter().map(|(s, _)| Arc::clone(s)).collect();
+    for (i, (slot, answer)) in blocking.into_iter().enumerate().rev() {
+        let first = (i + 1) * RELAY_FAN_OUT;
+        let relay = slots
+            .get(first..(first + RELAY_FAN_OUT).min(slots.len()))
+            .unwrap_or_default()
+            .to_vec();
+        slot.fill(answer, relay);
+    }
+    for slot in slots.iter().take(RELAY_FAN_OUT) {
+        slot.cv.notify_one();
     }
 }
 
@@ -182,8 +238,11 @@ impl QueueState {
             || (self.jobs.len() < capacity && self.bytes.saturating_add(weight) <= capacity_bytes)
     }
 
-    fn push(&mut self, command: Command, weight: usize) -> Arc<Slot> {
-        let slot = Arc::new(Slot::default());
+    fn push(&mut self, command: Command, weight: usize, relays: bool) -> Arc<Slot> {
+        let slot = Arc::new(Slot {
+            relays,
+            ..Slot::default()
+        });
         self.bytes = self.bytes.saturating_add(weight);
         self.jobs.push_back(Job {
             command,
@@ -224,8 +283,13 @@ impl Queue {
 
     /// Queues `command`, blocking while the queue is full, without waking the writer thread:
     /// the caller either commits the queue itself or calls [`Queue::wake_writer`]. Returns the
-    /// command's slot and whether it is alone in the queue.
-    pub(crate) fn submit_quietly(&self, command: Command) -> Result<(Arc<Slot>, bool)> {
+    /// command's slot and whether it is alone in the queue. `waits`: the caller waits for the
+    /// answer ([`Slot::wait`]) whatever happens, so it may relay wake-ups.
+    pub(crate) fn submit_quietly(
+        &self,
+        command: Command,
+        waits: bool,
+    ) -> Result<(Arc<Slot>, bool)> {
         let weight = command.weight();
         let mut s = self.state.lock();
         loop {
@@ -234,7 +298,7 @@ impl Queue {
             }
             if s.has_room(weight, self.capacity, self.capacity_bytes) {
                 let alone = s.jobs.is_empty();
-                return Ok((s.push(command, weight), alone));
+                return Ok((s.push(command, weight, waits), alone));
             }
             self.not_full.wait(&mut s);
         }
@@ -277,7 +341,7 @@ impl Queue {
                     "a submit future was polled again after queueing its command".into(),
                 )));
             };
-            let slot = s.push(command, weight);
+            let slot = s.push(command, weight, false);
             drop(s);
             self.not_empty.notify_one();
             return Poll::Ready(Ok(slot));
@@ -409,6 +473,59 @@ mod tests {
     fn poll_push(queue: &Queue, command: &mut Option<Command>) -> Poll<Result<Arc<Slot>>> {
         let mut cx = Context::from_waker(Waker::noop());
         queue.try_push(command, &mut cx)
+    }
+
+    /// Every caller of a batch hears back, whether it waits before the answers come or after,
+    /// whatever the batch's size, with futures' slots among them.
+    #[test]
+    fn every_waiter_of_an_answered_batch_wakes() {
+        for n in [1usize, 2, 3, 7, 64, 200] {
+            for early in [true, false] {
+                let slots: Vec<Arc<Slot>> = (0..n)
+                    .map(|i| {
+                        Arc::new(Slot {
+                            relays: i % 5 != 3,
+                            ..Slot::default()
+                        })
+                    })
+                    .collect();
+                let (heard, hearing) = std::sync::mpsc::channel();
+                for (i, slot) in slots.iter().enumerate() {
+                    let slot = Arc::clone(slot);
+                    let heard = heard.clone();
+                    std::thread::spawn(move || {
+                        if !early {
+                            std::thread::sleep(std::time::Duration::from_millis(20));
+                        }
+                        let answer = slot.wait();
+                        let _ = heard.send((i, answer));
+                    });
+                }
+                if early {
+                    std::thread::sleep(std::time::Duration::from_millis(20));
+                }
+                answer_batch(
+                    slots
+                        .iter()
+                        .map(|s| (Arc::clone(s), Ok(Answer::Reply(Reply::Forgotten(true)))))
+                        .collect(),
+                );
+                let mut woken = vec![false; n];
+                for _ in 0..n {
+                    // A lost wake-up leaves a waiter blocked: it never reports.
+                    let (i, answer) = hearing
+                        .recv_timeout(std::time::Duration::from_secs(30))
+                        .unwrap_or_else(|_| {
+                            panic!("batch of {n}, early {early}: a waiter never woke")
+                        });
+                    assert!(matches!(answer, Ok(Answer::Reply(Reply::Forgotten(true)))));
+                    if let Some(w) = woken.get_mut(i) {
+                        *w = true;
+                    }
+                }
+                assert!(woken.iter().all(|w| *w));
+            }
+        }
     }
 
     #[test]

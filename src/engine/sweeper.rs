@@ -66,7 +66,7 @@ fn sweep_detached(shared: &Shared, limit: usize) -> Result<Option<Swept>> {
             if shared.durability == Durability::Immediate {
                 writer::submit_and_wait(shared, Command::Flush)?;
             } else {
-                shared.queue.submit_quietly(Command::Flush)?;
+                shared.queue.submit_quietly(Command::Flush, false)?;
                 shared.queue.wake_writer();
             }
             let c = &shared.counters;

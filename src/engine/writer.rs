@@ -1,7 +1,8 @@
 //! The group commit: whoever commits drains everything queued while the last commit was
 //! syncing, applies it in order in one storage batch (each operation sees the effects of the
-//! earlier ones), commits once and answers every caller. No caller hears back before its
-//! batch's commit has returned, and readers see the commit before any caller does.
+//! earlier ones), commits once and answers every caller (blocking callers wake one another,
+//! see [`queue::answer_batch`]). No caller hears back before its batch's commit has returned,
+//! and readers see the commit before any caller does.
 //!
 //! A blocking caller whose operation is alone in the queue, with no commit running, commits it
 //! on its own thread ([`lead`]): a lone caller then pays no hand-off to the writer thread and
@@ -9,12 +10,13 @@
 //! Either way one commit runs at a time, under [`WriterState`]'s lock, so batches commit one
 //! after the other and tokens stay monotonic.
 
+use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Instant;
 
 use crate::engine::apply::{Apply, ScopeCounts};
 use crate::engine::durability::Durability;
-use crate::engine::queue::{Answer, Command, Job, Work};
+use crate::engine::queue::{self, Answer, Command, Job, Work};
 use crate::engine::shared::Shared;
 use crate::engine::telemetry;
 use crate::error::{Error, Result};
@@ -58,7 +60,7 @@ impl WriterState {
 /// Under concurrency the writer thread commits: it starts each batch as soon as the last one
 /// returns, while a caller would first have to answer the others.
 pub(crate) fn submit_and_wait(shared: &Shared, command: Command) -> Result<Answer> {
-    let (slot, alone) = shared.queue.submit_quietly(command)?;
+    let (slot, alone) = shared.queue.submit_quietly(command, true)?;
     if !(alone && lead(shared)) {
         shared.queue.wake_writer();
     }
@@ -75,6 +77,7 @@ fn lead(shared: &Shared) -> bool {
     if jobs.is_empty() {
         return true;
     }
+    telemetry::queue(&shared.queue);
     let was_synced = state.unsynced_since.is_none();
     Writer {
         shared,
@@ -205,6 +208,7 @@ impl Writer<'_> {
                 c.largest_batch
                     .fetch_max(jobs.len() as u64, Ordering::Relaxed);
                 c.next_token.store(self.state.next_token, Ordering::SeqCst);
+                let mut answered = Vec::with_capacity(jobs.len());
                 for (job, answer) in jobs.iter().zip(answers) {
                     match &answer {
                         Ok(Answer::Swept(swept)) => {
@@ -214,8 +218,9 @@ impl Writer<'_> {
                         Err(Error::LeaseLost { .. }) => telemetry::lease_lost(),
                         _ => {}
                     }
-                    job.slot.set(answer);
+                    answered.push((Arc::clone(&job.slot), answer));
                 }
+                queue::answer_batch(answered);
                 // Checked after the commit: a waiter that read the old state registered before
                 // this commit became visible, so it is seen here.
                 if !self.shared.waiters.is_empty() {
