@@ -73,17 +73,12 @@ fn lead(shared: &Shared) -> bool {
     let Some(mut state) = shared.writer.try_lock() else {
         return false;
     };
-    let jobs = shared.queue.take(state.max_batch);
-    if jobs.is_empty() {
-        return true;
-    }
-    telemetry::queue(&shared.queue);
     let was_synced = state.unsynced_since.is_none();
     Writer {
         shared,
         state: &mut state,
     }
-    .process_guarded(jobs);
+    .process_queued();
     let unsynced = was_synced && state.unsynced_since.is_some();
     drop(state);
     if unsynced {
@@ -111,13 +106,7 @@ pub(crate) fn run(shared: &Shared) {
             state: &mut state,
         };
         match work {
-            Work::Jobs => {
-                let jobs = shared.queue.take(writer.state.max_batch);
-                if !jobs.is_empty() {
-                    telemetry::queue(&shared.queue);
-                    writer.process_guarded(jobs);
-                }
-            }
+            Work::Jobs => writer.process_queued(),
             Work::TimedOut => {
                 // A caller's commit may have synced meanwhile.
                 let due = writer
@@ -145,6 +134,15 @@ struct Writer<'a> {
 }
 
 impl Writer<'_> {
+    /// Takes up to a batch of what is queued and commits it, if anything is queued.
+    fn process_queued(&mut self) {
+        let jobs = self.shared.queue.take(self.state.max_batch);
+        if !jobs.is_empty() {
+            telemetry::queue(&self.shared.queue);
+            self.process_guarded(jobs);
+        }
+    }
+
     /// [`Writer::process`], surviving a panic in it (redb may panic on a file damaged outside
     /// it when opened without `verify_on_open`): the batch's callers hear that its outcome is
     /// unknown (`Job`'s drop), the store is poisoned, and the writer keeps answering every
