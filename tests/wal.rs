@@ -249,6 +249,49 @@ fn reads_and_sweeps_see_the_map_and_the_database_as_one() -> TestResult {
     Ok(())
 }
 
+/// The read cache holds what callers read from the database file, not what a commit reads on
+/// its way to changing or removing it: a sweep of records that are only in the file leaves the
+/// cache as it was (empty after the open), and replays of the file's records then fill it.
+#[test]
+fn a_sweep_leaves_the_read_cache_to_what_callers_read() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let path = dir.path().join("idem.redb");
+    let clock = clock();
+    let store = wal_builder(&clock).open(&path)?;
+    for i in 0..200u32 {
+        let lease = acquired(store.claim("s", format!("old{i}"), "fp", &opts(1_000))?);
+        store.complete(&lease, &[7; 300], Duration::from_secs(10))?;
+    }
+    complete_keys(&store, 0, 20, 300)?;
+    // The close checkpoints everything: after the open, every record is in the file only (and
+    // no checkpoint runs during the test to take the cache's entries out again).
+    store.close()?;
+    let store = wal_builder(&clock)
+        .checkpoint_interval(Duration::from_secs(3600))
+        .open(&path)?;
+    let cache = |store: &Store| -> Result<u64, Error> {
+        Ok(store.stats()?.wal.expect("a log").cache_bytes)
+    };
+    assert_eq!(cache(&store)?, 0);
+    clock.advance(Duration::from_secs(60));
+    let mut removed = 0;
+    loop {
+        let swept = store.sweep(64)?;
+        removed += swept.removed;
+        if !swept.more {
+            break;
+        }
+    }
+    assert_eq!(removed, 200);
+    assert_eq!(cache(&store)?, 0, "the sweep's reads were cached");
+    assert_replays(&store, 0, 20, 300)?;
+    assert!(
+        cache(&store)? >= 20 * 300,
+        "replays read from the file were not cached"
+    );
+    Ok(())
+}
+
 /// A sweep reads on its own thread and commits beside the writer; here two sweepers race two
 /// callers that claim expired keys again (so a key the sweep read may be rewritten before it
 /// commits) and new keys, with checkpoints every few milliseconds. Afterwards every count is

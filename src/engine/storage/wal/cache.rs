@@ -1,6 +1,7 @@
-//! The read cache: envelopes of records a checkpoint wrote into redb or a read found there, so
-//! that a replay of a recently completed or recently read key is served from memory after its
-//! layer of the map is gone.
+//! The read cache: envelopes of records a checkpoint wrote into redb or a caller's read found
+//! there, so that a replay of a recently completed or recently read key is served from memory
+//! after its layer of the map is gone. A commit's own reads (the writer's, a sweep's) do not
+//! fill it: what they read is about to change or go.
 //!
 //! Readers look at the map's layers first, so a cached envelope is only ever seen for a key no
 //! newer layer changed. A checkpoint replaces the cached envelopes of every key it wrote (and
@@ -9,11 +10,11 @@
 //! (the generation), so an envelope read before a checkpoint never replaces a newer one.
 //!
 //! Bounded by a byte budget split over shards; each shard evicts in insertion order. While a
-//! shard has room, every record read from redb is admitted to it (nothing is evicted for it, so
-//! a cache that is still filling, after open, fills at the rate of reads); once it is full, a
-//! record is admitted on one read in [`FILL_EVERY`] (per thread), so a key read again and again
-//! gets in soon, while a stream of one-off reads of a store much larger than the cache does not
-//! pay for churning it.
+//! shard has room, every record a caller reads from redb is admitted to it (nothing is evicted
+//! for it, so a cache that is still filling, after open, fills at the rate of reads); once it
+//! is full, a record is admitted on one read in [`FILL_EVERY`] (per thread), so a key read
+//! again and again gets in soon, while a stream of one-off reads of a store much larger than
+//! the cache does not pay for churning it.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::hash::{BuildHasher, BuildHasherDefault, Hasher};

@@ -298,12 +298,13 @@ impl Inner {
         self.changed.notify_all();
     }
 
-    /// The record under `key` in the map, the read cache or, failing those, in redb.
-    fn read(&self, key: &[u8]) -> Result<Option<Stored>> {
+    /// The record under `key` in the map, the read cache or, failing those, in redb. `fill`:
+    /// what is found in redb may enter the read cache (see [`Inner::read_below_map`]).
+    fn read(&self, key: &[u8], fill: bool) -> Result<Option<Stored>> {
         match self.map_lookup(key) {
             Lookup::Found(bytes) => Ok(Some(codec::decode(key, &bytes))),
             Lookup::Removed => Ok(None),
-            Lookup::Unknown => self.read_below_map(key),
+            Lookup::Unknown => self.read_below_map(key, fill),
         }
     }
 
@@ -321,11 +322,18 @@ impl Inner {
     }
 
     /// The record under `key` in the read cache or redb, for a key the map does not hold.
-    fn read_below_map(&self, key: &[u8]) -> Result<Option<Stored>> {
+    /// `fill`: a record found in redb may enter the cache. Callers' reads fill it; a commit's
+    /// own reads do not: the key is about to change (its new version reaches the cache with
+    /// the checkpoint that writes it) or, for a sweep, to go, and caching it would only evict
+    /// records that replays read.
+    fn read_below_map(&self, key: &[u8], fill: bool) -> Result<Option<Stored>> {
         // A frozen layer is dropped only after redb serves its changes and the cache holds
         // them, so a key it held is found there now.
         if let Some(bytes) = self.cache.get(key) {
             return Ok(Some(codec::decode(key, &bytes)));
+        }
+        if !fill {
+            return self.base.read_with(key, |bytes| codec::decode(key, bytes));
         }
         let generation = self.cache.generation();
         self.base.read_with(key, |bytes| {
@@ -752,7 +760,7 @@ fn outcome_unknown(e: Error) -> Error {
 
 impl Storage for WalStorage {
     fn read(&self, key: &[u8]) -> Result<Option<Stored>> {
-        self.inner.read(key)
+        self.inner.read(key, true)
     }
 
     fn scan(&self, visit: &mut dyn FnMut(&[u8], Stored) -> bool) -> Result<()> {
@@ -902,7 +910,7 @@ impl<'a> WalBatch<'a> {
     /// map only.
     fn read_detached(&mut self, key: &[u8]) -> Result<Option<Stored>> {
         let Some(detached) = self.detached.as_mut() else {
-            return self.inner.read(key);
+            return self.inner.read(key, false);
         };
         if !matches!(self.inner.map_lookup(key), Lookup::Unknown) {
             detached.conflict = true;
@@ -911,7 +919,7 @@ impl<'a> WalBatch<'a> {
             ));
         }
         detached.read.push(key.to_vec());
-        self.inner.read_below_map(key)
+        self.inner.read_below_map(key, false)
     }
 
     /// The sweep floor once this batch commits: raised over the entries `due` returned that
