@@ -294,8 +294,9 @@ impl StoreBuilder {
     /// With a write-ahead log: the memory budget of the read cache, which keeps the records
     /// a checkpoint wrote into the database file or a read found there, so that replays of
     /// recently completed or recently read keys are answered from memory (in addition to the
-    /// record map's [`map_budget`](Self::map_budget)). Evicts in insertion order. 0 turns it
-    /// off. At most 1 TiB. Default: 128 MiB.
+    /// record map's [`map_budget`](Self::map_budget)). Reads of callers fill it; what a sweep
+    /// or a write reads on its way to removing or changing a record does not. Evicts in
+    /// insertion order. 0 turns it off. At most 1 TiB. Default: 128 MiB.
     pub fn read_cache(mut self, bytes: usize) -> Self {
         self.read_cache_bytes = bytes;
         self
