@@ -81,12 +81,7 @@ struct SlotState {
 
 impl Slot {
     pub(crate) fn set(&self, result: Result<Answer>) {
-        let waker = {
-            let mut s = self.state.lock();
-            s.result = Some(result);
-            s.answered = true;
-            s.waker.take()
-        };
+        let waker = self.store(result, Vec::new());
         self.cv.notify_one();
         if let Some(w) = waker {
             w.wake();
@@ -94,12 +89,21 @@ impl Slot {
     }
 
     /// Sets the answer without waking the waiter, which learns of it from whoever relays to
-    /// it, or finds it when it comes to wait.
+    /// it, or finds it when it comes to wait. (Only slots of blocking callers are filled: no
+    /// future waits on them.)
     fn fill(&self, result: Result<Answer>, relay: Vec<Arc<Slot>>) {
+        if let Some(w) = self.store(result, relay) {
+            w.wake();
+        }
+    }
+
+    /// Stores the answer and the slots to relay to; returns the future's waker, if any.
+    fn store(&self, result: Result<Answer>, relay: Vec<Arc<Slot>>) -> Option<Waker> {
         let mut s = self.state.lock();
         s.result = Some(result);
         s.answered = true;
         s.relay = relay;
+        s.waker.take()
     }
 
     pub(crate) fn wait(&self) -> Result<Answer> {
@@ -141,18 +145,19 @@ const RELAY_FAN_OUT: usize = 2;
 /// next batch for most of a sync's time; this way the wake-ups run on every core, and the
 /// last caller of a batch waits for a few hops instead of a queue of them.
 pub(crate) fn answer_batch(answers: Vec<(Arc<Slot>, Result<Answer>)>) {
-    let mut blocking = Vec::with_capacity(answers.len());
+    let mut slots = Vec::with_capacity(answers.len());
+    let mut results = Vec::with_capacity(answers.len());
     for (slot, answer) in answers {
         if slot.relays {
-            blocking.push((slot, answer));
+            slots.push(slot);
+            results.push(answer);
         } else {
             slot.set(answer);
         }
     }
     // Children before parents: a waiter that finds its answer (woken or not) relays only to
     // slots whose answers are set already. Node `i` relays to `(i + 1) * F ..= (i + 1) * F + F - 1`.
-    let slots: Vec<Arc<Slot>> = blocking.iter().map(|(s, _)| Arc::clone(s)).collect();
-    for (i, (slot, answer)) in blocking.into_iter().enumerate().rev() {
+    for (i, (slot, answer)) in slots.iter().zip(results).enumerate().rev() {
         let first = (i + 1) * RELAY_FAN_OUT;
         let relay = slots
             .get(first..(first + RELAY_FAN_OUT).min(slots.len()))
