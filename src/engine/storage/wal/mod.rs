@@ -332,13 +332,12 @@ impl Inner {
         if let Some(bytes) = self.cache.get(key) {
             return Ok(Some(codec::decode(key, &bytes)));
         }
-        if !fill {
-            return self.base.read_with(key, |bytes| codec::decode(key, bytes));
-        }
-        let generation = self.cache.generation();
+        let generation = fill.then(|| self.cache.generation());
         self.base.read_with(key, |bytes| {
             let stored = codec::decode(key, bytes);
-            if stored.is_ok() {
+            if let Some(generation) = generation
+                && stored.is_ok()
+            {
                 self.cache.fill(key, bytes, generation);
             }
             stored
