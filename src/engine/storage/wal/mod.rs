@@ -32,7 +32,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use parking_lot::{Condvar, Mutex, RwLock};
+use parking_lot::{Condvar, Mutex, MutexGuard, RwLock};
 
 use crate::core::record::Record;
 use crate::engine::codec;
@@ -134,6 +134,7 @@ struct Inner {
     /// Records checkpointed or read recently, below the map's layers.
     cache: ReadCache,
     /// The log and the writer's lock: held for a whole batch, and to freeze the active layer.
+    /// Released fairly (to the longest waiter) by the writer and by detached batches.
     log: Mutex<Log>,
     layers: RwLock<Layers>,
     /// Held (write) by a checkpoint from its redb commit until it drops the frozen layer, and
@@ -417,7 +418,12 @@ impl Inner {
         let mut batch = WalBatch::new(self, floor, None);
         apply(&mut batch)?;
         let new_floor = batch.floor_after();
-        self.commit_locked(&mut log, batch.layer, durable, new_floor)
+        let committed = self.commit_locked(&mut log, batch.layer, durable, new_floor);
+        // Handed straight to a detached batch waiting to commit, if there is one: the writer
+        // takes the lock back for its next batch so fast that a plain unlock lets it win
+        // again and again, and a sweep would wait out several of its syncs per commit.
+        MutexGuard::unlock_fair(log);
+        committed
     }
 
     /// Appends `layer` to the log and lays it over the map, with the writer's lock held
@@ -566,6 +572,8 @@ impl Inner {
             self.sweep_floor.lock().clone()
         };
         self.commit_locked(&mut log, layer, false, new_floor)?;
+        // Back to the writer if it is waiting, before anything else takes it.
+        MutexGuard::unlock_fair(log);
         self.detached_commits.fetch_add(1, Ordering::Relaxed);
         Ok(true)
     }
