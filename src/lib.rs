@@ -51,37 +51,38 @@
 //!
 //! | name | kind | labels | what |
 //! | --- | --- | --- | --- |
-//! | `idemstore_claims_total` | counter | `answer` = `acquired`, `replay`, `in_progress`, `mismatch` | claims answered |
-//! | `idemstore_lease_lost_total` | counter | | lease writes refused by fencing ([`Error::LeaseLost`]) |
-//! | `idemstore_commits_total` | counter | `durable` = `true`, `false` | batches committed |
-//! | `idemstore_commit_operations` | histogram | | operations per committed batch (group commit at work) |
-//! | `idemstore_commit_seconds` | histogram | `durable` | time to apply and commit one batch, its fsync included |
-//! | `idemstore_commit_failures_total` | counter | | batches whose commit failed (the store is then poisoned) |
-//! | `idemstore_queue_depth` | gauge | | operations left in the commit queue after the writer took a batch |
-//! | `idemstore_queue_bytes` | gauge | | bytes those operations hold |
-//! | `idemstore_swept_total` | counter | | expired records removed by sweeps |
-//! | `idemstore_poisoned` | gauge | | 1 once a fatal error stopped writes, else 0 |
+//! | `idemstore_claims_total` | counter | `store`, `answer` = `acquired`, `replay`, `in_progress`, `mismatch` | claims answered |
+//! | `idemstore_lease_lost_total` | counter | `store` | lease writes refused by fencing ([`Error::LeaseLost`]) |
+//! | `idemstore_commits_total` | counter | `store`, `durable` = `true`, `false` | batches committed |
+//! | `idemstore_commit_operations` | histogram | `store` | operations per committed batch (group commit at work) |
+//! | `idemstore_commit_seconds` | histogram | `store`, `durable` | time to apply and commit one batch, its fsync included |
+//! | `idemstore_commit_failures_total` | counter | `store` | batches whose commit failed (the store is then poisoned) |
+//! | `idemstore_queue_depth` | gauge | `store` | operations left in the commit queue after the writer took a batch |
+//! | `idemstore_queue_bytes` | gauge | `store` | bytes those operations hold |
+//! | `idemstore_swept_total` | counter | `store` | expired records removed by sweeps |
+//! | `idemstore_poisoned` | gauge | `store` | 1 once a fatal error stopped writes, else 0 |
 //!
 //! With the [write-ahead log](StoreBuilder::write_ahead_log), also:
 //!
 //! | name | kind | labels | what |
 //! | --- | --- | --- | --- |
-//! | `idemstore_log_sync_seconds` | histogram | | each `fdatasync` of the log (what a durable commit waits for) |
-//! | `idemstore_checkpoints_total` | counter | | checkpoints completed |
-//! | `idemstore_checkpoint_seconds` | histogram | | time to write the record map into the database file, per checkpoint |
-//! | `idemstore_checkpoint_failures_total` | counter | | failed checkpoints (the store is then poisoned) |
-//! | `idemstore_checkpoint_lag_bytes` | gauge | | log bytes appended since what the last checkpoint covers |
-//! | `idemstore_checkpoint_lag_seconds` | gauge | | time since the last checkpoint |
-//! | `idemstore_wal_map_bytes` | gauge | | memory held by the record map ([`StoreBuilder::map_budget`]) |
-//! | `idemstore_wal_read_cache_bytes` | gauge | | memory held by the read cache |
-//! | `idemstore_wal_log_bytes` | gauge | | log segments holding batches no checkpoint covers |
-//! | `idemstore_scrubs_total` | counter | `result` = `ok`, `damaged`, `unreadable` | background page verifications ([`StoreBuilder::scrub_interval`]) |
+//! | `idemstore_log_sync_seconds` | histogram | `store` | each `fdatasync` of the log (what a durable commit waits for) |
+//! | `idemstore_checkpoints_total` | counter | `store` | checkpoints completed |
+//! | `idemstore_checkpoint_seconds` | histogram | `store` | time to write the record map into the database file, per checkpoint |
+//! | `idemstore_checkpoint_failures_total` | counter | `store` | failed checkpoints (the store is then poisoned) |
+//! | `idemstore_checkpoint_lag_bytes` | gauge | `store` | log bytes appended since what the last checkpoint covers |
+//! | `idemstore_checkpoint_lag_seconds` | gauge | `store` | time since the last checkpoint |
+//! | `idemstore_wal_map_bytes` | gauge | `store` | memory held by the record map ([`StoreBuilder::map_budget`]) |
+//! | `idemstore_wal_read_cache_bytes` | gauge | `store` | memory held by the read cache |
+//! | `idemstore_wal_log_bytes` | gauge | `store` | log segments holding batches no checkpoint covers |
+//! | `idemstore_scrubs_total` | counter | `store`, `result` = `ok`, `damaged`, `unreadable` | background page verifications ([`StoreBuilder::scrub_interval`]) |
 //!
 //! The gauges are set by the checkpointer after each checkpoint and each idle
 //! `checkpoint_interval`; [`Stats::wal`] reads the same figures on demand.
 //!
-//!
-//! Every store of a process reports under the same names (the facade has no per-store scope).
+//! Every metric carries a `store` label naming the store it comes from: the path it was opened
+//! at, or the name given to [`StoreBuilder::metrics_label`]. The stores of one process report
+//! apart, each with its own gauges.
 //!
 //! ## Tracing
 //! The engine's slow paths are [`tracing`](https://docs.rs/tracing) spans: `idemstore.open`

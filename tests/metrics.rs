@@ -4,7 +4,7 @@
 mod common;
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -14,6 +14,8 @@ use metrics::{
     Counter, CounterFn, Gauge, GaugeFn, Histogram, HistogramFn, Key, KeyName, Metadata, Recorder,
     SharedString, Unit,
 };
+use redb::StorageBackend;
+use redb::backends::InMemoryBackend;
 
 /// One metric's value: a counter total, the last gauge value, or every histogram sample.
 #[derive(Debug, Default)]
@@ -139,53 +141,129 @@ fn claims_commits_fencing_and_sweeps_are_reported() -> TestResult {
     assert_eq!(store.sweep(100)?.removed, 1);
 
     for answer in ["acquired", "in_progress", "replay", "mismatch"] {
-        let name = format!("idemstore_claims_total{{answer={answer}}}");
+        let name = format!("idemstore_claims_total{{answer={answer},store=memory}}");
         assert_eq!(kept.counter(&name), 1, "{name}");
     }
-    assert_eq!(kept.counter("idemstore_lease_lost_total"), 1);
-    assert_eq!(kept.counter("idemstore_swept_total"), 1);
+    assert_eq!(kept.counter("idemstore_lease_lost_total{store=memory}"), 1);
+    assert_eq!(kept.counter("idemstore_swept_total{store=memory}"), 1);
     // Acquire, complete, the refused complete and the sweep each went through a commit.
-    let commits = kept.counter("idemstore_commits_total{durable=true}");
+    let commits = kept.counter("idemstore_commits_total{durable=true,store=memory}");
     assert!(commits >= 4, "{commits} commits");
-    let batch_sizes = kept.samples("idemstore_commit_operations");
+    let batch_sizes = kept.samples("idemstore_commit_operations{store=memory}");
     assert_eq!(batch_sizes.len() as u64, commits);
     assert!(batch_sizes.iter().all(|n| *n >= 1.0));
     assert_eq!(
-        kept.samples("idemstore_commit_seconds{durable=true}").len() as u64,
+        kept.samples("idemstore_commit_seconds{durable=true,store=memory}")
+            .len() as u64,
         commits
     );
-    assert_eq!(kept.gauge("idemstore_poisoned"), Some(0.0));
-    assert_eq!(kept.gauge("idemstore_queue_depth"), Some(0.0));
+    assert_eq!(kept.gauge("idemstore_poisoned{store=memory}"), Some(0.0));
+    assert_eq!(kept.gauge("idemstore_queue_depth{store=memory}"), Some(0.0));
 
     // With a write-ahead log: its syncs, the checkpoints and the map's figures.
+    // Labelled with the path it was opened at.
     let dir = tempfile::tempdir()?;
+    let path = dir.path().join("idem.redb");
     let store = idemstore::Store::builder()
         .clock(clock.clone())
         .sweep_interval(None)
         .write_ahead_log(true)
         .wal_segment_bytes(1 << 20)
         .checkpoint_interval(Duration::from_secs(3600))
-        .open(dir.path().join("idem.redb"))?;
+        .open(&path)?;
+    let wal = |name: &str| format!("{name}{{store={}}}", path.display());
     for i in 0..5 {
         let lease = acquired(store.claim("s", format!("w{i}"), "fp", &opts(1_000))?);
         store.complete(&lease, b"done", DAY)?;
     }
     let syncs = store.stats()?.wal.ok_or("a log")?.log_syncs;
     assert!(syncs >= 10, "{syncs} log syncs");
-    let samples = kept.samples("idemstore_log_sync_seconds");
+    let samples = kept.samples(&wal("idemstore_log_sync_seconds"));
     assert_eq!(samples.len() as u64, syncs);
     assert!(
         samples.iter().all(|s| *s >= 0.0 && *s < 60.0),
         "{samples:?}"
     );
-    assert_eq!(kept.counter("idemstore_checkpoints_total"), 0);
+    assert_eq!(kept.counter(&wal("idemstore_checkpoints_total")), 0);
     // Closing checkpoints what the map holds.
     store.close()?;
-    assert_eq!(kept.counter("idemstore_checkpoints_total"), 1);
-    assert_eq!(kept.samples("idemstore_checkpoint_seconds").len(), 1);
+    assert_eq!(kept.counter(&wal("idemstore_checkpoints_total")), 1);
+    assert_eq!(kept.samples(&wal("idemstore_checkpoint_seconds")).len(), 1);
     // The checkpointer's last report: the map written out, nothing left to checkpoint.
-    assert_eq!(kept.gauge("idemstore_wal_map_bytes"), Some(0.0));
-    assert_eq!(kept.gauge("idemstore_checkpoint_lag_bytes"), Some(0.0));
-    assert_eq!(kept.counter("idemstore_checkpoint_failures_total"), 0);
+    assert_eq!(kept.gauge(&wal("idemstore_wal_map_bytes")), Some(0.0));
+    assert_eq!(
+        kept.gauge(&wal("idemstore_checkpoint_lag_bytes")),
+        Some(0.0)
+    );
+    assert_eq!(kept.counter(&wal("idemstore_checkpoint_failures_total")), 0);
+
+    // Stores report apart: one poisoned by a failed sync stays poisoned in its gauge when
+    // another store opens (which sets its own to 0).
+    let fail = Arc::new(AtomicBool::new(false));
+    let failing = idemstore::Store::builder()
+        .clock(clock.clone())
+        .sweep_interval(None)
+        .metrics_label("failing")
+        .open_with_backend(FailingSync {
+            inner: InMemoryBackend::new(),
+            fail: Arc::clone(&fail),
+        })?;
+    let lease = acquired(failing.claim("s", "k", "fp", &opts(1_000))?);
+    fail.store(true, Ordering::SeqCst);
+    let result = failing.complete(&lease, b"maybe", DAY);
+    assert!(
+        matches!(result, Err(Error::CommitOutcomeUnknown { .. })),
+        "{result:?}"
+    );
+    assert_eq!(kept.gauge("idemstore_poisoned{store=failing}"), Some(1.0));
+    assert_eq!(
+        kept.counter("idemstore_commit_failures_total{store=failing}"),
+        1
+    );
+    let other = idemstore::Store::builder()
+        .clock(clock.clone())
+        .sweep_interval(None)
+        .metrics_label("other")
+        .open_in_memory()?;
+    assert_eq!(kept.gauge("idemstore_poisoned{store=other}"), Some(0.0));
+    assert_eq!(kept.gauge("idemstore_poisoned{store=failing}"), Some(1.0));
+    let lease = acquired(other.claim("s", "k", "fp", &opts(1_000))?);
+    other.complete(&lease, b"done", DAY)?;
+    assert_eq!(
+        kept.counter("idemstore_claims_total{answer=acquired,store=other}"),
+        1
+    );
+    assert_eq!(
+        kept.counter("idemstore_commit_failures_total{store=other}"),
+        0
+    );
     Ok(())
+}
+
+/// An in-memory backend whose syncs can be made to fail, like a disk that reports EIO.
+#[derive(Debug)]
+struct FailingSync {
+    inner: InMemoryBackend,
+    fail: Arc<AtomicBool>,
+}
+
+impl StorageBackend for FailingSync {
+    fn len(&self) -> Result<u64, std::io::Error> {
+        self.inner.len()
+    }
+    fn read(&self, offset: u64, out: &mut [u8]) -> Result<(), std::io::Error> {
+        self.inner.read(offset, out)
+    }
+    fn set_len(&self, len: u64) -> Result<(), std::io::Error> {
+        self.inner.set_len(len)
+    }
+    fn sync_data(&self) -> Result<(), std::io::Error> {
+        if self.fail.load(Ordering::SeqCst) {
+            return Err(std::io::Error::other("injected fsync failure"));
+        }
+        self.inner.sync_data()
+    }
+    fn write(&self, offset: u64, data: &[u8]) -> Result<(), std::io::Error> {
+        self.inner.write(offset, data)
+    }
 }

@@ -14,7 +14,7 @@ use crate::engine::storage::wal::log::{self as wal_log, Geometry};
 use crate::engine::storage::wal::{WalConfig, WalStorage, log_path, missing_log};
 use crate::engine::store::Store;
 use crate::engine::sweeper::Sweeper;
-use crate::engine::telemetry;
+use crate::engine::telemetry::Telemetry;
 use crate::engine::waits::Timer;
 use crate::engine::writer;
 use crate::error::{Error, Input, Result};
@@ -84,6 +84,8 @@ pub struct StoreBuilder {
     map_budget_bytes: usize,
     wal_segment_bytes: u64,
     wal_segments: u64,
+    /// The `store` label of the store's metrics; `None`: from the path.
+    metrics_label: Option<String>,
 }
 
 impl Default for StoreBuilder {
@@ -108,6 +110,7 @@ impl Default for StoreBuilder {
             map_budget_bytes: 256 * 1024 * 1024,
             wal_segment_bytes: 32 * 1024 * 1024,
             wal_segments: 4,
+            metrics_label: None,
         }
     }
 }
@@ -318,6 +321,24 @@ impl StoreBuilder {
         self
     }
 
+    /// The value of the `store` label that each of the store's metrics carries (feature
+    /// `metrics`; see the crate docs, "Metrics"), so that the stores of one process report
+    /// apart. Default: the path given to [`StoreBuilder::open`] (`memory` for
+    /// [`StoreBuilder::open_in_memory`], `backend` for [`StoreBuilder::open_with_backend`]).
+    /// Without the feature, nothing reads it.
+    ///
+    /// ```
+    /// use idemstore::Store;
+    ///
+    /// // Reported as idemstore_claims_total{store="payments",answer="acquired"}, ...
+    /// let store = Store::builder().metrics_label("payments").open_in_memory()?;
+    /// # Ok::<(), idemstore::Error>(())
+    /// ```
+    pub fn metrics_label(mut self, label: impl Into<String>) -> Self {
+        self.metrics_label = Some(label.into());
+        self
+    }
+
     /// Opens the database at `path`, creating it if the file is missing or empty.
     ///
     /// Each open starts a new process epoch: in-flight records of earlier epochs have dead
@@ -460,6 +481,19 @@ impl StoreBuilder {
         Ok(())
     }
 
+    /// The `store` label of the metrics of a store opened at `path`: the one given, else the
+    /// path as given (`memory` in memory, `backend` on a caller's backend).
+    fn label_for(&self, path: &Path) -> String {
+        if let Some(label) = &self.metrics_label {
+            return label.clone();
+        }
+        match path.to_str() {
+            Some(":memory:") => "memory".into(),
+            Some("<backend>") => "backend".into(),
+            _ => path.display().to_string(),
+        }
+    }
+
     /// redb's settings; `has_log`: the store has (or gets) a write-ahead log, which turns
     /// the page check on open off unless asked for.
     fn redb_options(&self, has_log: bool) -> open::Options {
@@ -473,7 +507,8 @@ impl StoreBuilder {
     /// Adopts the opened database (behind its write-ahead log, if it has or gets one) and
     /// starts the writer and the sweeper.
     fn start(self, db: redb::Database, path: &Path, log: LogSource) -> Result<Store> {
-        let (storage, epoch, next_token) = self.storage(db, path, log)?;
+        let telemetry = Telemetry::new(&self.label_for(path));
+        let (storage, epoch, next_token) = self.storage(db, path, log, &telemetry)?;
         let shared = Arc::new(Shared::new(
             storage,
             self.clock,
@@ -484,6 +519,7 @@ impl StoreBuilder {
             self.queue_capacity_bytes,
             self.limits.records_per_scope(),
             self.max_batch_ops,
+            telemetry,
         ));
         // Threads that can fail to start come before the writer, which must not be left
         // running without a store to stop it.
@@ -496,7 +532,7 @@ impl StoreBuilder {
             .map_err(Error::from_io)?;
         // From here on the writer runs: the store must be built (and dropped on error) so that
         // the writer is stopped and joined.
-        telemetry::opened();
+        shared.telemetry.opened();
         let mut store = Store::from_parts(shared, self.limits, writer, timer, read_pool);
         if path == Path::new(":memory:") {
             store.kind = "memory";
@@ -515,6 +551,7 @@ impl StoreBuilder {
         db: redb::Database,
         path: &Path,
         log: LogSource,
+        telemetry: &Telemetry,
     ) -> Result<(Box<dyn Storage>, u64, u64)> {
         let options = self.redb_options(self.write_ahead_log);
         let existing = tables::existing(&db, path)?;
@@ -551,6 +588,7 @@ impl StoreBuilder {
             memory_budget: self.map_budget_bytes,
             scrub_interval: self.scrub_interval,
             read_cache_bytes: self.read_cache_bytes,
+            telemetry: telemetry.clone(),
         };
         let (storage, next_token) = WalStorage::open(
             base,

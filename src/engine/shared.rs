@@ -11,6 +11,7 @@ use crate::core::transition::Ctx;
 use crate::engine::durability::Durability;
 use crate::engine::queue::Queue;
 use crate::engine::storage::Storage;
+use crate::engine::telemetry::Telemetry;
 use crate::engine::waits::Waiters;
 use crate::engine::writer::WriterState;
 use crate::error::{Error, Result};
@@ -44,6 +45,8 @@ pub(crate) struct Shared {
     pub counters: Counters,
     poisoned: AtomicBool,
     poison_cause: Mutex<Option<String>>,
+    /// Where the store's metrics go.
+    pub telemetry: Telemetry,
 }
 
 impl Shared {
@@ -58,6 +61,7 @@ impl Shared {
         queue_capacity_bytes: usize,
         quota: Option<u64>,
         max_batch: usize,
+        telemetry: Telemetry,
     ) -> Shared {
         let counters = Counters::default();
         counters.next_token.store(next_token, Ordering::SeqCst);
@@ -74,6 +78,7 @@ impl Shared {
             counters,
             poisoned: AtomicBool::new(false),
             poison_cause: Mutex::new(None),
+            telemetry,
         }
     }
 

@@ -17,7 +17,6 @@ use crate::engine::read_pool::ReadPool;
 use crate::engine::reads::Reader;
 use crate::engine::shared::Shared;
 use crate::engine::sweeper::Sweeper;
-use crate::engine::telemetry;
 use crate::engine::waits::{Signal, Timer, Waiters};
 use crate::engine::writer;
 use crate::error::{Error, Result};
@@ -185,7 +184,7 @@ impl Store {
         let claim =
             self.claim_blocking(scope.as_ref(), key.as_ref(), fingerprint.as_ref(), options);
         if let Ok(answer) = &claim {
-            telemetry::claim_answered(answer);
+            self.shared.telemetry.claim_answered(answer);
         }
         claim
     }
@@ -234,7 +233,7 @@ impl Store {
             .claim_awaiting(scope.as_ref(), key.as_ref(), fingerprint.as_ref(), options)
             .await;
         if let Ok(answer) = &claim {
-            telemetry::claim_answered(answer);
+            self.shared.telemetry.claim_answered(answer);
         }
         claim
     }

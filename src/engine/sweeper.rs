@@ -21,7 +21,6 @@ use crate::engine::apply::{Apply, ScopeCounts};
 use crate::engine::durability::Durability;
 use crate::engine::queue::Command;
 use crate::engine::shared::Shared;
-use crate::engine::telemetry;
 use crate::engine::writer;
 use crate::error::{Error, Result};
 
@@ -74,14 +73,14 @@ fn sweep_detached(shared: &Shared, limit: usize) -> Result<Option<Swept>> {
             c.operations.fetch_add(1, Ordering::Relaxed);
             c.largest_batch.fetch_max(1, Ordering::Relaxed);
             c.swept.fetch_add(swept.removed as u64, Ordering::Relaxed);
-            telemetry::committed(1, false, started.elapsed());
-            telemetry::swept(swept.removed);
+            shared.telemetry.committed(1, false, started.elapsed());
+            shared.telemetry.swept(swept.removed);
             Ok(Some(swept))
         }
         Ok(false) => Ok(None),
         Err(e) => {
             if matches!(e, Error::CommitOutcomeUnknown { .. }) {
-                telemetry::commit_failed();
+                shared.telemetry.commit_failed();
                 shared.poison(&e);
             }
             Err(e)

@@ -18,7 +18,6 @@ use crate::engine::apply::{Apply, ScopeCounts};
 use crate::engine::durability::Durability;
 use crate::engine::queue::{self, Answer, Command, Job, Work};
 use crate::engine::shared::Shared;
-use crate::engine::telemetry;
 use crate::error::{Error, Result};
 
 /// The most expiry entries a sweep visits in a commit it shares with callers' operations, so
@@ -138,7 +137,7 @@ impl Writer<'_> {
     fn process_queued(&mut self) {
         let jobs = self.shared.queue.take(self.state.max_batch);
         if !jobs.is_empty() {
-            telemetry::queue(&self.shared.queue);
+            self.shared.telemetry.queue(&self.shared.queue);
             self.process_guarded(jobs);
         }
     }
@@ -194,7 +193,9 @@ impl Writer<'_> {
         let committed = span.in_scope(|| self.commit(commands, durable, &mut changed));
         match committed {
             Ok(answers) => {
-                telemetry::committed(jobs.len(), durable, started.elapsed());
+                self.shared
+                    .telemetry
+                    .committed(jobs.len(), durable, started.elapsed());
                 self.state.unsynced_since = if durable {
                     None
                 } else {
@@ -211,9 +212,9 @@ impl Writer<'_> {
                     match &answer {
                         Ok(Answer::Swept(swept)) => {
                             c.swept.fetch_add(swept.removed as u64, Ordering::Relaxed);
-                            telemetry::swept(swept.removed);
+                            self.shared.telemetry.swept(swept.removed);
                         }
-                        Err(Error::LeaseLost { .. }) => telemetry::lease_lost(),
+                        Err(Error::LeaseLost { .. }) => self.shared.telemetry.lease_lost(),
                         _ => {}
                     }
                     answered.push((Arc::clone(&job.slot), answer));
@@ -228,7 +229,7 @@ impl Writer<'_> {
                 }
             }
             Err(e) => {
-                telemetry::commit_failed();
+                self.shared.telemetry.commit_failed();
                 self.state.next_token = token_before;
                 self.shared.storage.release_reads();
                 self.shared.poison(&e);

@@ -32,6 +32,7 @@ use crate::engine::storage::redb::WalMeta;
 use crate::error::{Error, Result};
 
 use super::sync_times::SyncTimes;
+use crate::engine::telemetry::Telemetry;
 
 /// The unit of alignment: chunks start on sector boundaries, and a torn write loses whole
 /// sectors.
@@ -129,6 +130,8 @@ pub(crate) struct Log {
     appended_bytes: u64,
     /// How long the batches' syncs took.
     sync_times: Arc<SyncTimes>,
+    /// Where each sync's duration is reported.
+    telemetry: Telemetry,
 }
 
 impl fmt::Debug for Log {
@@ -239,6 +242,7 @@ impl Log {
             failed: false,
             appended_bytes: 0,
             sync_times: Arc::default(),
+            telemetry: Telemetry::default(),
         };
         let mut headers = Vec::new();
         // Slots whose header sector holds bytes but no valid header (torn, or damaged): the
@@ -720,8 +724,13 @@ impl Log {
         let synced = self.file.sync_data();
         let took = started.elapsed();
         self.sync_times.record(took);
-        crate::engine::telemetry::log_synced(took);
+        self.telemetry.log_synced(took);
         synced
+    }
+
+    /// Reports each sync's duration to `telemetry` from now on.
+    pub(crate) fn report_to(&mut self, telemetry: Telemetry) {
+        self.telemetry = telemetry;
     }
 
     /// How long the batches' syncs took, since open (shared: `Stats` reads it without the log).

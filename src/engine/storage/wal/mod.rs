@@ -38,7 +38,7 @@ use crate::core::record::Record;
 use crate::engine::codec;
 use crate::engine::storage::redb::RedbStorage;
 use crate::engine::storage::{Batch, Counts, Storage, Stored};
-use crate::engine::telemetry;
+use crate::engine::telemetry::Telemetry;
 use crate::error::{Error, Result};
 use cache::ReadCache;
 use layer::{Layer, Lookup};
@@ -46,7 +46,7 @@ use log::{AppendError, Geometry, Log, Recovered};
 use sync_times::SyncTimes;
 
 /// How a store's write-ahead log behaves.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub(crate) struct WalConfig {
     /// The longest time a change stays in the map before a checkpoint writes it into redb
     /// (zero: a checkpoint after every batch).
@@ -59,6 +59,8 @@ pub(crate) struct WalConfig {
     pub scrub_interval: Option<Duration>,
     /// The read cache's budget in bytes (0: no cache).
     pub read_cache_bytes: usize,
+    /// Where checkpoints, scrubs, the log's syncs and its figures are reported.
+    pub telemetry: Telemetry,
 }
 
 /// The write-ahead log's figures in [`Stats::wal`](crate::Stats::wal): how far checkpoints
@@ -220,7 +222,8 @@ impl WalStorage {
         next_token: u64,
         config: WalConfig,
     ) -> Result<(WalStorage, u64)> {
-        let (log, recovered) = Log::recover(log_file, geometry, store_id, checkpoint_lsn)?;
+        let (mut log, recovered) = Log::recover(log_file, geometry, store_id, checkpoint_lsn)?;
+        log.report_to(config.telemetry.clone());
         let (active, next_token) = replay(&recovered, next_token)?;
         if !recovered.batches.is_empty() {
             tracing::info!(
@@ -638,7 +641,7 @@ impl Inner {
                 // Nothing waits to be checkpointed: no lag to report, and the interval restarts.
                 *self.last_checkpoint_at.lock() = Instant::now();
             }
-            telemetry::wal_figures(&self.figures());
+            self.config.telemetry.wal_figures(&self.figures());
             if stop && self.layers.read().frozen.is_none() && self.layers.read().active.is_empty() {
                 return;
             }
@@ -664,17 +667,17 @@ impl Inner {
         *self.last_scrub_at.lock() = Instant::now();
         let failed = match &result {
             Ok(_) => {
-                telemetry::scrubbed("ok");
+                self.config.telemetry.scrubbed("ok");
                 false
             }
             Err(e @ Error::Corrupt { .. }) => {
                 tracing::error!(error = %e, "idemstore: the scrub found the database file damaged; restore it from a backup or inspect it (`idemstore verify`)");
-                telemetry::scrubbed("damaged");
+                self.config.telemetry.scrubbed("damaged");
                 true
             }
             Err(e) => {
                 tracing::warn!(error = %e, "idemstore: the scrub could not read the database file");
-                telemetry::scrubbed("unreadable");
+                self.config.telemetry.scrubbed("unreadable");
                 true
             }
         };
@@ -693,7 +696,7 @@ impl Inner {
         if let Err(e) = self.base.checkpoint(frozen, frozen.last_lsn) {
             drop(gate);
             tracing::error!(error = %e, "a checkpoint failed; the store accepts no more writes until reopened (the log keeps every acknowledged batch)");
-            telemetry::checkpoint_failed();
+            self.config.telemetry.checkpoint_failed();
             self.fail(&e);
             return;
         }
@@ -702,7 +705,7 @@ impl Inner {
         self.checkpoint_lsn.store(frozen.last_lsn, Ordering::SeqCst);
         drop(gate);
         *self.last_checkpoint_at.lock() = Instant::now();
-        telemetry::checkpointed(started.elapsed());
+        self.config.telemetry.checkpointed(started.elapsed());
         {
             let mut control = self.control.lock();
             control.checkpoints += 1;
