@@ -16,6 +16,52 @@ fn fill(store: &Store, prefix: &str, n: usize, retention: Duration) -> TestResul
     Ok(())
 }
 
+/// `more` is exact at the limit: a sweep that takes the last due entries says none remain,
+/// and one that leaves a single due entry says one does, with and without the write-ahead log
+/// (whose due entries come from the record map and from redb).
+#[test]
+fn sweep_says_more_exactly_when_due_entries_remain_past_the_limit() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    for wal in [false, true] {
+        let clock = clock();
+        let path = dir.path().join(format!("more-{wal}.redb"));
+        let open = || {
+            Store::builder()
+                .clock(clock.clone())
+                .sweep_interval(None)
+                .write_ahead_log(wal)
+                .checkpoint_interval(Duration::from_secs(3600))
+                .open(&path)
+        };
+        // With the log, the first half of the due entries reaches redb when the store
+        // closes; the second half stays in the record map.
+        let store = open()?;
+        fill(&store, "a-", 10, Duration::from_secs(10))?;
+        store.close()?;
+        let store = open()?;
+        fill(&store, "b-", 10, Duration::from_secs(10))?;
+        fill(&store, "long-", 5, Duration::from_secs(100))?;
+        clock.advance(Duration::from_secs(10));
+
+        let first = store.sweep(19)?;
+        assert_eq!((first.visited, first.removed, first.more), (19, 19, true));
+        let second = store.sweep(1)?;
+        assert_eq!((second.visited, second.removed, second.more), (1, 1, false));
+        assert_eq!(store.sweep(1)?, idemstore::Swept::default());
+
+        fill(&store, "c-", 4, Duration::from_secs(10))?;
+        clock.advance(Duration::from_secs(10));
+        let exact = store.sweep(4)?;
+        assert_eq!(
+            (exact.visited, exact.removed, exact.more),
+            (4, 4, false),
+            "wal {wal}"
+        );
+        assert_eq!(store.stats()?.records, 5, "wal {wal}");
+    }
+    Ok(())
+}
+
 #[test]
 fn sweep_removes_only_expired_records_oldest_first_in_bounded_batches() -> TestResult {
     let clock = clock();

@@ -159,7 +159,10 @@ impl Apply<'_> {
     /// gone, or carrying another expiry) is dropped.
     pub(crate) fn sweep(&mut self, now_ms: u64, limit: usize) -> Result<Swept> {
         let _span = tracing::debug_span!("idemstore.sweep", limit).entered();
-        let due = self.batch.due(now_ms, limit)?;
+        // One entry past the limit says whether more are due, without a second walk.
+        let mut due = self.batch.due(now_ms, limit.saturating_add(1))?;
+        let more = due.len() > limit;
+        due.truncate(limit);
         let mut removed = 0;
         for (at, key) in &due {
             self.batch.unindex(*at, key)?;
@@ -184,7 +187,6 @@ impl Apply<'_> {
                 );
             }
         }
-        let more = self.batch.any_due(now_ms)?;
         Ok(Swept {
             visited: due.len(),
             removed,

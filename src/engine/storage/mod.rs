@@ -115,9 +115,6 @@ pub(crate) trait Batch {
     /// Up to `limit` expiry-index entries due at `now_ms` (`at_ms <= now_ms`), oldest first.
     fn due(&mut self, now_ms: u64, limit: usize) -> Result<Vec<(u64, Vec<u8>)>>;
 
-    /// Whether any expiry-index entry is due at `now_ms`.
-    fn any_due(&mut self, now_ms: u64) -> Result<bool>;
-
     /// The record count stored for `scope` (0 when none is stored).
     fn scope_records(&mut self, scope: &[u8]) -> Result<u64>;
 

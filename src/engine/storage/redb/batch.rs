@@ -97,15 +97,6 @@ impl Batch for RedbBatch<'_> {
             .collect()
     }
 
-    fn any_due(&mut self, now_ms: u64) -> Result<bool> {
-        Ok(self
-            .expiry
-            .range(due_range(now_ms))
-            .map_err(Error::storage)?
-            .next()
-            .is_some())
-    }
-
     fn scope_records(&mut self, scope: &[u8]) -> Result<u64> {
         let count = self.scopes.get(scope).map_err(Error::storage)?;
         Ok(count.map_or(0, |g| g.value()))

@@ -63,6 +63,17 @@ impl Layer {
             && self.next_token.is_none()
     }
 
+    /// An empty layer with room for as many records and scopes as `like` holds: the next
+    /// active layer after a freeze, which under a steady load fills as far as the last one,
+    /// so that its record table is not rehashed as it grows, with the writer's lock held.
+    pub(crate) fn sized_like(like: &Layer) -> Layer {
+        Layer {
+            records: HashMap::with_capacity(like.records.len()),
+            scopes: HashMap::with_capacity(like.scopes.len()),
+            ..Layer::default()
+        }
+    }
+
     /// What the layer says about the record under `key`.
     pub(crate) fn lookup(&self, key: &[u8]) -> Lookup {
         match self.records.get(key) {

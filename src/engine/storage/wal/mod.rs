@@ -368,7 +368,8 @@ impl Inner {
         if layers.frozen.is_some() || layers.active.is_empty() {
             return false;
         }
-        let mut active = std::mem::take(&mut layers.active);
+        let next = Layer::sized_like(&layers.active);
+        let mut active = std::mem::replace(&mut layers.active, next);
         // Earlier layers are all in redb by now, so below the floor redb holds only entries
         // this layer removes.
         active.swept_upto = self.sweep_floor.lock().clone();
@@ -1056,10 +1057,6 @@ impl Batch for WalBatch<'_> {
         let due = self.due_after_floor(now_ms, limit)?;
         self.due_returned.extend(due.iter().cloned());
         Ok(due)
-    }
-
-    fn any_due(&mut self, now_ms: u64) -> Result<bool> {
-        Ok(!self.due_after_floor(now_ms, 1)?.is_empty())
     }
 
     fn scope_records(&mut self, scope: &[u8]) -> Result<u64> {
