@@ -83,6 +83,11 @@ impl Layer {
         }
     }
 
+    /// Whether the layer changed the record under `key` (put or removed it).
+    pub(crate) fn holds(&self, key: &[u8]) -> bool {
+        self.records.contains_key(key)
+    }
+
     /// Sets the record under `key` (`None`: removed).
     pub(crate) fn set_record(&mut self, key: &[u8], value: Option<Arc<[u8]>>) {
         let added = value.as_ref().map_or(0, |v| v.len());

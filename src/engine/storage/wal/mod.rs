@@ -25,7 +25,7 @@ pub(crate) mod layer;
 pub(crate) mod log;
 pub(crate) mod sync_times;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -541,14 +541,17 @@ impl Inner {
             return Ok(false);
         }
         {
+            // Every key the batch read or wrote must still be absent from the map (a key it
+            // read before writing it is checked once).
             let layers = self.layers.read();
             let frozen = layers.frozen.as_deref();
-            let in_map = |key: &[u8]| {
+            let in_map = |key: &Vec<u8>| {
                 std::iter::once(&layers.active)
                     .chain(frozen)
-                    .any(|l| !matches!(l.lookup(key), Lookup::Unknown))
+                    .any(|l| l.holds(key))
             };
-            if detached.read.iter().any(|k| in_map(k)) || layer.records.keys().any(|k| in_map(k)) {
+            let unread = |key: &&Vec<u8>| !detached.read.contains(*key);
+            if detached.read.iter().any(in_map) || layer.records.keys().filter(unread).any(in_map) {
                 return Ok(false);
             }
         }
@@ -899,7 +902,7 @@ struct WalBatch<'a> {
 #[derive(Default)]
 struct Detached {
     /// Keys read from the read cache or redb (a key the map held is a conflict at once).
-    read: Vec<Vec<u8>>,
+    read: HashSet<Vec<u8>>,
     /// Each scope's count as first read.
     scopes: HashMap<Vec<u8>, u64>,
     /// A read met a key the map holds: the batch gives way to the writer.
@@ -929,7 +932,7 @@ impl<'a> WalBatch<'a> {
                 "a detached batch read a key the map holds".into(),
             ));
         }
-        detached.read.push(key.to_vec());
+        detached.read.insert(key.to_vec());
         self.inner.read_below_map(key, false)
     }
 
@@ -1056,6 +1059,8 @@ impl Batch for WalBatch<'_> {
     fn due(&mut self, now_ms: u64, limit: usize) -> Result<Vec<(u64, Vec<u8>)>> {
         let due = self.due_after_floor(now_ms, limit)?;
         self.due_returned.extend(due.iter().cloned());
+        // Room for a removal of each (the batch's layer would otherwise grow by rehashing).
+        self.layer.records.reserve(due.len());
         Ok(due)
     }
 
