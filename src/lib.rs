@@ -46,8 +46,10 @@
 //!
 //! ## Metrics (feature `metrics`)
 //! The engine reports through the [`metrics`](https://docs.rs/metrics) facade; install any
-//! recorder (a Prometheus exporter, say) in the application. Without the feature nothing is
-//! compiled in; with it and no recorder, each report is an atomic load.
+//! recorder (a Prometheus exporter, say) in the application, before it opens its stores: the
+//! open sets `idemstore_poisoned` to 0, and a report made while no recorder is installed is
+//! lost. Without the feature nothing is compiled in; with it and no recorder, each report
+//! builds its labels and goes nowhere.
 //!
 //! | name | kind | labels | what |
 //! | --- | --- | --- | --- |

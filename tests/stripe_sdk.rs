@@ -8,6 +8,9 @@
 //! and installs the `stripe` package from PyPI into it, then runs `tests/stripe_sdk.py`.
 //! Without Python 3 (with `venv`) or without PyPI, it fails under `CI=true` and is skipped,
 //! saying why, elsewhere.
+//!
+//! With the `metrics` feature, a second test scrapes the demo's `GET /metrics` as a Prometheus
+//! server would (no Python needed).
 
 mod payments_demo;
 
@@ -193,5 +196,68 @@ fn the_stripe_sdk_raises_its_own_idempotency_errors() {
     assert!(
         storm.iter().all(|copy| copy["id"] == *first_id),
         "{storm:?}"
+    );
+}
+
+/// One HTTP/1.0 exchange with the demo at `base` ("http://127.0.0.1:PORT"): the response's
+/// status line, headers and body as text.
+#[cfg(feature = "metrics")]
+fn exchange(base: &str, request: &str) -> String {
+    use std::io::{Read, Write};
+    let addr = base.trim_start_matches("http://");
+    let mut stream = std::net::TcpStream::connect(addr).expect("the demo accepts a connection");
+    stream
+        .set_read_timeout(Some(std::time::Duration::from_secs(30)))
+        .expect("a read timeout");
+    stream
+        .write_all(request.as_bytes())
+        .expect("the request is sent");
+    let mut response = String::new();
+    stream
+        .read_to_string(&mut response)
+        .expect("the response (HTTP/1.0: up to the close)");
+    response
+}
+
+/// `GET /metrics` of the demo (built with `--features http,metrics`, as the README runs it)
+/// shows the engine's metrics from the store's open on, labelled with the store's path: the
+/// recorder is installed before the store opens, so `idemstore_poisoned` is there at 0, and a
+/// charge and its retry count as one acquired claim and one replay.
+#[cfg(feature = "metrics")]
+#[test]
+fn the_demo_serves_the_engine_metrics_labelled_by_store() {
+    let temp = tempfile::tempdir().expect("a temporary directory");
+    let data = temp.path().join("data");
+    let demo = Demo::start(&payments_example(), &data);
+    let body = "amount=700&currency=usd";
+    let charge = format!(
+        "POST /v1/charges HTTP/1.0\r\nauthorization: Bearer sk_test_metrics\r\n\
+         idempotency-key: metrics-1\r\ncontent-type: application/x-www-form-urlencoded\r\n\
+         content-length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    for _ in 0..2 {
+        let response = exchange(&demo.base, &charge);
+        assert!(response.starts_with("HTTP/1.0 200"), "{response}");
+    }
+    let metrics = exchange(&demo.base, "GET /metrics HTTP/1.0\r\n\r\n");
+    drop(demo);
+    let store = data.join("idempotency.redb");
+    let series =
+        |name: &str, labels: &str| format!("{name}{{store=\"{}\"{labels}}}", store.display());
+    let value = |series: &str| {
+        metrics
+            .lines()
+            .find_map(|line| line.strip_prefix(series)?.trim().parse::<f64>().ok())
+            .unwrap_or_else(|| panic!("no {series} in:\n{metrics}"))
+    };
+    assert_eq!(value(&series("idemstore_poisoned", "")), 0.0);
+    assert_eq!(
+        value(&series("idemstore_claims_total", ",answer=\"acquired\"")),
+        1.0
+    );
+    assert_eq!(
+        value(&series("idemstore_claims_total", ",answer=\"replay\"")),
+        1.0
     );
 }

@@ -267,6 +267,8 @@ fn serve_main(args: &Args) -> Result<ExitCode, BoxError> {
         .enable_all()
         .build()?;
     runtime.block_on(async {
+        // Before the store opens, so that the engine's reports from its open on are kept.
+        let recorder = prometheus::install()?;
         let cache_bytes = args.cache_mib.map(|mib| mib << 20);
         let (backend, ledger, stored) = match &args.backend {
             Backend::Url(url) => {
@@ -325,7 +327,7 @@ fn serve_main(args: &Args) -> Result<ExitCode, BoxError> {
         };
         let (app, layer_metrics) = api::app(backend, Arc::new(ledger));
         // GET /metrics (no API key needed): Prometheus text.
-        let app = prometheus::route(layer_metrics)?.merge(app);
+        let app = prometheus::route(recorder, layer_metrics).merge(app);
         axum::serve(listener, app)
             .with_graceful_shutdown(shutdown)
             .await?;

@@ -9,17 +9,22 @@ use axum::routing::get;
 use idemstore::http::Metrics;
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 
-/// Installs the process's Prometheus recorder (the engine reports to it from then on) and
-/// returns the route that renders it, with the layer's counters copied in at each scrape.
-pub fn route(layer: Metrics) -> Result<Router, Box<dyn std::error::Error + Send + Sync>> {
-    let handle = PrometheusBuilder::new().install_recorder()?;
-    Ok(Router::new().route(
+/// Installs the process's Prometheus recorder: the engine reports to it from then on, so it
+/// comes before the store opens (the open sets `idemstore_poisoned` to 0; a report made before
+/// any recorder exists is lost).
+pub fn install() -> Result<PrometheusHandle, Box<dyn std::error::Error + Send + Sync>> {
+    Ok(PrometheusBuilder::new().install_recorder()?)
+}
+
+/// The route that renders `handle`, with the layer's counters copied in at each scrape.
+pub fn route(handle: PrometheusHandle, layer: Metrics) -> Router {
+    Router::new().route(
         "/metrics",
         get(move || {
             let (handle, layer) = (handle.clone(), layer.clone());
             async move { render(&handle, &layer) }
         }),
-    ))
+    )
 }
 
 fn render(handle: &PrometheusHandle, layer: &Metrics) -> axum::response::Response {

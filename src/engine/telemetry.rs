@@ -1,6 +1,7 @@
 //! What the engine reports to the [`metrics`](https://docs.rs/metrics) facade (feature
-//! `metrics`). Without the feature every method here is empty and compiles away; with it and
-//! no recorder installed, each is an atomic load.
+//! `metrics`). Without the feature every method here is empty and compiles away; with it, each
+//! builds its metric's key (the `store` label is shared, not copied) and hands it to whatever
+//! recorder is installed (none: nothing more).
 //!
 //! The metrics are listed in the crate docs ("Metrics"), which are the reference. Each carries
 //! a `store` label naming the store it comes from
