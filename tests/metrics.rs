@@ -237,6 +237,15 @@ fn claims_commits_fencing_and_sweeps_are_reported() -> TestResult {
         kept.counter("idemstore_commit_failures_total{store=other}"),
         0
     );
+
+    // Every series of the run names its store.
+    let cells = kept.cells.lock().expect("cells");
+    for name in cells.keys() {
+        assert!(
+            name.contains("store=") && !name.contains("store=,") && !name.contains("store=}"),
+            "{name}"
+        );
+    }
     Ok(())
 }
 

@@ -15,7 +15,7 @@ use crate::core::claim::Claim;
 
 /// Where one store's metrics go: the value of their `store` label. Empty without the
 /// `metrics` feature.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub(crate) struct Telemetry {
     #[cfg(feature = "metrics")]
     store: metrics::SharedString,

@@ -130,8 +130,9 @@ pub(crate) struct Log {
     appended_bytes: u64,
     /// How long the batches' syncs took.
     sync_times: Arc<SyncTimes>,
-    /// Where each sync's duration is reported.
-    telemetry: Telemetry,
+    /// Where each sync's duration is reported, once the store has said (`report_to`); the
+    /// syncs of the recovery before it are not.
+    telemetry: Option<Telemetry>,
 }
 
 impl fmt::Debug for Log {
@@ -242,7 +243,7 @@ impl Log {
             failed: false,
             appended_bytes: 0,
             sync_times: Arc::default(),
-            telemetry: Telemetry::default(),
+            telemetry: None,
         };
         let mut headers = Vec::new();
         // Slots whose header sector holds bytes but no valid header (torn, or damaged): the
@@ -724,13 +725,15 @@ impl Log {
         let synced = self.file.sync_data();
         let took = started.elapsed();
         self.sync_times.record(took);
-        self.telemetry.log_synced(took);
+        if let Some(telemetry) = &self.telemetry {
+            telemetry.log_synced(took);
+        }
         synced
     }
 
     /// Reports each sync's duration to `telemetry` from now on.
     pub(crate) fn report_to(&mut self, telemetry: Telemetry) {
-        self.telemetry = telemetry;
+        self.telemetry = Some(telemetry);
     }
 
     /// How long the batches' syncs took, since open (shared: `Stats` reads it without the log).
