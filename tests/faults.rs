@@ -8,36 +8,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use common::*;
 use idemstore::{Error, Store};
-use redb::StorageBackend;
 use redb::backends::InMemoryBackend;
-
-/// An in-memory backend whose syncs can be made to fail, like a disk that reports EIO.
-#[derive(Debug)]
-struct FailingSync {
-    inner: InMemoryBackend,
-    fail: Arc<AtomicBool>,
-}
-
-impl StorageBackend for FailingSync {
-    fn len(&self) -> Result<u64, std::io::Error> {
-        self.inner.len()
-    }
-    fn read(&self, offset: u64, out: &mut [u8]) -> Result<(), std::io::Error> {
-        self.inner.read(offset, out)
-    }
-    fn set_len(&self, len: u64) -> Result<(), std::io::Error> {
-        self.inner.set_len(len)
-    }
-    fn sync_data(&self) -> Result<(), std::io::Error> {
-        if self.fail.load(Ordering::SeqCst) {
-            return Err(std::io::Error::other("injected fsync failure"));
-        }
-        self.inner.sync_data()
-    }
-    fn write(&self, offset: u64, data: &[u8]) -> Result<(), std::io::Error> {
-        self.inner.write(offset, data)
-    }
-}
 
 #[test]
 fn failed_commit_reports_outcome_unknown_and_poisons_writes_but_not_reads() -> TestResult {

@@ -14,7 +14,6 @@ use metrics::{
     Counter, CounterFn, Gauge, GaugeFn, Histogram, HistogramFn, Key, KeyName, Metadata, Recorder,
     SharedString, Unit,
 };
-use redb::StorageBackend;
 use redb::backends::InMemoryBackend;
 
 /// One metric's value: a counter total, the last gauge value, or every histogram sample.
@@ -247,32 +246,4 @@ fn claims_commits_fencing_and_sweeps_are_reported() -> TestResult {
         );
     }
     Ok(())
-}
-
-/// An in-memory backend whose syncs can be made to fail, like a disk that reports EIO.
-#[derive(Debug)]
-struct FailingSync {
-    inner: InMemoryBackend,
-    fail: Arc<AtomicBool>,
-}
-
-impl StorageBackend for FailingSync {
-    fn len(&self) -> Result<u64, std::io::Error> {
-        self.inner.len()
-    }
-    fn read(&self, offset: u64, out: &mut [u8]) -> Result<(), std::io::Error> {
-        self.inner.read(offset, out)
-    }
-    fn set_len(&self, len: u64) -> Result<(), std::io::Error> {
-        self.inner.set_len(len)
-    }
-    fn sync_data(&self) -> Result<(), std::io::Error> {
-        if self.fail.load(Ordering::SeqCst) {
-            return Err(std::io::Error::other("injected fsync failure"));
-        }
-        self.inner.sync_data()
-    }
-    fn write(&self, offset: u64, data: &[u8]) -> Result<(), std::io::Error> {
-        self.inner.write(offset, data)
-    }
 }

@@ -2,6 +2,8 @@
 #![allow(dead_code)]
 
 use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use idemstore::{Claim, ClaimOptions, Lease, ManualClock, Replay, Store};
@@ -52,5 +54,33 @@ pub fn replay(claim: Claim) -> Replay {
     match claim {
         Claim::Replay(r) => r,
         other => panic!("expected Replay, got {other:?}"),
+    }
+}
+
+/// An in-memory backend whose syncs fail while `fail` is set, like a disk that reports EIO.
+#[derive(Debug)]
+pub struct FailingSync {
+    pub inner: redb::backends::InMemoryBackend,
+    pub fail: Arc<AtomicBool>,
+}
+
+impl redb::StorageBackend for FailingSync {
+    fn len(&self) -> Result<u64, std::io::Error> {
+        self.inner.len()
+    }
+    fn read(&self, offset: u64, out: &mut [u8]) -> Result<(), std::io::Error> {
+        self.inner.read(offset, out)
+    }
+    fn set_len(&self, len: u64) -> Result<(), std::io::Error> {
+        self.inner.set_len(len)
+    }
+    fn sync_data(&self) -> Result<(), std::io::Error> {
+        if self.fail.load(Ordering::SeqCst) {
+            return Err(std::io::Error::other("injected fsync failure"));
+        }
+        self.inner.sync_data()
+    }
+    fn write(&self, offset: u64, data: &[u8]) -> Result<(), std::io::Error> {
+        self.inner.write(offset, data)
     }
 }
