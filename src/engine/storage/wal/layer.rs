@@ -17,6 +17,10 @@ use crate::error::{Error, Result};
 /// approximately), so that the memory budget tracks what the process really holds.
 const ENTRY_OVERHEAD: usize = 64;
 
+/// Bytes of one slot of the record table (key, value and its control byte), charged for each
+/// slot a pre-sized layer reserves until an entry fills it (then [`ENTRY_OVERHEAD`] covers it).
+const RECORD_SLOT: usize = std::mem::size_of::<(Vec<u8>, Option<Arc<[u8]>>)>() + 1;
+
 /// One layer of changes.
 #[derive(Debug, Default, Clone)]
 pub(crate) struct Layer {
@@ -42,6 +46,9 @@ pub(crate) struct Layer {
     /// is removed (the sweep's floor), so the checkpoint may clear that part of redb's index in
     /// one pass. Not part of the log's payload.
     pub swept_upto: Option<(u64, Vec<u8>)>,
+    /// Record-table slots reserved ahead ([`Layer::sized_like`]) that no entry fills yet;
+    /// [`RECORD_SLOT`] bytes each are part of [`Layer::bytes`].
+    unused_slots: usize,
 }
 
 /// What a layer says about one key: nothing, a record, or that it was removed.
@@ -66,11 +73,26 @@ impl Layer {
     /// An empty layer with room for as many records and scopes as `like` holds: the next
     /// active layer after a freeze, which under a steady load fills as far as the last one,
     /// so that its record table is not rehashed as it grows, with the writer's lock held.
+    /// The reserved table counts against the memory budget from the start: each slot no entry
+    /// fills yet is charged in [`Layer::bytes`].
     pub(crate) fn sized_like(like: &Layer) -> Layer {
+        let records = HashMap::with_capacity(like.records.len());
+        let unused_slots = records.capacity();
         Layer {
-            records: HashMap::with_capacity(like.records.len()),
+            records,
             scopes: HashMap::with_capacity(like.scopes.len()),
+            bytes: unused_slots.saturating_mul(RECORD_SLOT),
+            unused_slots,
             ..Layer::default()
+        }
+    }
+
+    /// Charges a new record entry, less the reserved slot it fills, if any.
+    fn charge_new_record(&mut self, bytes: usize) {
+        self.bytes += bytes + ENTRY_OVERHEAD;
+        if self.unused_slots > 0 {
+            self.unused_slots -= 1;
+            self.bytes = self.bytes.saturating_sub(RECORD_SLOT);
         }
     }
 
@@ -98,7 +120,7 @@ impl Layer {
                 *slot = value;
             }
             None => {
-                self.bytes += key.len() + added + ENTRY_OVERHEAD;
+                self.charge_new_record(key.len() + added);
                 self.records.insert(key.to_vec(), value);
             }
         }
@@ -115,8 +137,9 @@ impl Layer {
                 slot.insert(value);
             }
             Entry::Vacant(slot) => {
-                self.bytes += slot.key().len() + added + ENTRY_OVERHEAD;
+                let charged = slot.key().len() + added;
                 slot.insert(value);
+                self.charge_new_record(charged);
             }
         }
     }
@@ -311,6 +334,42 @@ mod tests {
         assert!(matches!(older.lookup(b"c"), Lookup::Unknown));
         assert_eq!(older.expiry.get(&(7, b"a".to_vec())), Some(&false));
         assert_eq!((older.next_token, older.last_lsn), (Some(9), 4));
+    }
+
+    #[test]
+    fn a_pre_sized_layer_is_charged_for_its_reserved_slots_until_entries_fill_them() {
+        let mut full = Layer::default();
+        for i in 0..1000u32 {
+            full.set_record(&i.to_le_bytes(), Some(Arc::from(&b"value"[..])));
+        }
+        let mut next = Layer::sized_like(&full);
+        let reserved = next.records.capacity();
+        assert!(reserved >= 1000);
+        assert_eq!(
+            next.bytes,
+            reserved * RECORD_SLOT,
+            "reserved, not yet filled"
+        );
+        assert!(next.is_empty());
+
+        // Filled through both paths (a batch's own writes, and a batch absorbed), each new
+        // entry takes one reserved slot's charge off.
+        let mut batch = Layer::default();
+        for i in 0..500u32 {
+            next.set_record(&i.to_le_bytes(), Some(Arc::from(&b"value"[..])));
+            batch.set_record(&(i + 500).to_le_bytes(), Some(Arc::from(&b"value"[..])));
+        }
+        next.absorb(batch);
+        assert_eq!(next.records.capacity(), reserved, "filled without growing");
+        assert_eq!(next.bytes, full.bytes + (reserved - 1000) * RECORD_SLOT);
+
+        // Once its reserve is used up, a layer is charged as any other.
+        let mut plain = full.clone();
+        for i in 1000..(reserved as u32 + 10) {
+            next.set_record(&i.to_le_bytes(), None);
+            plain.set_record(&i.to_le_bytes(), None);
+        }
+        assert_eq!(next.bytes, plain.bytes);
     }
 
     #[test]
