@@ -37,6 +37,9 @@ pub struct Tally {
     pub dropped: AtomicU64,
     /// Requests that got no answer (the service was down or the connection broke).
     pub connection_errors: AtomicU64,
+    /// Requests a running service left unanswered for [`EXCHANGE_TIMEOUT`] (retried, and a
+    /// failed run: a killed process resets its connections, so only a hung one gets here).
+    pub unanswered: AtomicU64,
     /// 200 answers.
     pub ok: AtomicU64,
     /// Answers with `Idempotent-Replayed: true`.
@@ -84,6 +87,8 @@ enum Attempt {
     },
     /// The client gave up waiting (a dropped response).
     Dropped,
+    /// No answer within [`EXCHANGE_TIMEOUT`].
+    Unanswered,
     /// No connection (the server is down or restarting) or a broken one.
     Failed,
 }
@@ -130,6 +135,10 @@ impl tower::Service<Uri> for Counted {
 
 /// Attempts per request before the client gives up (never reached in a healthy run).
 const ATTEMPTS_MAX: usize = 400;
+
+/// How long one exchange may take before the client stops waiting: far beyond any answer of a
+/// live service, so that a hung one fails the run instead of stalling it.
+pub const EXCHANGE_TIMEOUT: Duration = Duration::from_secs(30);
 
 impl Chaos {
     /// A client of the service processes at `addrs` (one at least), keeping up to
@@ -228,7 +237,13 @@ impl Chaos {
                     return Attempt::Dropped;
                 }
             },
-            None => exchange.await,
+            None => match tokio::time::timeout(EXCHANGE_TIMEOUT, exchange).await {
+                Ok(answer) => answer,
+                Err(_) => {
+                    add(&self.tally.unanswered);
+                    return Attempt::Unanswered;
+                }
+            },
         };
         let Some((parts, body)) = answer else {
             add(&self.tally.connection_errors);
@@ -297,7 +312,7 @@ impl Chaos {
                     return None;
                 }
                 Attempt::Dropped => self.pause(1, 10).await,
-                Attempt::Failed => self.pause(20, 60).await,
+                Attempt::Failed | Attempt::Unanswered => self.pause(20, 60).await,
             }
         }
         add(&self.tally.gave_up);

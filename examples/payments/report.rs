@@ -88,6 +88,10 @@ pub fn print(report: &Report<'_>) -> bool {
         load(&t.connection_errors).to_string(),
     );
     row(
+        "requests a running service left hanging",
+        load(&t.unanswered).to_string(),
+    );
+    row(
         "service crashes (SIGKILL) + restarts",
         load(&t.restarts).to_string(),
     );
@@ -147,6 +151,7 @@ pub fn print(report: &Report<'_>) -> bool {
         && disagreements == 0
         && load(&t.storm_disagreements) == 0
         && load(&t.unexpected) == 0
+        && load(&t.unanswered) == 0
         && load(&t.gave_up) == 0;
     println!(
         "  {} in {:.1} s: {}",

@@ -518,6 +518,10 @@ fn print_soak(s: &Summary<'_>) {
             load(&tally.connection_errors).to_string(),
         ),
         (
+            "requests a running service left hanging",
+            load(&tally.unanswered).to_string(),
+        ),
+        (
             "service crashes (SIGKILL)",
             load(&tally.restarts).to_string(),
         ),
