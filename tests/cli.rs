@@ -797,6 +797,7 @@ fn compact_gives_back_the_free_space_of_a_swept_store_and_keeps_every_record() -
             done["bytes_after"].as_u64().ok_or("bytes_after")?,
         );
         assert_eq!(std::fs::metadata(&path)?.len(), after, "{name}");
+        assert_eq!(done["compacted"], true, "{name}: {done}");
         assert!(after * 2 < before, "{name}: {before} -> {after}");
         let stats = json(&run(&["stats", p, "--json"])?)?;
         assert!(
@@ -820,6 +821,34 @@ fn compact_gives_back_the_free_space_of_a_swept_store_and_keeps_every_record() -
             Claim::Acquired(_)
         ));
         store.close()?;
+        // The file grew back at that open (nothing was free), but stays shorter than it was.
+        let reopened = std::fs::metadata(&path)?.len();
+        assert!(
+            reopened < before,
+            "{name}: {before} -> {after} -> {reopened}"
+        );
+
+        // Compacted again right away, it is left as it is: it would only grow back.
+        let records = json(&run(&["stats", p, "--json"])?)?["records"].clone();
+        let output = run(&["compact", p, "--json"])?;
+        assert_eq!(code(&output), Some(0), "{name}: {}", stderr(&output));
+        let again = json(&output)?;
+        assert_eq!(again["compacted"], false, "{name}: {again}");
+        assert_eq!(
+            again["bytes_after"], again["bytes_before"],
+            "{name}: {again}"
+        );
+        assert_eq!(
+            Some(std::fs::metadata(&path)?.len()),
+            again["bytes_after"].as_u64(),
+            "{name}"
+        );
+        assert!(std::fs::metadata(&path)?.len() <= reopened, "{name}");
+        let output = run(&["compact", p])?;
+        assert_eq!(code(&output), Some(0), "{name}: {}", stderr(&output));
+        assert!(stdout(&output).contains("as it is"), "{}", stdout(&output));
+        let stats = json(&run(&["stats", p, "--json"])?)?;
+        assert_eq!(stats["records"], records, "{name}: {stats}");
     }
     Ok(())
 }

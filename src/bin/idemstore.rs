@@ -524,20 +524,31 @@ fn compact(out: &mut impl Write, path: &Path, as_json: bool) -> Outcome {
     let done = Store::compact(path).map_err(|e| failure(path, e))?;
     if as_json {
         let value = json!({
+            "compacted": done.compacted,
             "bytes_before": done.bytes_before,
             "bytes_after": done.bytes_after,
             "elapsed_ms": done.elapsed.as_millis() as u64,
         });
         write_line(out, &value)?;
     } else {
-        let text = format!(
-            "compacted {}: {} -> {} ({} given back) in {:.1} s\n",
-            path.display(),
-            show::size(done.bytes_before),
-            show::size(done.bytes_after),
-            show::size(done.bytes_freed()),
-            done.elapsed.as_secs_f64()
-        );
+        let text = if done.compacted {
+            format!(
+                "compacted {}: {} -> {} ({} given back) in {:.1} s\n",
+                path.display(),
+                show::size(done.bytes_before),
+                show::size(done.bytes_after),
+                show::size(done.bytes_freed()),
+                done.elapsed.as_secs_f64()
+            )
+        } else {
+            format!(
+                "left {} as it is ({}): compacted, it would grow back to that length or beyond \
+                 at the store's next write (the file grows by doubling below 4 GiB); compaction \
+                 pays once more than half of it is free (`idemstore stats` shows how much)\n",
+                path.display(),
+                show::size(done.bytes_before),
+            )
+        };
         out.write_all(text.as_bytes()).map_err(|e| io_failure(&e))?;
     }
     Ok(status::OK)

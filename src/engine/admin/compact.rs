@@ -20,6 +20,10 @@ pub struct Compaction {
     pub bytes_before: u64,
     /// The database file's length after, in bytes.
     pub bytes_after: u64,
+    /// Whether the file was compacted: `false` if the compacted file would grow back to its
+    /// length or beyond at the store's next write (see [`Store::compact`]), which left it as
+    /// it was.
+    pub compacted: bool,
     /// Time taken, the store's open and close included.
     pub elapsed: Duration,
 }
@@ -42,6 +46,12 @@ impl Store {
     /// [`Summary::free_bytes`](crate::Summary::free_bytes) (from
     /// [`ReadOnlyStore::summary`](crate::ReadOnlyStore::summary), or `idemstore stats`) tells
     /// how much; `idemstore compact` runs this.
+    ///
+    /// A compacted file has no free page left, so the store's next write (its next open, which
+    /// records a new process epoch, is one) makes redb grow it: to twice its length below 4
+    /// GiB, else to the end of the next 4-GiB region. So a file is compacted only if it would
+    /// stay shorter than it is even then (below 4 GiB: once more than half of it is free);
+    /// otherwise it is left as it is and [`Compaction::compacted`] is `false`.
     ///
     /// The store is first opened and closed as [`Store::open`] would (recovering it after a
     /// crash, replaying and checkpointing its log), then compacted in a series of commits, each
@@ -71,6 +81,7 @@ impl Store {
     /// store.close()?;
     ///
     /// let compaction = Store::compact(&path)?;
+    /// assert!(compaction.compacted);
     /// assert!(compaction.bytes_after < compaction.bytes_before);
     ///
     /// let store = Store::builder().clock(clock).open(&path)?;
@@ -101,20 +112,48 @@ impl Store {
         Store::builder().sweep_interval(None).open(path)?.close()?;
         let bytes_before = file_len(path)?;
         let mut db = redb::Builder::new().open(path).map_err(Error::storage)?;
-        db.compact().map_err(Error::storage)?;
+        let in_use = {
+            let txn = db.begin_write().map_err(Error::storage)?;
+            let stats = txn.stats().map_err(Error::storage)?;
+            txn.abort().map_err(Error::storage)?;
+            stats
+                .allocated_pages()
+                .saturating_mul(stats.page_size() as u64)
+        };
+        let compacted = length_once_written(in_use) < bytes_before;
+        if compacted {
+            db.compact().map_err(Error::storage)?;
+        }
         drop(db);
         let compaction = Compaction {
             bytes_before,
             bytes_after: file_len(path)?,
+            compacted,
             elapsed: began.elapsed(),
         };
         tracing::info!(
             bytes_before = compaction.bytes_before,
             bytes_after = compaction.bytes_after,
+            bytes_in_use = in_use,
+            compacted,
             elapsed_ms = compaction.elapsed.as_millis() as u64,
-            "idemstore: compacted the database file"
+            "idemstore: compaction of the database file"
         );
         Ok(compaction)
+    }
+}
+
+/// Redb's region: a database file with no free page left grows by doubling below it, and by
+/// filling its last region (and beginning the next) above it.
+const REDB_REGION_BYTES: u64 = 4 << 30;
+
+/// About how long a database file holding `in_use` bytes of pages and nothing free is once a
+/// commit has made redb grow it.
+fn length_once_written(in_use: u64) -> u64 {
+    if in_use < REDB_REGION_BYTES {
+        in_use.saturating_mul(2)
+    } else {
+        (in_use / REDB_REGION_BYTES + 1).saturating_mul(REDB_REGION_BYTES)
     }
 }
 
