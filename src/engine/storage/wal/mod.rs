@@ -362,13 +362,18 @@ impl Inner {
     }
 
     /// Freezes the active layer if it holds anything and no checkpoint is pending; with the
-    /// writer's lock held (`_log`), so between batches.
-    fn freeze(&self, log: &Log) -> bool {
+    /// writer's lock held (`_log`), so between batches. `more`: writes go on, so the next
+    /// active layer starts with room for as many records (not when the store closes).
+    fn freeze(&self, log: &Log, more: bool) -> bool {
         let mut layers = self.layers.write();
         if layers.frozen.is_some() || layers.active.is_empty() {
             return false;
         }
-        let next = Layer::sized_like(&layers.active);
+        let next = if more {
+            Layer::sized_like(&layers.active)
+        } else {
+            Layer::default()
+        };
         let mut active = std::mem::replace(&mut layers.active, next);
         // Earlier layers are all in redb by now, so below the floor redb holds only entries
         // this layer removes.
@@ -403,7 +408,7 @@ impl Inner {
     /// with `all`, also checkpoints everything written since.
     fn make_room(&self, log: &Log, all: bool) -> Result<()> {
         self.wait_for_checkpoint()?;
-        if all && self.freeze(log) {
+        if all && self.freeze(log, true) {
             self.wait_for_checkpoint()?;
         }
         Ok(())
@@ -494,7 +499,7 @@ impl Inner {
                 // Back-pressure: the checkpointer is behind; wait for it before taking more.
                 self.wait_for_checkpoint()?;
             }
-            self.freeze(log);
+            self.freeze(log, true);
         }
         Ok(())
     }
@@ -631,7 +636,7 @@ impl Inner {
                 if (due || stop) && !self.layers.read().active.is_empty() {
                     match self.log.try_lock_for(Duration::from_millis(5)) {
                         Some(log) => {
-                            self.freeze(&log);
+                            self.freeze(&log, !stop);
                         }
                         // Try again at once rather than after another interval.
                         None => self.control.lock().requested = true,
