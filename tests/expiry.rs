@@ -150,6 +150,43 @@ fn background_sweeper_reclaims_expired_records_and_stops_on_close() -> TestResul
     Ok(())
 }
 
+/// The background sweeper of an idle store commits nothing while nothing is due (no commit,
+/// no sync), with and without the write-ahead log, and commits as soon as something is.
+#[test]
+fn an_idle_store_makes_no_commits_while_nothing_is_due() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    for log in [false, true] {
+        let clock = clock();
+        let store = Store::builder()
+            .clock(clock.clone())
+            .write_ahead_log(log)
+            .sweep_interval(Some(Duration::from_millis(5)))
+            .open(dir.path().join(format!("idle-{log}.redb")))?;
+        fill(&store, "k", 3, Duration::from_secs(60))?;
+        let busy = store.stats()?;
+        std::thread::sleep(Duration::from_millis(300));
+        let idle = store.stats()?;
+        assert_eq!(
+            idle.commits, busy.commits,
+            "log {log}: {busy:?} -> {idle:?}"
+        );
+        assert_eq!(idle.records, 3, "log {log}");
+
+        clock.advance(Duration::from_secs(61));
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        while store.stats()?.records > 0 || store.stats()?.commits == idle.commits {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "log {log}: the sweeper did not commit: {:?}",
+                store.stats()?
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        store.close()?;
+    }
+    Ok(())
+}
+
 #[test]
 fn space_freed_by_sweeping_is_reused_by_later_writes() -> TestResult {
     let dir = tempfile::tempdir()?;

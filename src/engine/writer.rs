@@ -192,20 +192,22 @@ impl Writer<'_> {
         let span = tracing::debug_span!("idemstore.commit", operations = jobs.len(), durable);
         let committed = span.in_scope(|| self.commit(commands, durable, &mut changed));
         match committed {
-            Ok(answers) => {
-                self.shared
-                    .telemetry
-                    .committed(jobs.len(), durable, started.elapsed());
-                self.state.unsynced_since = if durable {
-                    None
-                } else {
-                    self.state.unsynced_since.or_else(|| Some(Instant::now()))
-                };
+            Ok((answers, wrote)) => {
                 let c = &self.shared.counters;
-                c.commits.fetch_add(1, Ordering::Relaxed);
+                if durable {
+                    self.state.unsynced_since = None;
+                } else if wrote {
+                    self.state.unsynced_since.get_or_insert_with(Instant::now);
+                }
+                if wrote {
+                    self.shared
+                        .telemetry
+                        .committed(jobs.len(), durable, started.elapsed());
+                    c.commits.fetch_add(1, Ordering::Relaxed);
+                    c.largest_batch
+                        .fetch_max(jobs.len() as u64, Ordering::Relaxed);
+                }
                 c.operations.fetch_add(jobs.len() as u64, Ordering::Relaxed);
-                c.largest_batch
-                    .fetch_max(jobs.len() as u64, Ordering::Relaxed);
                 c.next_token.store(self.state.next_token, Ordering::SeqCst);
                 let mut answered = Vec::with_capacity(jobs.len());
                 for (job, answer) in jobs.iter().zip(answers) {
@@ -241,20 +243,23 @@ impl Writer<'_> {
     }
 
     /// Applies every command to one storage batch and commits it. Returns each command's
-    /// answer and, in `changed`, the keys of the records that changed; an `Err` is a storage
-    /// failure that fails the whole batch.
+    /// answer and whether anything was committed ([`Storage::write`]), and, in `changed`, the
+    /// keys of the records that changed; an `Err` is a storage failure that fails the whole
+    /// batch.
+    ///
+    /// [`Storage::write`]: crate::engine::storage::Storage::write
     fn commit(
         &mut self,
         commands: Vec<Command>,
         durable: bool,
         changed: &mut Vec<Vec<u8>>,
-    ) -> Result<Vec<Result<Answer>>> {
+    ) -> Result<(Vec<Result<Answer>>, bool)> {
         let shared = self.shared;
         let n = commands.len();
         let mut commands = Some(commands);
         let mut answers = Vec::with_capacity(n);
         let mut next_token = self.state.next_token;
-        shared.storage.write(durable, &mut |batch| {
+        let wrote = shared.storage.write(durable, &mut |batch| {
             let commands = commands
                 .take()
                 .ok_or_else(|| Error::Internal("a storage batch was applied twice".into()))?;
@@ -300,6 +305,6 @@ impl Writer<'_> {
             Ok(())
         })?;
         self.state.next_token = next_token;
-        Ok(answers)
+        Ok((answers, wrote))
     }
 }

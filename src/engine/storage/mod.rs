@@ -56,11 +56,15 @@ pub(crate) trait Storage: Send + Sync {
     /// commit itself fails, the batch is either fully committed or fully absent and which is
     /// unknown: the error is [`Error::CommitOutcomeUnknown`](crate::Error::CommitOutcomeUnknown)
     /// and the engine stops writing. One batch at a time: only the writer thread calls this.
+    ///
+    /// Returns whether it committed anything: `false` when the batch changed nothing and, if
+    /// `durable`, nothing written before waited to be made durable (a sweep that found nothing
+    /// due, say), so no commit (and no sync) was made.
     fn write(
         &self,
         durable: bool,
         apply: &mut dyn FnMut(&mut dyn Batch) -> Result<()>,
-    ) -> Result<()>;
+    ) -> Result<bool>;
 
     /// Runs `apply` on a batch without the writer's lock, for work that reads much and
     /// writes little (the sweep), so that callers' batches need not wait while it reads.

@@ -14,6 +14,8 @@ pub(super) struct RedbBatch<'t> {
     expiry: Table<'t, (u64, &'static [u8]), ()>,
     scopes: Table<'t, &'static [u8], u64>,
     next_token: Option<u64>,
+    /// Whether the batch changed a table.
+    wrote: bool,
 }
 
 impl<'t> RedbBatch<'t> {
@@ -23,7 +25,13 @@ impl<'t> RedbBatch<'t> {
             expiry: txn.open_table(EXPIRY).map_err(Error::storage)?,
             scopes: txn.open_table(SCOPES).map_err(Error::storage)?,
             next_token: None,
+            wrote: false,
         })
+    }
+
+    /// Whether the batch changed anything: a table, or the next token.
+    pub(super) fn wrote(&self) -> bool {
+        self.wrote || self.next_token.is_some()
     }
 
     /// The next token to store with the commit, if the batch set one.
@@ -45,6 +53,7 @@ impl Batch for RedbBatch<'_> {
     }
 
     fn put(&mut self, key: &[u8], record: &Record) -> Result<()> {
+        self.wrote = true;
         self.records
             .insert(key, codec::encode(key, record).as_slice())
             .map_err(Error::storage)?;
@@ -52,6 +61,7 @@ impl Batch for RedbBatch<'_> {
     }
 
     fn remove(&mut self, key: &[u8]) -> Result<()> {
+        self.wrote = true;
         self.records.remove(key).map_err(Error::storage)?;
         Ok(())
     }
@@ -61,6 +71,7 @@ impl Batch for RedbBatch<'_> {
         let Some(old) = self.records.remove(key).map_err(Error::storage)? else {
             return Ok(false);
         };
+        self.wrote = true;
         if goes(&codec::decode(key, old.value())) {
             return Ok(true);
         }
@@ -73,6 +84,7 @@ impl Batch for RedbBatch<'_> {
     }
 
     fn index(&mut self, at_ms: u64, key: &[u8]) -> Result<()> {
+        self.wrote = true;
         self.expiry
             .insert((at_ms, key), ())
             .map_err(Error::storage)?;
@@ -80,6 +92,7 @@ impl Batch for RedbBatch<'_> {
     }
 
     fn unindex(&mut self, at_ms: u64, key: &[u8]) -> Result<()> {
+        self.wrote = true;
         self.expiry.remove((at_ms, key)).map_err(Error::storage)?;
         Ok(())
     }
@@ -103,6 +116,7 @@ impl Batch for RedbBatch<'_> {
     }
 
     fn set_scope_records(&mut self, scope: &[u8], count: u64) -> Result<()> {
+        self.wrote = true;
         if count == 0 {
             self.scopes.remove(scope).map_err(Error::storage)?;
         } else {

@@ -15,6 +15,7 @@ pub(crate) mod view;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use parking_lot::RwLock;
@@ -51,6 +52,9 @@ pub(crate) struct RedbStorage {
     /// Held (read) by every commit, and (write) while the pages of the file are verified, so
     /// that the file holds still meanwhile.
     quiesce: RwLock<()>,
+    /// Whether a commit since the last durable one was not durable (a durable batch that
+    /// changes nothing must still commit, to make it so).
+    unsynced: AtomicBool,
 }
 
 impl RedbStorage {
@@ -72,6 +76,7 @@ impl RedbStorage {
             two_phase_commit: options.two_phase_commit,
             file,
             quiesce: RwLock::new(()),
+            unsynced: AtomicBool::new(false),
         };
         storage.refresh_snapshot();
         Ok((storage, adopted))
@@ -269,7 +274,7 @@ impl Storage for RedbStorage {
         &self,
         durable: bool,
         apply: &mut dyn FnMut(&mut dyn Batch) -> Result<()>,
-    ) -> Result<()> {
+    ) -> Result<bool> {
         let _quiet = self.quiesce.read();
         let mut txn = self.db.begin_write().map_err(Error::storage)?;
         txn.set_durability(if durable {
@@ -279,11 +284,17 @@ impl Storage for RedbStorage {
         })
         .map_err(Error::storage)?;
         txn.set_two_phase_commit(self.two_phase_commit);
-        let next_token = {
+        let (next_token, wrote) = {
             let mut batch = batch::RedbBatch::open(&txn)?;
             apply(&mut batch)?;
-            batch.next_token()
+            (batch.next_token(), batch.wrote())
         };
+        if !wrote && !(durable && self.unsynced.load(Ordering::SeqCst)) {
+            // Nothing to write and nothing to make durable (a sweep with nothing due, say):
+            // no commit, no sync.
+            txn.abort().map_err(Error::storage)?;
+            return Ok(false);
+        }
         if let Some(token) = next_token {
             let mut meta = txn.open_table(META).map_err(Error::storage)?;
             tables::put_u64(&mut meta, META_NEXT_TOKEN, token)?;
@@ -294,9 +305,10 @@ impl Storage for RedbStorage {
                 source: Box::new(Error::storage(e)),
             });
         }
+        self.unsynced.store(!durable, Ordering::SeqCst);
         // Readers must see this commit before any of its callers hears of it.
         self.refresh_snapshot();
-        Ok(())
+        Ok(true)
     }
 
     fn release_reads(&self) {

@@ -418,7 +418,7 @@ impl Inner {
         &self,
         durable: bool,
         apply: &mut dyn FnMut(&mut dyn Batch) -> Result<()>,
-    ) -> Result<()> {
+    ) -> Result<bool> {
         let mut log = self.log.lock();
         if let Some(e) = self.failure() {
             return Err(e);
@@ -427,7 +427,10 @@ impl Inner {
         let mut batch = WalBatch::new(self, floor, None);
         apply(&mut batch)?;
         let new_floor = batch.floor_after();
-        let committed = self.commit_locked(&mut log, batch.layer, durable, new_floor);
+        let wrote = !batch.layer.is_empty();
+        let committed = self
+            .commit_locked(&mut log, batch.layer, durable, new_floor)
+            .map(|()| wrote);
         // Handed straight to a detached batch waiting to commit, if there is one: the writer
         // takes the lock back for its next batch so fast that a plain unlock lets it win
         // again and again, and a sweep would wait out several of its syncs per commit.
@@ -867,7 +870,7 @@ impl Storage for WalStorage {
         &self,
         durable: bool,
         apply: &mut dyn FnMut(&mut dyn Batch) -> Result<()>,
-    ) -> Result<()> {
+    ) -> Result<bool> {
         self.inner.write(durable, apply)
     }
 
