@@ -391,7 +391,14 @@ fn import_of_unreadable_input_adds_nothing() -> TestResult {
         stderr(&imported)
     );
     assert!(stderr(&imported).contains("nothing was imported"));
-    assert_eq!(json(&run(&["stats", c, "--json"])?)?["records"], 0);
+    // The store the import created for it is gone again.
+    assert!(!copy.exists(), "{c} was left behind");
+
+    // Into an existing store, the same input adds nothing and leaves its records.
+    let records = json(&run(&["stats", p, "--json"])?)?["records"].clone();
+    let imported = run_with(&["import", p], &input)?;
+    assert_eq!(code(&imported), Some(1), "{}", stderr(&imported));
+    assert_eq!(json(&run(&["stats", p, "--json"])?)?["records"], records);
     Ok(())
 }
 
@@ -517,13 +524,9 @@ fn a_foreign_file_is_refused_by_every_command_and_left_unchanged() -> TestResult
                 stderr(&output)
             );
         }
-        if file != &empty {
-            assert_eq!(
-                code(&run_with(&["import", f], b"")?),
-                Some(5),
-                "import into {f}"
-            );
-        }
+        let imported = run_with(&["import", f], b"{}\n")?;
+        assert_eq!(code(&imported), Some(5), "import into {f}");
+        assert!(stderr(&imported).contains("left untouched"));
         assert_eq!(std::fs::read(file)?, before, "{f} is unchanged");
     }
     Ok(())
@@ -913,6 +916,35 @@ fn a_compaction_killed_at_any_moment_leaves_every_record() -> TestResult {
             "{name}: a whole run {whole:?}; of {KILLS} kills, {changed} came after the file \
              changed, {shrunk} after it shrank"
         );
+    }
+    Ok(())
+}
+
+/// A reader that stops early (`idemstore export F | head`) ends the command quietly, with
+/// status 0, as it ends other command-line tools.
+#[test]
+fn output_to_a_reader_that_went_away_ends_quietly() -> TestResult {
+    use std::io::{BufRead, BufReader};
+    let dir = tempfile::tempdir()?;
+    let (path, _) = swept_store(dir.path(), "big.redb", false, (2_000, 1, 2048))?;
+    let p = path.to_str().ok_or("path")?;
+    for args in [
+        vec!["export", p],
+        vec!["list", p],
+        vec!["--json", "list", p],
+    ] {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_idemstore"))
+            .args(&args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()?;
+        let mut first = String::new();
+        BufReader::new(child.stdout.take().ok_or("stdout")?).read_line(&mut first)?;
+        assert!(!first.is_empty(), "{args:?}");
+        // The pipe's reading end is closed here, long before the output ends.
+        let output = child.wait_with_output()?;
+        assert_eq!(code(&output), Some(0), "{args:?}: {}", stderr(&output));
+        assert_eq!(stderr(&output), "", "{args:?}");
     }
     Ok(())
 }

@@ -158,7 +158,9 @@ fn main() -> ExitCode {
     match run(&cli) {
         Ok(status) => ExitCode::from(status),
         Err(failure) => {
-            eprintln!("idemstore: {}", failure.message);
+            if !failure.message.is_empty() {
+                eprintln!("idemstore: {}", failure.message);
+            }
             ExitCode::from(failure.status)
         }
     }
@@ -189,6 +191,18 @@ fn run(cli: &Cli) -> Outcome {
 }
 
 fn io_failure(e: &io::Error) -> Failure {
+    output_failure(Some(e.kind()), e)
+}
+
+/// A failure to write the output. A reader that went away (`idemstore export F | head`) is
+/// no error: the command stops there, quietly, with status 0.
+fn output_failure(kind: Option<io::ErrorKind>, e: &dyn std::fmt::Display) -> Failure {
+    if kind == Some(io::ErrorKind::BrokenPipe) {
+        return Failure {
+            status: status::OK,
+            message: String::new(),
+        };
+    }
     Failure {
         status: status::ERROR,
         message: format!("cannot write the output: {e}"),
@@ -258,10 +272,7 @@ fn open_for_writing(path: &Path) -> Result<Store, Failure> {
 }
 
 fn write_line(out: &mut impl Write, line: &impl serde::Serialize) -> Result<(), Failure> {
-    serde_json::to_writer(&mut *out, line).map_err(|e| Failure {
-        status: status::ERROR,
-        message: format!("cannot write the output: {e}"),
-    })?;
+    serde_json::to_writer(&mut *out, line).map_err(|e| output_failure(e.io_error_kind(), &e))?;
     writeln!(out).map_err(|e| io_failure(&e))
 }
 
@@ -606,19 +617,28 @@ fn export(out: &mut impl Write, path: &Path) -> Outcome {
 }
 
 fn import(out: &mut impl Write, path: &Path, as_json: bool) -> Outcome {
-    let stdin = io::stdin();
-    let lines = stdin.lock().lines().enumerate().filter_map(|(n, line)| {
-        let number = n + 1;
-        let parsed = match line {
-            Err(e) => Err(format!("line {number}: cannot read it: {e}")),
-            Ok(text) if text.trim().is_empty() => return None,
-            Ok(text) => serde_json::from_str::<json::Line>(&text)
-                .map(json::Line::into_parts)
-                .map_err(|e| format!("line {number}: {e}")),
-        };
-        Some(parsed)
-    });
-    let report = Store::import(path, lines)
+    // An existing file must be a store (an empty one is refused, as by every command); a
+    // missing one is created, and removed again if the import fails.
+    let created = match std::fs::metadata(path) {
+        Err(e) if e.kind() == io::ErrorKind::NotFound => true,
+        Err(e) => return Err(failure(path, Error::from(e))),
+        Ok(m) if m.is_file() && m.len() == 0 => {
+            return Err(failure(
+                path,
+                Error::NotAnIdemstoreFile {
+                    path: path.to_path_buf(),
+                    reason: "it is empty".into(),
+                },
+            ));
+        }
+        Ok(_) => false,
+    };
+    let imported = import_stdin(path);
+    // Removed only if this import created it: not if another process has it open.
+    if created && !matches!(imported, Ok(Ok(_)) | Err(Error::AlreadyOpen { .. })) {
+        let _ = std::fs::remove_file(path);
+    }
+    let report = imported
         .map_err(|e| failure(path, e))?
         .map_err(|message| Failure {
             status: status::ERROR,
@@ -651,6 +671,24 @@ fn import(out: &mut impl Write, path: &Path, as_json: bool) -> Outcome {
         out.write_all(text.as_bytes()).map_err(|e| io_failure(&e))?;
     }
     Ok(status::OK)
+}
+
+/// Imports the JSON Lines on stdin into the store at `path` ([`Store::import`]); the inner
+/// error is the input's.
+fn import_stdin(path: &Path) -> Result<Result<idemstore::ImportReport, String>, Error> {
+    let stdin = io::stdin();
+    let lines = stdin.lock().lines().enumerate().filter_map(|(n, line)| {
+        let number = n + 1;
+        let parsed = match line {
+            Err(e) => Err(format!("line {number}: cannot read it: {e}")),
+            Ok(text) if text.trim().is_empty() => return None,
+            Ok(text) => serde_json::from_str::<json::Line>(&text)
+                .map(json::Line::into_parts)
+                .map_err(|e| format!("line {number}: {e}")),
+        };
+        Some(parsed)
+    });
+    Store::import(path, lines)
 }
 
 fn verify(out: &mut impl Write, path: &Path, as_json: bool) -> Outcome {
