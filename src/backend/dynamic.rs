@@ -186,15 +186,16 @@ impl AnyBackend {
     ///
     /// - `memory:` — an in-memory [`Store`] (tests, caches);
     /// - `file:PATH` (or a plain path) — a [`Store`] on the file at `PATH`, opened inline
-    ///   (open it before serving, not inside a request);
+    ///   (open it before serving, not inside a request). A plain path must not start like a
+    ///   scheme (`name:`): a misspelt scheme is refused rather than taken for a file name;
     /// - `postgres://…` or `postgresql://…` — a PostgreSQL backend (feature `postgres`) with
     ///   default settings; `PostgresBackend::builder` offers the others;
     /// - `redis://…` — a Redis or Valkey backend (feature `redis`; read what Redis cannot
     ///   promise in its module docs first).
     ///
     /// # Errors
-    /// [`Error::Backend`] for a scheme this build does not know (a feature not enabled); the
-    /// errors of opening or connecting to the backend.
+    /// [`Error::Backend`] for a scheme this build does not know (a feature not enabled) or no
+    /// backend has; the errors of opening or connecting to the backend.
     pub async fn open(url: &str) -> Result<AnyBackend> {
         if url == "memory:" || url == "memory" {
             return Ok(AnyBackend::new(Store::in_memory()?));
@@ -220,8 +221,12 @@ impl AnyBackend {
         if let Some(path) = url.strip_prefix("file:") {
             return Ok(AnyBackend::new(Store::open(path)?));
         }
-        if url.contains("://") {
-            return Err(bad_url(&format!("unknown backend scheme in {url:?}")));
+        if url.contains("://") || has_scheme(url) {
+            return Err(bad_url(&format!(
+                "unknown backend scheme in {url:?} (known: memory:, file:PATH, postgres://, \
+                 postgresql://, redis://, rediss://; a path whose first part has a colon is \
+                 file:PATH or ./PATH)"
+            )));
         }
         Ok(AnyBackend::new(Store::open(url)?))
     }
@@ -231,6 +236,20 @@ impl AnyBackend {
     pub fn as_dyn(&self) -> &dyn DynBackend {
         self.inner.as_ref()
     }
+}
+
+/// Whether `url` starts like a URL scheme (`name:`, a name of two or more letters, digits,
+/// `+`, `-` or `.`, the first a letter), so that a misspelt one is not taken for a file name.
+/// (A one-letter prefix stays a path: `C:` is a drive.)
+fn has_scheme(url: &str) -> bool {
+    let Some((scheme, _)) = url.split_once(':') else {
+        return false;
+    };
+    scheme.len() >= 2
+        && scheme.starts_with(|c: char| c.is_ascii_alphabetic())
+        && scheme
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '+' | '-' | '.'))
 }
 
 fn bad_url(message: &str) -> Error {
@@ -288,5 +307,41 @@ impl IdempotencyBackend for AnyBackend {
 
     fn limits(&self) -> &Limits {
         self.inner.limits()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_misspelt_scheme_is_refused_rather_than_taken_for_a_file_name() -> Result<()> {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .map_err(Error::from_io)?;
+        for url in [
+            "memroy:",
+            "bogus:x",
+            "postgres:/localhost/db",
+            "redis:localhost",
+            "s3://bucket/key",
+        ] {
+            let opened = runtime.block_on(AnyBackend::open(url));
+            assert!(
+                matches!(opened, Err(Error::Backend { .. })),
+                "{url}: {opened:?}"
+            );
+            assert!(!std::path::Path::new(url).exists(), "{url} was created");
+        }
+        // A path with a colon further on, or after a one-letter prefix (a drive), is a path.
+        let dir = tempfile::tempdir().map_err(Error::from_io)?;
+        let odd = dir.path().join("odd:name.redb");
+        let odd = odd.to_str().ok_or(Error::Closed)?;
+        assert!(!has_scheme(odd));
+        assert!(!has_scheme("C:\\stores\\idem.redb"));
+        assert!(has_scheme("file:x") && has_scheme("memory:"));
+        runtime.block_on(AnyBackend::open(odd))?;
+        runtime.block_on(AnyBackend::open(&format!("file:{odd}")))?;
+        Ok(())
     }
 }
