@@ -71,7 +71,7 @@ mod workload;
 use std::error::Error;
 use std::io::{Read, Write};
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Instant;
@@ -258,6 +258,18 @@ fn number(s: &str) -> Result<usize, String> {
 }
 
 /// `--serve`: the API on `--addr` until Ctrl-C (or, under `--parent-pipe`, until stdin closes).
+/// Creates the data directory `dir` if it is missing, with an error that names it.
+fn data_dir(dir: &Path) -> Result<(), BoxError> {
+    std::fs::create_dir_all(dir).map_err(|e| {
+        let why = if dir.is_file() {
+            "it is a file; --data names a directory (the store and the ledger go in it)".to_owned()
+        } else {
+            e.to_string()
+        };
+        format!("cannot use {} as the data directory: {why}", dir.display()).into()
+    })
+}
+
 fn serve_main(args: &Args) -> Result<ExitCode, BoxError> {
     let data = args
         .data
@@ -287,7 +299,7 @@ fn serve_main(args: &Args) -> Result<ExitCode, BoxError> {
                 )
             }
             _ => {
-                std::fs::create_dir_all(&data)?;
+                data_dir(&data)?;
                 let store = match cache_bytes {
                     Some(bytes) => Store::builder()
                         .cache_size(bytes)
@@ -343,7 +355,7 @@ fn chaos_main(args: &Args) -> Result<ExitCode, BoxError> {
         .data
         .clone()
         .unwrap_or_else(|| temp.path().to_path_buf());
-    std::fs::create_dir_all(&data)?;
+    data_dir(&data)?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
@@ -372,7 +384,7 @@ fn chaos_main(args: &Args) -> Result<ExitCode, BoxError> {
             }
             None => (data.clone(), Vec::new()),
         };
-        std::fs::create_dir_all(&dir)?;
+        data_dir(&dir)?;
         let supervisor = Supervisor::start_with(dir.clone(), server_args)?;
         eprintln!(
             "payments: service on http://{} (child process, {})",
