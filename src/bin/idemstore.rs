@@ -635,7 +635,7 @@ fn import(out: &mut impl Write, path: &Path, as_json: bool) -> Outcome {
     };
     let imported = import_stdin(path);
     // Removed only if this import created it: not if another process has it open.
-    if created && !matches!(imported, Ok(Ok(_)) | Err(Error::AlreadyOpen { .. })) {
+    if created && !matches!(imported, Ok(Ok(_)) | Err(Error::AlreadyOpen)) {
         let _ = std::fs::remove_file(path);
     }
     let report = imported

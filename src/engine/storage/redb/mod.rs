@@ -289,7 +289,9 @@ impl Storage for RedbStorage {
             apply(&mut batch)?;
             (batch.next_token(), batch.wrote())
         };
-        if !wrote && !(durable && self.unsynced.load(Ordering::SeqCst)) {
+        // A durable batch makes earlier relaxed commits durable, even if it writes nothing.
+        let flushes = durable && self.unsynced.load(Ordering::SeqCst);
+        if !(wrote || flushes) {
             // Nothing to write and nothing to make durable (a sweep with nothing due, say):
             // no commit, no sync.
             txn.abort().map_err(Error::storage)?;
