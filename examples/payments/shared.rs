@@ -19,7 +19,7 @@ use crate::servers::{Installer, PostgresServer, RedisServer};
 pub enum Backend {
     /// The embedded file store in the data directory (no `--backend`).
     File,
-    /// A `postgres://…`, `postgresql://…`, `redis://…` or `rediss://…` URL.
+    /// A `postgres://…`, `postgresql://…` or `redis://…` URL.
     Url(String),
     /// `postgres` or `redis` (chaos run only): a server started for the run.
     Start(Server),
@@ -54,7 +54,7 @@ fn is_postgres(url: &str) -> bool {
 }
 
 fn is_redis(url: &str) -> bool {
-    url.starts_with("redis://") || url.starts_with("rediss://")
+    url.starts_with("redis://")
 }
 
 /// The ledger database of a shared store at `backend`: `ledger` if given (it must be a

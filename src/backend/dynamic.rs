@@ -190,8 +190,11 @@ impl AnyBackend {
     ///   scheme (`name:`): a misspelt scheme is refused rather than taken for a file name;
     /// - `postgres://…` or `postgresql://…` — a PostgreSQL backend (feature `postgres`) with
     ///   default settings; `PostgresBackend::builder` offers the others;
-    /// - `redis://…` — a Redis or Valkey backend (feature `redis`; read what Redis cannot
-    ///   promise in its module docs first).
+    /// - `redis://…` or `redis+unix://…` — a Redis or Valkey backend (feature `redis`; read
+    ///   what Redis cannot promise in its module docs first).
+    ///
+    /// Neither server backend speaks TLS: `rediss://` and `postgres://…?sslmode=require` are
+    /// refused with [`Error::Backend`] (their module docs, "No TLS").
     ///
     /// # Errors
     /// [`Error::Backend`] for a scheme this build does not know (a feature not enabled) or no
@@ -210,7 +213,10 @@ impl AnyBackend {
                 "a postgres:// backend needs the `postgres` feature",
             ));
         }
-        if url.starts_with("redis://") || url.starts_with("rediss://") {
+        if url.starts_with("redis://")
+            || url.starts_with("rediss://")
+            || url.starts_with("redis+unix://")
+        {
             #[cfg(feature = "redis")]
             return Ok(AnyBackend::new(
                 crate::backend::redis::RedisBackend::connect(url).await?,
@@ -219,13 +225,16 @@ impl AnyBackend {
             return Err(bad_url("a redis:// backend needs the `redis` feature"));
         }
         if let Some(path) = url.strip_prefix("file:") {
+            if path.is_empty() {
+                return Err(bad_url("file: needs a path (file:PATH)"));
+            }
             return Ok(AnyBackend::new(Store::open(path)?));
         }
         if url.contains("://") || has_scheme(url) {
             return Err(bad_url(&format!(
                 "unknown backend scheme in {url:?} (known: memory:, file:PATH, postgres://, \
-                 postgresql://, redis://, rediss://; a path whose first part has a colon is \
-                 file:PATH or ./PATH)"
+                 postgresql://, redis://, redis+unix://; a path whose first part has a colon \
+                 is file:PATH or ./PATH)"
             )));
         }
         Ok(AnyBackend::new(Store::open(url)?))
@@ -325,6 +334,7 @@ mod tests {
             "postgres:/localhost/db",
             "redis:localhost",
             "s3://bucket/key",
+            "file:",
         ] {
             let opened = runtime.block_on(AnyBackend::open(url));
             assert!(
@@ -342,6 +352,31 @@ mod tests {
         assert!(has_scheme("file:x") && has_scheme("memory:"));
         runtime.block_on(AnyBackend::open(odd))?;
         runtime.block_on(AnyBackend::open(&format!("file:{odd}")))?;
+        Ok(())
+    }
+
+    /// A URL that asks for TLS is a configuration error, found before connecting.
+    #[cfg(any(feature = "postgres", feature = "redis"))]
+    #[test]
+    fn urls_that_ask_for_tls_are_refused_as_configuration_errors() -> Result<()> {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(Error::from_io)?;
+        let mut urls = Vec::new();
+        if cfg!(feature = "postgres") {
+            urls.push("postgres://app@127.0.0.1:1/app?sslmode=require");
+        }
+        if cfg!(feature = "redis") {
+            urls.push("rediss://127.0.0.1:1/");
+        }
+        for url in urls {
+            let opened = runtime.block_on(AnyBackend::open(url));
+            let Err(Error::Backend { source }) = opened else {
+                panic!("{url}: {opened:?}");
+            };
+            assert!(source.to_string().contains("TLS"), "{url}: {source}");
+        }
         Ok(())
     }
 }

@@ -59,6 +59,11 @@
 //! - **Quota**: the per-scope quota counts the scope's rows (an index range) when a claim would
 //!   create a row; concurrent claims of new keys in one scope can overshoot it
 //!   ([`Capabilities::exact_quota`] is `false`).
+//! - **No TLS**: connections are plain TCP (or a Unix socket: `host=/var/run/postgresql`).
+//!   `sslmode=prefer`, libpq's default, connects without TLS; a URL that asks for TLS
+//!   (`sslmode=require`) is refused by [`PostgresBackend::builder`] with [`Error::Backend`],
+//!   a configuration error, not an outage to retry. Reach a server that demands TLS through a
+//!   private network or a local TLS proxy.
 
 mod sql;
 
@@ -272,11 +277,24 @@ impl PostgresBackend {
     /// key=value string), with the defaults.
     ///
     /// # Errors
-    /// [`Error::Backend`] for a URL tokio-postgres cannot parse.
+    /// [`Error::Backend`] for a URL tokio-postgres cannot parse, or one that asks for TLS
+    /// (`sslmode=require`): this backend connects without it (module docs, "No TLS").
     pub fn builder(url: &str) -> Result<PostgresBuilder> {
         let config: tokio_postgres::Config = url
             .parse()
             .map_err(|e: tokio_postgres::Error| backend_source(e))?;
+        if !matches!(
+            config.get_ssl_mode(),
+            tokio_postgres::config::SslMode::Disable | tokio_postgres::config::SslMode::Prefer
+        ) {
+            return Err(Error::Backend {
+                source: Arc::new(std::io::Error::new(
+                    std::io::ErrorKind::Unsupported,
+                    "the URL asks for TLS (sslmode=require), which the PostgreSQL backend does \
+                     not support: it connects over plain TCP or a Unix socket",
+                )),
+            });
+        }
         Ok(PostgresBuilder {
             config,
             schema: "public".into(),

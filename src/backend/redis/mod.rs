@@ -65,6 +65,10 @@
 //!   both are retryable and never fatal. Reads that fail are [`Error::Unavailable`].
 //! - **Waits** poll with backoff bounded by the original's remaining lease.
 //! - `orphans` scans the keyspace (`SCAN`), so it costs O(records): run it rarely.
+//! - **No TLS**: connections are plain TCP (`redis://`, or `redis+unix://` for a socket); a
+//!   `rediss://` URL is refused by [`RedisBackend::builder`] with [`Error::Backend`], a
+//!   configuration error. Reach a server that demands TLS through a private network or a
+//!   local TLS proxy.
 
 mod scripts;
 
@@ -222,6 +226,15 @@ impl RedisBackend {
     /// # Errors
     /// [`Error::Backend`] for a URL redis-rs cannot parse.
     pub fn builder(url: &str) -> Result<RedisBuilder> {
+        if url.starts_with("rediss://") || url.starts_with("valkeys://") {
+            return Err(Error::Backend {
+                source: Arc::new(std::io::Error::new(
+                    std::io::ErrorKind::Unsupported,
+                    "rediss:// asks for TLS, which the Redis backend does not support: it \
+                     connects over plain TCP (redis://) or a Unix socket (redis+unix://)",
+                )),
+            });
+        }
         let client = redis::Client::open(url).map_err(|e| Error::Backend {
             source: Arc::new(e),
         })?;
