@@ -21,6 +21,14 @@
 //! the lease ran out), `checkpoint` and `extend` fail with [`Error::LeaseLost`] and the result
 //! is not stored ([`OnceError::Store`] with `LeaseLost`); the successor's answer stands.
 //!
+//! A panic in the function releases the claim, as [`JobError::Retry`] does, and then goes on
+//! unwinding: the next call runs the function again at once (attempt + 1, with the last
+//! checkpoint). A [`run_async`] future dropped before it finishes (a timeout, an aborted task)
+//! cannot release anything: the claim stays in flight until its lease ends, as after a crash,
+//! and later calls get [`OnceError::InProgress`] until then; the first call after it takes the
+//! work over, again as attempt + 1 with the last checkpoint. Keep leases short where jobs are
+//! cancelled, or extend them as the work goes ([`JobAsync::extend`]).
+//!
 //! ```
 //! use idemstore::once::{self, JobError, OnceError};
 //! use idemstore::{ClaimOptions, Store};
@@ -42,6 +50,9 @@
 //! ```
 
 use std::fmt;
+use std::future::Future;
+use std::panic::AssertUnwindSafe;
+use std::task::Poll;
 use std::time::Duration;
 
 use serde::Serialize;
@@ -372,7 +383,16 @@ where
         store,
         lease: lease_of(claim)?,
     };
-    let (settle, answer) = settle(f(&mut job));
+    let result = match std::panic::catch_unwind(AssertUnwindSafe(|| f(&mut job))) {
+        Ok(result) => result,
+        Err(panic) => {
+            // Released for the next call, as a `Retry`; a release that fails leaves the claim
+            // to its lease, which is what a crash would have done.
+            let _ = store.fail(&job.lease);
+            std::panic::resume_unwind(panic);
+        }
+    };
+    let (settle, answer) = settle(result);
     match settle {
         Settle::Store(bytes) => {
             if let Err(e) = store.complete(&job.lease, &bytes, options.retention_duration()) {
@@ -431,7 +451,26 @@ where
         backend,
         lease: lease_of(claim)?,
     };
-    let (settle, answer) = settle(f(&mut job).await);
+    let outcome = {
+        let mut running = std::pin::pin!(f(&mut job));
+        std::future::poll_fn(|cx| {
+            match std::panic::catch_unwind(AssertUnwindSafe(|| running.as_mut().poll(cx))) {
+                Ok(Poll::Ready(result)) => Poll::Ready(Ok(result)),
+                Ok(Poll::Pending) => Poll::Pending,
+                Err(panic) => Poll::Ready(Err(panic)),
+            }
+        })
+        .await
+    };
+    let result = match outcome {
+        Ok(result) => result,
+        Err(panic) => {
+            // As in `run`.
+            let _ = backend.fail(&job.lease).await;
+            std::panic::resume_unwind(panic);
+        }
+    };
+    let (settle, answer) = settle(result);
     match settle {
         Settle::Store(bytes) => {
             let stored = backend

@@ -219,3 +219,99 @@ fn a_job_stopped_by_its_lost_lease_reports_the_loss() -> TestResult {
     ));
     Ok(())
 }
+
+/// A panic in the function releases the claim and goes on unwinding: the next call runs it
+/// again at once, as attempt 2 with the checkpoint the panicking attempt stored; the same for
+/// the async form.
+#[test]
+fn a_panicking_job_releases_its_claim_and_the_panic_goes_on() -> TestResult {
+    let clock = clock();
+    let store = memory_store(&clock);
+    let panicked = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        let _: Result<Receipt, OnceError<String>> =
+            once::run(&store, "q", "msg-1", b"fp", &opts(60_000), |job| {
+                job.checkpoint(b"charged")?;
+                panic!("the job panicked");
+            });
+    }));
+    let message = panicked.err().ok_or("the panic was swallowed")?;
+    assert_eq!(message.downcast_ref::<&str>(), Some(&"the job panicked"));
+    let again: Result<Receipt, OnceError<String>> =
+        once::run(&store, "q", "msg-1", b"fp", &opts(60_000), |job| {
+            assert_eq!(job.attempt(), 2);
+            assert_eq!(job.previous_checkpoint(), Some(&b"charged"[..]));
+            Ok(receipt(job.attempt()))
+        });
+    assert_eq!(again.map_err(|e| e.to_string())?, receipt(2));
+
+    let runtime = tokio::runtime::Builder::new_current_thread().build()?;
+    let options = opts(60_000);
+    let panicked = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        let _: Result<Receipt, OnceError<String>> = runtime.block_on(once::run_async(
+            &store,
+            "q",
+            "msg-2",
+            b"fp",
+            &options,
+            async |job| {
+                job.checkpoint(b"charged").await?;
+                tokio::task::yield_now().await;
+                panic!("the async job panicked");
+            },
+        ));
+    }));
+    assert!(panicked.is_err(), "the panic was swallowed");
+    let again: Result<Receipt, OnceError<String>> = runtime.block_on(once::run_async(
+        &store,
+        "q",
+        "msg-2",
+        b"fp",
+        &options,
+        async |job| {
+            assert_eq!(job.attempt(), 2);
+            assert_eq!(job.previous_checkpoint(), Some(&b"charged"[..]));
+            Ok(receipt(job.attempt()))
+        },
+    ));
+    assert_eq!(again.map_err(|e| e.to_string())?, receipt(2));
+    Ok(())
+}
+
+/// A dropped `run_async` future (cancelled by a timeout) cannot release its claim: later
+/// calls are told the job is in progress until the lease ends, and the first call after
+/// that takes it over as attempt 2 with the checkpoint.
+#[test]
+fn a_cancelled_async_job_keeps_its_claim_until_the_lease_ends() -> TestResult {
+    let clock = clock();
+    let store = memory_store(&clock);
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .build()?;
+    let options = opts(10_000);
+    let cancelled = runtime.block_on(async {
+        let job = once::run_async(&store, "q", "msg-1", b"fp", &options, async |job| {
+            job.checkpoint(b"charged").await?;
+            tokio::time::sleep(Duration::from_secs(3600)).await;
+            Ok::<Receipt, JobError<String>>(receipt(job.attempt()))
+        });
+        tokio::time::timeout(Duration::from_millis(20), job).await
+    });
+    assert!(cancelled.is_err(), "the timeout cancelled the job");
+    let during: Result<Receipt, OnceError<String>> =
+        once::run(&store, "q", "msg-1", b"fp", &options, |_| {
+            Err(JobError::Fatal("must not run".into()))
+        });
+    assert!(
+        matches!(during, Err(OnceError::InProgress { .. })),
+        "{during:?}"
+    );
+    clock.advance(Duration::from_secs(11));
+    let after: Result<Receipt, OnceError<String>> =
+        once::run(&store, "q", "msg-1", b"fp", &options, |job| {
+            assert_eq!(job.attempt(), 2);
+            assert_eq!(job.previous_checkpoint(), Some(&b"charged"[..]));
+            Ok(receipt(job.attempt()))
+        });
+    assert_eq!(after.map_err(|e| e.to_string())?, receipt(2));
+    Ok(())
+}
