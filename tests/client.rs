@@ -26,7 +26,7 @@ use hyper_util::rt::TokioExecutor;
 use idemstore::Store;
 use idemstore::client::{
     Attempt, BoxError, ClientBody, DefaultRetryPolicy, Outcome, RetryError, RetryLayer,
-    RetryPolicy, RetryService,
+    RetryPolicy, RetryService, SentKey, new_key,
 };
 use idemstore::http::IdempotencyLayer;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -713,6 +713,48 @@ async fn attempts_are_capped_and_the_last_answer_is_returned() {
     assert_eq!(response.status(), StatusCode::BAD_GATEWAY);
     assert_eq!(response.body(), "answer 6");
     assert_eq!(log.attempts().len(), 6);
+}
+
+/// The response names the key it answers (the one the layer made, or the caller's own), so a
+/// caller can send the same request again later; a request sent without a key has none.
+#[tokio::test(start_paused = true)]
+async fn the_response_carries_the_key_it_answers() {
+    let log = Log::default();
+    let client = RetryLayer::new()
+        .retry_idempotent_methods(true)
+        .layer(scripted(&log, vec![Status(503, None), Status(201, None)]));
+
+    let response = client
+        .clone()
+        .oneshot(post_charge("a"))
+        .await
+        .expect("an answer");
+    assert_eq!(response.status(), StatusCode::CREATED);
+    let SentKey(sent) = response
+        .extensions()
+        .get::<SentKey>()
+        .cloned()
+        .expect("a key");
+    let seen: Vec<Option<String>> = log.attempts().into_iter().map(|s| s.key).collect();
+    assert_eq!(seen.len(), 2);
+    assert!(
+        seen.iter().all(|key| key.as_deref() == sent.to_str().ok()),
+        "{seen:?}"
+    );
+
+    let own = new_key();
+    let request = Request::post("http://api.test/charges")
+        .header("idempotency-key", own.clone())
+        .body(Full::new(Bytes::from_static(b"b")))
+        .expect("a valid request");
+    let response = client.clone().oneshot(request).await.expect("an answer");
+    assert_eq!(response.extensions().get::<SentKey>(), Some(&SentKey(own)));
+
+    let get = Request::get("http://api.test/charges/ch_1")
+        .body(Full::new(Bytes::new()))
+        .expect("a valid request");
+    let response = client.oneshot(get).await.expect("an answer");
+    assert_eq!(response.extensions().get::<SentKey>(), None);
 }
 
 #[tokio::test(start_paused = true)]

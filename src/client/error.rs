@@ -43,7 +43,8 @@ pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
 pub enum RetryError {
     /// The [total time](super::RetryLayer::total_time) ran out while an attempt was in flight;
     /// that attempt was abandoned. For a request sent with an `Idempotency-Key` this is safe to
-    /// retry later with the same key: the server either ran it once or not at all.
+    /// retry later with the same key: the server either ran it once or not at all. (To know the
+    /// key, set it yourself: [`new_key`](super::new_key).)
     TotalTimeElapsed {
         /// Attempts started, the abandoned one included.
         attempts: u32,

@@ -54,7 +54,8 @@
 //! 2. **The body** is read into memory so that it can be resent, up to
 //!    [`max_body_bytes`](RetryLayer::max_body_bytes) (default 1 MiB). A larger body is sent
 //!    once, streamed, without retries (a `POST` still gets its key, so the caller can retry it
-//!    safely by hand).
+//!    safely by hand: the response carries the key in its extensions, [`SentKey`]; to be able
+//!    to resend after an error as well, set the key yourself, [`new_key`]).
 //! 3. **Attempts.** After each attempt the [`RetryPolicy`] decides whether the outcome is
 //!    worth another; [`DefaultRetryPolicy`] retries errors (no response: connection refused,
 //!    reset, closed before the response), 408, 409 (the original is still in flight), 429 and
@@ -72,8 +73,9 @@
 //!    [`attempt_timeout`](RetryLayer::attempt_timeout) bounds each attempt.
 //!
 //! The caller gets the last attempt's response (a replay from an idempotent server carries
-//! `Idempotent-Replayed: true`) or its error: the inner service's own, boxed, or a
-//! [`RetryError`].
+//! `Idempotent-Replayed: true`; the key it answers is in its extensions, [`SentKey`]) or its
+//! error: the inner service's own, boxed, or a [`RetryError`]. An error carries no key: a
+//! caller who may resend the request after one sets the key itself ([`new_key`]).
 //!
 //! ```
 //! # #[tokio::main(flavor = "current_thread")]
@@ -124,4 +126,4 @@ pub use layer::{
     DEFAULT_TOTAL_TIME, IDEMPOTENCY_KEY, RetryLayer,
 };
 pub use policy::{Attempt, DefaultRetryPolicy, Outcome, RetryPolicy};
-pub use service::{ResponseFuture, RetryService};
+pub use service::{ResponseFuture, RetryService, SentKey, new_key};

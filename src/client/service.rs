@@ -147,10 +147,21 @@ where
     let (mut parts, body) = request.into_parts();
     let resend = config.resend(&parts.method);
     if resend == Resend::WithKey && !parts.headers.contains_key(&config.key_header) {
-        parts
-            .headers
-            .insert(config.key_header.clone(), generate_key());
+        parts.headers.insert(config.key_header.clone(), new_key());
     }
+    // Every response carries the key it answers, for a caller who retries by hand later.
+    let sent = (resend == Resend::WithKey)
+        .then(|| parts.headers.get(&config.key_header).cloned())
+        .flatten()
+        .map(SentKey);
+    let stamp = |result: Result<Response<ResB>, BoxError>| {
+        result.map(|mut response| {
+            if let Some(sent) = &sent {
+                response.extensions_mut().insert(sent.clone());
+            }
+            response
+        })
+    };
     if resend == Resend::Never {
         let request = Request::from_parts(parts, ClientBody::passthrough(body));
         return send_once(&mut inner, request, deadline, &config).await;
@@ -163,7 +174,7 @@ where
                 "request body over the buffer bound: sent once, without retries"
             );
             let request = Request::from_parts(parts, body);
-            return send_once(&mut inner, request, deadline, &config).await;
+            return stamp(send_once(&mut inner, request, deadline, &config).await);
         }
     };
     let mut rng = config
@@ -180,7 +191,7 @@ where
             })?;
         let Some(wait) = next_wait(&result, number, &parts.method, &config, &*policy, &mut rng)
         else {
-            return result;
+            return stamp(result);
         };
         // A wait past the deadline (or too long to add to an instant) is not taken.
         if Instant::now()
@@ -188,7 +199,7 @@ where
             .is_none_or(|end| end > deadline)
         {
             tracing::debug!(attempt = number, ?wait, "no time left for another attempt");
-            return result;
+            return stamp(result);
         }
         // The response (and its connection) is let go before the wait.
         drop(result);
@@ -288,9 +299,54 @@ where
         })?
 }
 
-/// A new key: a random (version 4) UUID, 122 bits from the operating system's generator, so
+/// A new idempotency key, as [`RetryLayer`](super::RetryLayer) makes one for a request that
+/// has none: a random (version 4) UUID, 122 bits from the operating system's generator, so
 /// keys from any number of clients never collide in practice.
-fn generate_key() -> HeaderValue {
+///
+/// Set it yourself when the logical request may have to be sent again later, outside the
+/// layer's retries (after [`RetryError::TotalTimeElapsed`](super::RetryError), say, or after a
+/// restart): keep the key with the work, and send it again with the same body.
+///
+/// ```
+/// use idemstore::client::new_key;
+///
+/// let key = new_key();
+/// let request = http::Request::post("/v1/charges")
+///     .header("idempotency-key", key.clone())
+///     .body(())?;
+/// assert_eq!(request.headers()["idempotency-key"], key);
+/// assert_eq!(key.len(), 36);
+/// # Ok::<(), http::Error>(())
+/// ```
+#[must_use]
+pub fn new_key() -> HeaderValue {
     let key = uuid::Uuid::new_v4().hyphenated().to_string();
     HeaderValue::try_from(key).expect("a hyphenated UUID is a valid header value")
 }
+
+/// The `Idempotency-Key` a response answers (the caller's own, or the one the layer made),
+/// in the extensions of every response [`RetryLayer`](super::RetryLayer) returns for a request
+/// it sent under a key.
+///
+/// ```
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> Result<(), idemstore::client::BoxError> {
+/// use bytes::Bytes;
+/// use http::{Request, Response};
+/// use http_body_util::Full;
+/// use idemstore::client::{ClientBody, RetryLayer, SentKey};
+/// use tower::{Layer, ServiceExt, service_fn};
+///
+/// let server = service_fn(|request: Request<ClientBody<Full<Bytes>>>| async move {
+///     let key = request.headers()["idempotency-key"].clone();
+///     Ok::<_, idemstore::client::BoxError>(Response::new(key))
+/// });
+/// let client = RetryLayer::new().layer(server);
+/// let response = client.oneshot(Request::post("/v1/charges").body(Full::new(Bytes::new()))?).await?;
+/// let SentKey(key) = response.extensions().get::<SentKey>().cloned().expect("sent under a key");
+/// assert_eq!(&key, response.body());
+/// # Ok(())
+/// # }
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SentKey(pub HeaderValue);
