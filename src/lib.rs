@@ -83,8 +83,15 @@
 //! `checkpoint_interval`; [`Stats::wal`] reads the same figures on demand.
 //!
 //! Every metric carries a `store` label naming the store it comes from: the path it was opened
-//! at, or the name given to [`StoreBuilder::metrics_label`]. The stores of one process report
-//! apart, each with its own gauges.
+//! at, or the name given to [`StoreBuilder::metrics_label`]. The file stores of one process
+//! report apart, each with its own gauges; in-memory stores are all `memory` unless each is
+//! given a label. `durable` says whether a commit was asked to be durable (the store's
+//! [`Durability`]); an in-memory store reports its commits as asked, though nothing it holds
+//! outlives the process.
+//!
+//! These metrics are the embedded engine's ([`Store`], in a file or in memory). The PostgreSQL
+//! and Redis backends report none of their own: their servers have their own metrics, and the
+//! HTTP layer counts what it sees on any backend (`http::Metrics`, feature `http`).
 //!
 //! ## Tracing
 //! The engine's slow paths are [`tracing`](https://docs.rs/tracing) spans: `idemstore.open`
