@@ -34,7 +34,9 @@
 //! - **`maxmemory-policy noeviction` is required.** Under any eviction policy Redis may delete a
 //!   record to make room, and the request would run again. With `noeviction` a full server
 //!   refuses writes instead: claims then fail with [`Error::Backend`] (an `OOM` error), they
-//!   never silently forget.
+//!   never silently forget. [`RedisBuilder::connect`] reads the server's settings
+//!   (`CONFIG GET`, where allowed) and warns through `tracing` about an eviction policy or
+//!   `appendonly no`.
 //! - **Memory holds the whole retention window**: every record (fingerprint, outcome,
 //!   checkpoint) stays in RAM until it expires. Size the server for
 //!   `requests per second × retention × record size`.
@@ -182,6 +184,7 @@ impl RedisBuilder {
             call_timeout: self.call_timeout,
             owner_timeout: self.owner_timeout,
         });
+        inner.check_settings().await;
         let owner = inner.register_owner(self.instance.as_deref()).await?;
         let heartbeat = tokio::spawn(heartbeat(Arc::clone(&inner), owner, self.heartbeat));
         Ok(RedisBackend {
@@ -489,6 +492,49 @@ impl Inner {
                 } else {
                     Error::Unavailable { source }
                 })
+            }
+        }
+    }
+
+    /// Warns (through `tracing`) when the server says it runs with settings that break what
+    /// the module docs require: an eviction policy, or no append-only file. A server that
+    /// refuses `CONFIG GET` (as managed services may) is not checked.
+    async fn check_settings(&self) {
+        let mut pairs = Vec::new();
+        // One parameter per call: older servers take only one.
+        for name in ["maxmemory-policy", "appendonly"] {
+            let mut conn = self.conn.clone();
+            let read: Result<Vec<String>> = self
+                .timed(false, async move {
+                    redis::cmd("CONFIG")
+                        .arg("GET")
+                        .arg(name)
+                        .query_async(&mut conn)
+                        .await
+                })
+                .await;
+            match read {
+                Ok(pair) => pairs.extend(pair),
+                Err(_) => return,
+            }
+        }
+        for pair in pairs.chunks(2) {
+            match pair {
+                [name, value] if name == "maxmemory-policy" && value != "noeviction" => {
+                    tracing::warn!(
+                        policy = %value,
+                        "idemstore: the Redis server may evict records to make room \
+                         (maxmemory-policy is not noeviction): a retry of an evicted key runs \
+                         the request again"
+                    );
+                }
+                [name, value] if name == "appendonly" && value != "yes" => {
+                    tracing::warn!(
+                        "idemstore: the Redis server keeps no append-only file (appendonly \
+                         no): a server restart loses every record, and retries run again"
+                    );
+                }
+                _ => {}
             }
         }
     }
