@@ -254,21 +254,24 @@ fn open(path: &Path) -> Result<ReadOnlyStore, Failure> {
 fn open_for_writing(path: &Path) -> Result<Store, Failure> {
     match std::fs::metadata(path) {
         Err(e) => return Err(failure(path, Error::from(e))),
-        Ok(m) if m.is_file() && m.len() == 0 => {
-            return Err(failure(
-                path,
-                Error::NotAnIdemstoreFile {
-                    path: path.to_path_buf(),
-                    reason: "it is empty".into(),
-                },
-            ));
-        }
+        Ok(m) if m.is_file() && m.len() == 0 => return Err(empty_file(path)),
         Ok(_) => {}
     }
     Store::builder()
         .sweep_interval(None)
         .open(path)
         .map_err(|e| failure(path, e))
+}
+
+/// The refusal of an empty file at `path`, which opening as a store would initialise.
+fn empty_file(path: &Path) -> Failure {
+    failure(
+        path,
+        Error::NotAnIdemstoreFile {
+            path: path.to_path_buf(),
+            reason: "it is empty".into(),
+        },
+    )
 }
 
 fn write_line(out: &mut impl Write, line: &impl serde::Serialize) -> Result<(), Failure> {
@@ -622,15 +625,7 @@ fn import(out: &mut impl Write, path: &Path, as_json: bool) -> Outcome {
     let created = match std::fs::metadata(path) {
         Err(e) if e.kind() == io::ErrorKind::NotFound => true,
         Err(e) => return Err(failure(path, Error::from(e))),
-        Ok(m) if m.is_file() && m.len() == 0 => {
-            return Err(failure(
-                path,
-                Error::NotAnIdemstoreFile {
-                    path: path.to_path_buf(),
-                    reason: "it is empty".into(),
-                },
-            ));
-        }
+        Ok(m) if m.is_file() && m.len() == 0 => return Err(empty_file(path)),
         Ok(_) => false,
     };
     let imported = import_stdin(path);
