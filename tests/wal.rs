@@ -656,6 +656,34 @@ fn damage_before_synced_batches_is_refused_but_a_torn_tail_is_dropped() -> TestR
     Ok(())
 }
 
+/// A damaged header of the newest segment, whose chunks show that it held synced batches, is
+/// refused rather than read as the end of the log (which would drop every acknowledged batch
+/// in the segment): damage to its magic, sequence, first LSN or checksum.
+#[test]
+fn a_damaged_header_of_a_segment_holding_synced_batches_is_refused() -> TestResult {
+    let clock = clock();
+    for at in [3, 17, 25, 41] {
+        let (store, disk, log) = on_simulated_disks(&clock, Duration::from_secs(3600))?;
+        complete_keys(&store, 0, 30, 200)?;
+        drop_without_checkpoint(store, &disk, &log, |disk_image, mut log_image| {
+            let segment = first_nonzero(&log_image);
+            log_image[segment + at] ^= 0x40;
+            let r = wal_builder(&clock).open_with_backends(
+                SimDisk::from_image(disk_image),
+                SimDisk::from_image(log_image),
+            );
+            match r {
+                Err(Error::Corrupt { location, reason }) => {
+                    assert!(location.contains("log"), "byte {at}: {location}");
+                    assert!(reason.contains("header"), "byte {at}: {reason}");
+                }
+                other => panic!("byte {at}: expected Corrupt, got {other:?}"),
+            }
+        });
+    }
+    Ok(())
+}
+
 fn first_nonzero(image: &[u8]) -> usize {
     image.iter().position(|&b| b != 0).expect("a written log")
 }

@@ -247,7 +247,8 @@ impl Log {
         };
         let mut headers = Vec::new();
         // Slots whose header sector holds bytes but no valid header (torn, or damaged): the
-        // segment cannot be read, and is erased below so that it never reads differently.
+        // segment cannot be read, and is erased below so that it never reads differently,
+        // unless its chunks show that it held batches acknowledged as durable.
         let mut unreadable = Vec::new();
         for slot in 0..geometry.segments {
             match log.read_segment_header(slot)? {
@@ -258,7 +259,7 @@ impl Log {
                         .read(slot * geometry.segment_bytes, &mut sector)
                         .map_err(io_error)?;
                     if sector.iter().any(|b| *b != 0) {
-                        unreadable.push(slot * geometry.segment_bytes);
+                        unreadable.push(slot);
                     }
                 }
             }
@@ -329,6 +330,7 @@ impl Log {
                 for later in headers.get(index + 1..).unwrap_or_default() {
                     log.check_no_synced_after(*later, SECTOR, missing)?;
                 }
+                log.check_unreadable(&unreadable, missing)?;
                 end_at = Some((header, end));
                 break;
             }
@@ -337,6 +339,7 @@ impl Log {
             for h in &headers {
                 log.check_no_synced_after(*h, SECTOR, cp + 1)?;
             }
+            log.check_unreadable(&unreadable, cp + 1)?;
         }
         // Segments past the end of the log hold nothing to keep: erase their headers, so that
         // none is ever read as a continuation of what is written next.
@@ -345,7 +348,10 @@ impl Log {
             .filter(|h| end_seq.is_none_or(|e| h.seq > e))
             .map(|h| h.seq)
             .collect();
-        let mut erase = unreadable;
+        let mut erase: Vec<u64> = unreadable
+            .iter()
+            .map(|slot| slot * geometry.segment_bytes)
+            .collect();
         for seq in &orphans {
             erase.push(geometry.slot_offset(*seq));
             log.set_slot_max(*seq, 0);
@@ -380,6 +386,38 @@ impl Log {
         Ok((log, recovered))
     }
 
+    /// Refuses the log if a segment whose header cannot be read (`unreadable` slots) holds a
+    /// valid chunk saying the log had been synced through `missing`. Its chunks are read with
+    /// the salt as the damaged header still holds it: damage elsewhere in the header (its
+    /// magic, sequence, first LSN or checksum) leaves them readable, and then they tell
+    /// whether the segment held acknowledged batches, which must not be dropped as a torn
+    /// tail. (A damaged salt leaves no chunk readable: that segment reads as never written.)
+    fn check_unreadable(&self, unreadable: &[u64], missing: u64) -> Result<()> {
+        for &slot in unreadable {
+            let mut b = [0u8; SEGMENT_HEADER_LEN];
+            self.file
+                .read(slot * self.geometry.segment_bytes, &mut b)
+                .map_err(io_error)?;
+            let as_read = SegmentHeader {
+                // Only its slot matters to the reads below.
+                seq: slot,
+                first_lsn: 0,
+                salt: u64_at(&b, 32),
+            };
+            self.check_no_synced_after(as_read, SECTOR, missing)
+                .map_err(|e| match e {
+                    Error::Corrupt { location, reason } => Error::Corrupt {
+                        location,
+                        reason: format!(
+                            "the header of log segment slot {slot} is damaged, and {reason}"
+                        ),
+                    },
+                    other => other,
+                })?;
+        }
+        Ok(())
+    }
+
     fn read_segment_header(&self, slot: u64) -> Result<Option<SegmentHeader>> {
         let mut b = [0u8; SEGMENT_HEADER_LEN];
         self.file
@@ -394,7 +432,8 @@ impl Log {
         }
         if u64_at(&b, 8) != self.store_id {
             return Err(corrupt(format!(
-                "segment {slot} of the log belongs to another store (id {:#x}, this store's                  is {:#x}): the log file is not this database's",
+                "segment {slot} of the log belongs to another store (id {:#x}, this store's \
+                 is {:#x}): the log file is not this database's",
                 u64_at(&b, 8),
                 self.store_id
             )));
