@@ -573,3 +573,45 @@ fn a_clock_set_back_does_not_lengthen_a_lease_for_duplicates() -> TestResult {
     }
     Ok(())
 }
+
+/// Intervals too long to add to the clock (`Duration::MAX`) mean "never by time": the writer
+/// and the sweeper keep working, concurrent writers finish, `flush` syncs and `close` returns.
+#[test]
+fn intervals_too_long_for_the_clock_never_fire_and_break_nothing() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    for log in [false, true] {
+        let store = std::sync::Arc::new(
+            Store::builder()
+                .durability(idemstore::Durability::Relaxed {
+                    max_unsynced: Duration::MAX,
+                })
+                .sweep_interval(Some(Duration::MAX))
+                .write_ahead_log(log)
+                .open(dir.path().join(format!("max-{log}.redb")))?,
+        );
+        let writers: Vec<_> = (0..4)
+            .map(|t| {
+                let store = std::sync::Arc::clone(&store);
+                std::thread::spawn(move || -> Result<(), idemstore::Error> {
+                    for i in 0..50 {
+                        let lease =
+                            acquired(store.claim("s", format!("{t}-{i}"), "fp", &opts(1_000))?);
+                        store.complete(&lease, b"done", DAY)?;
+                    }
+                    Ok(())
+                })
+            })
+            .collect();
+        for writer in writers {
+            writer.join().map_err(|_| "a writer panicked")??;
+        }
+        store.flush()?;
+        let stats = store.stats()?;
+        assert_eq!(stats.records, 200, "log {log}");
+        assert!(!stats.poisoned, "log {log}");
+        std::sync::Arc::try_unwrap(store)
+            .map_err(|_| "still shared")?
+            .close()?;
+    }
+    Ok(())
+}

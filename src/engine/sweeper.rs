@@ -130,11 +130,17 @@ impl Drop for Sweeper {
 fn run(shared: &Shared, stop: &(Mutex<bool>, Condvar), interval: Duration, batch: usize) {
     loop {
         {
-            let deadline = Instant::now() + interval;
+            // An interval too long to add to the clock is one that never ends.
+            let deadline = Instant::now().checked_add(interval);
             let mut stopped = stop.0.lock();
             while !*stopped {
-                if stop.1.wait_until(&mut stopped, deadline).timed_out() {
-                    break;
+                match deadline {
+                    Some(at) => {
+                        if stop.1.wait_until(&mut stopped, at).timed_out() {
+                            break;
+                        }
+                    }
+                    None => stop.1.wait(&mut stopped),
                 }
             }
             if *stopped {
