@@ -1037,3 +1037,40 @@ fn an_envelope_moved_under_another_key_is_not_replayed_there() -> TestResult {
     );
     Ok(())
 }
+
+/// A stray file named like a log beside a format-1 store (an empty one, say) does not turn
+/// off that store's default page verification: the damaged store is refused either way.
+#[test]
+fn a_stray_log_file_does_not_turn_off_verification_of_a_plain_store() -> TestResult {
+    const MARKER: &[u8] = b"a-record-outcome-to-find-in-the-file";
+    let dir = tempfile::tempdir()?;
+    let path = dir.path().join("plain.redb");
+    {
+        let store = Store::open(&path)?;
+        let Claim::Acquired(lease) = store.claim("s", "k", "fp", &ClaimOptions::default())? else {
+            return Err("a new key is acquired".into());
+        };
+        store.complete(&lease, MARKER, DAY)?;
+        store.close()?;
+    }
+    let mut bytes = std::fs::read(&path)?;
+    let mut flipped = 0;
+    for at in 0..bytes.len().saturating_sub(MARKER.len()) {
+        if bytes.get(at..at + MARKER.len()) == Some(MARKER) {
+            bytes[at + 5] ^= 0x01;
+            flipped += 1;
+        }
+    }
+    assert!(flipped > 0, "the outcome is in the file");
+    std::fs::write(&path, &bytes)?;
+    let refused = |label: &str| match Store::open(&path) {
+        Err(Error::Corrupt { .. }) => Ok(()),
+        other => Err(format!("{label}: expected Corrupt, got {other:?}")),
+    };
+    refused("no log file")?;
+    let mut stray = path.clone().into_os_string();
+    stray.push(".wal");
+    std::fs::write(&stray, b"")?;
+    refused("an empty stray log file")?;
+    Ok(())
+}

@@ -354,7 +354,7 @@ impl StoreBuilder {
         let path = path.as_ref();
         let _span = tracing::info_span!("idemstore.open", path = %path.display()).entered();
         let log = log_path(path);
-        let has_log = self.write_ahead_log || log.exists();
+        let has_log = self.write_ahead_log || looks_like_a_log(&log);
         let db = open::file(path, &self.redb_options(has_log))?;
         self.start(db, path, LogSource::File(log))
     }
@@ -496,6 +496,8 @@ impl StoreBuilder {
 
     /// redb's settings; `has_log`: the store has (or gets) a write-ahead log, which turns
     /// the page check on open off unless asked for.
+    /// `has_log`: the store has (or gets) a write-ahead log, which decides the default of
+    /// [`verify_on_open`](Self::verify_on_open) before the file's format is read.
     fn redb_options(&self, has_log: bool) -> open::Options {
         open::Options {
             cache_size_bytes: self.cache_size_bytes,
@@ -662,4 +664,15 @@ fn create_log(log: LogSource, geometry: Geometry) -> Result<Box<dyn redb::Storag
         }
         LogSource::None => Err(Error::Internal("no log to create".into())),
     }
+}
+
+/// Whether the file at `log` can be a store's write-ahead log (preallocated: at least one
+/// segment, whole sectors). A stray file beside a format-1 store (an empty one, say) does not
+/// turn off that store's page verification on open.
+fn looks_like_a_log(log: &Path) -> bool {
+    std::fs::metadata(log).is_ok_and(|m| {
+        m.is_file()
+            && m.len() >= WAL_SEGMENT_BYTES_MIN
+            && m.len() % crate::engine::storage::wal::log::SECTOR == 0
+    })
 }
