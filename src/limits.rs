@@ -101,7 +101,9 @@ impl Limits {
         self
     }
 
-    /// Longest accepted lease or lease extension (at most the retention cap).
+    /// Longest accepted lease or lease extension: at most [`max_retention`](Self::max_retention)
+    /// as configured (a lowered retention cap needs a lease cap as low; [`Limits::validate`]
+    /// names `max_lease` otherwise).
     #[must_use]
     pub fn max_lease(mut self, lease: Duration) -> Self {
         self.max_lease_ms = duration_ms(lease);
@@ -186,8 +188,9 @@ impl Limits {
                 0,
                 CHECKPOINT_LEN_MAX as u64,
             ),
-            ("max_lease", self.max_lease_ms, 1, self.max_retention_ms),
+            // The retention first: the lease's bound is the retention as configured.
             ("max_retention", self.max_retention_ms, 1, RETENTION_MS_MAX),
+            ("max_lease", self.max_lease_ms, 1, self.max_retention_ms),
             ("max_wait", self.max_wait_ms, 0, WAIT_MS_MAX),
         ];
         for (name, value, min, max) in caps {

@@ -223,3 +223,39 @@ fn errors_name_what_was_wrong() {
     let e = Error::LeaseLost { token: 7 };
     assert!(e.to_string().contains("token 7"));
 }
+
+/// A retention cap out of range is named as such, not as the lease cap it bounds; a lease cap
+/// above a lowered retention cap is the lease cap's error, bounded by that retention.
+#[test]
+fn a_bad_retention_cap_is_named_before_the_lease_cap_it_bounds() {
+    let zero = Limits::default().max_retention(Duration::ZERO).validate();
+    assert!(
+        matches!(
+            zero,
+            Err(Error::TooSmall {
+                what: Input::Config("max_retention"),
+                actual: 0,
+                ..
+            })
+        ),
+        "{zero:?}"
+    );
+    let lowered = Limits::default()
+        .max_retention(Duration::from_secs(60))
+        .validate();
+    assert!(
+        matches!(
+            lowered,
+            Err(Error::TooLarge {
+                what: Input::Config("max_lease"),
+                limit: 60_000,
+                ..
+            })
+        ),
+        "{lowered:?}"
+    );
+    let both = Limits::default()
+        .max_retention(Duration::from_secs(60))
+        .max_lease(Duration::from_secs(30));
+    assert!(both.validate().is_ok());
+}

@@ -79,7 +79,10 @@ pub struct WalStats {
     pub checkpoint_lag_batches: u64,
     /// Log bytes appended since what the last completed checkpoint covers.
     pub checkpoint_lag_bytes: u64,
-    /// Milliseconds since the last completed checkpoint (or since open).
+    /// Milliseconds since the map last held nothing to checkpoint (a checkpoint completed, or
+    /// the checkpointer, which looks every `checkpoint_interval`, found nothing waiting): at
+    /// most how long the oldest change not yet in the database file has waited. An idle store
+    /// shows up to one interval.
     pub checkpoint_lag_ms: u64,
     /// Checkpoints completed since open.
     pub checkpoints: u64,
