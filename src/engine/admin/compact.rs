@@ -112,14 +112,7 @@ impl Store {
         Store::builder().sweep_interval(None).open(path)?.close()?;
         let bytes_before = file_len(path)?;
         let mut db = redb::Builder::new().open(path).map_err(Error::storage)?;
-        let in_use = {
-            let txn = db.begin_write().map_err(Error::storage)?;
-            let stats = txn.stats().map_err(Error::storage)?;
-            txn.abort().map_err(Error::storage)?;
-            stats
-                .allocated_pages()
-                .saturating_mul(stats.page_size() as u64)
-        };
+        let in_use = super::read_only::bytes_in_use(&db)?;
         let compacted = length_once_written(in_use) < bytes_before;
         if compacted {
             db.compact().map_err(Error::storage)?;

@@ -167,15 +167,10 @@ impl ReadOnlyStore {
         self.meta.next_token
     }
 
-    /// Bytes of the file taken by pages in use, from redb's allocator. The view's writes stay
-    /// in memory, so the write transaction that reads it (aborted) leaves the file untouched.
+    /// Bytes of the file taken by pages in use. The view's writes stay in memory, so the write
+    /// transaction that reads them (aborted) leaves the file untouched.
     fn bytes_in_use(&self) -> Result<u64> {
-        let txn = self.db.begin_write().map_err(Error::storage)?;
-        let stats = txn.stats().map_err(Error::storage)?;
-        txn.abort().map_err(Error::storage)?;
-        Ok(stats
-            .allocated_pages()
-            .saturating_mul(stats.page_size() as u64))
+        bytes_in_use(&self.db)
     }
 
     pub(super) fn read(&self) -> Result<ReadTransaction> {
@@ -396,4 +391,15 @@ impl ReadOnlyStore {
         })?;
         Ok(out)
     }
+}
+
+/// Bytes of `db`'s file taken by pages in use, from redb's allocator, through a write
+/// transaction that is aborted.
+pub(super) fn bytes_in_use(db: &Database) -> Result<u64> {
+    let txn = db.begin_write().map_err(Error::storage)?;
+    let stats = txn.stats().map_err(Error::storage)?;
+    txn.abort().map_err(Error::storage)?;
+    Ok(stats
+        .allocated_pages()
+        .saturating_mul(stats.page_size() as u64))
 }
