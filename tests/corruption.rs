@@ -48,7 +48,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Mutex, OnceLock, mpsc};
 use std::time::{Duration, Instant};
 
-use common::{DAY, T0_MS, TestResult};
+use common::{DAY, Injected, InjectedFault, T0_MS, TestResult};
 use idemstore::{Claim, ClaimOptions, Error, ManualClock, RecordState, Store};
 use redb::{ReadableDatabase, ReadableTable};
 use support::long_run;
@@ -904,43 +904,10 @@ fn bit_flips_that_once_hung_or_replayed_wrong_bytes_are_safe_now() {
     );
 }
 
-/// A backend whose writes panic once armed: a stand-in for any panic inside the writer thread.
-#[derive(Debug)]
-struct PanickingWrites {
-    inner: redb::backends::InMemoryBackend,
-    armed: std::sync::Arc<std::sync::atomic::AtomicBool>,
-}
-
-impl redb::StorageBackend for PanickingWrites {
-    fn len(&self) -> Result<u64, std::io::Error> {
-        self.inner.len()
-    }
-    fn read(&self, offset: u64, out: &mut [u8]) -> Result<(), std::io::Error> {
-        self.inner.read(offset, out)
-    }
-    fn set_len(&self, len: u64) -> Result<(), std::io::Error> {
-        self.inner.set_len(len)
-    }
-    fn sync_data(&self) -> Result<(), std::io::Error> {
-        self.inner.sync_data()
-    }
-    fn write(&self, offset: u64, data: &[u8]) -> Result<(), std::io::Error> {
-        assert!(
-            !self.armed.load(std::sync::atomic::Ordering::SeqCst),
-            "injected panic in a backend write"
-        );
-        self.inner.write(offset, data)
-    }
-}
-
 #[test]
 fn a_panic_on_the_writer_thread_fails_its_batch_and_poisons_the_store() {
     install_panic_hook();
-    let armed = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let backend = PanickingWrites {
-        inner: redb::backends::InMemoryBackend::new(),
-        armed: std::sync::Arc::clone(&armed),
-    };
+    let (backend, armed) = Injected::new(InjectedFault::PanicOnWrite);
     let (tx, rx) = mpsc::channel();
     std::thread::Builder::new()
         .name("corrupt-image-writer-panic".into())

@@ -3,23 +3,18 @@
 
 mod common;
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 
 use common::*;
 use idemstore::{Error, Store};
-use redb::backends::InMemoryBackend;
 
 #[test]
 fn failed_commit_reports_outcome_unknown_and_poisons_writes_but_not_reads() -> TestResult {
-    let fail = Arc::new(AtomicBool::new(false));
+    let (backend, fail) = Injected::new(InjectedFault::FailSync);
     let store = Store::builder()
         .clock(clock())
         .sweep_interval(None)
-        .open_with_backend(FailingSync {
-            inner: InMemoryBackend::new(),
-            fail: Arc::clone(&fail),
-        })?;
+        .open_with_backend(backend)?;
     let done = acquired(store.claim("s", "done", "fp", &opts(1_000))?);
     store.complete(&done, b"kept", DAY)?;
     let lease = acquired(store.claim("s", "k", "fp", &opts(1_000))?);

@@ -4,7 +4,7 @@
 mod common;
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -14,7 +14,6 @@ use metrics::{
     Counter, CounterFn, Gauge, GaugeFn, Histogram, HistogramFn, Key, KeyName, Metadata, Recorder,
     SharedString, Unit,
 };
-use redb::backends::InMemoryBackend;
 
 /// One metric's value: a counter total, the last gauge value, or every histogram sample.
 #[derive(Debug, Default)]
@@ -199,15 +198,12 @@ fn claims_commits_fencing_and_sweeps_are_reported() -> TestResult {
 
     // Stores report apart: one poisoned by a failed sync stays poisoned in its gauge when
     // another store opens (which sets its own to 0).
-    let fail = Arc::new(AtomicBool::new(false));
+    let (backend, fail) = Injected::new(InjectedFault::FailSync);
     let failing = idemstore::Store::builder()
         .clock(clock.clone())
         .sweep_interval(None)
         .metrics_label("failing")
-        .open_with_backend(FailingSync {
-            inner: InMemoryBackend::new(),
-            fail: Arc::clone(&fail),
-        })?;
+        .open_with_backend(backend)?;
     let lease = acquired(failing.claim("s", "k", "fp", &opts(1_000))?);
     fail.store(true, Ordering::SeqCst);
     let result = failing.complete(&lease, b"maybe", DAY);

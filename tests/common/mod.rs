@@ -57,14 +57,41 @@ pub fn replay(claim: Claim) -> Replay {
     }
 }
 
-/// An in-memory backend whose syncs fail while `fail` is set, like a disk that reports EIO.
-#[derive(Debug)]
-pub struct FailingSync {
-    pub inner: redb::backends::InMemoryBackend,
-    pub fail: Arc<AtomicBool>,
+/// What an [`Injected`] backend does while it is armed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum InjectedFault {
+    /// Every sync fails, like a disk that reports EIO.
+    FailSync,
+    /// Every write panics: a stand-in for any panic inside the writer thread.
+    PanicOnWrite,
 }
 
-impl redb::StorageBackend for FailingSync {
+/// An in-memory backend that injects `fault` while `armed` is set.
+#[derive(Debug)]
+pub struct Injected {
+    inner: redb::backends::InMemoryBackend,
+    armed: Arc<AtomicBool>,
+    fault: InjectedFault,
+}
+
+impl Injected {
+    /// A new empty backend, disarmed, and the switch that arms it.
+    pub fn new(fault: InjectedFault) -> (Injected, Arc<AtomicBool>) {
+        let armed = Arc::new(AtomicBool::new(false));
+        let backend = Injected {
+            inner: redb::backends::InMemoryBackend::new(),
+            armed: Arc::clone(&armed),
+            fault,
+        };
+        (backend, armed)
+    }
+
+    fn injects(&self, fault: InjectedFault) -> bool {
+        self.fault == fault && self.armed.load(Ordering::SeqCst)
+    }
+}
+
+impl redb::StorageBackend for Injected {
     fn len(&self) -> Result<u64, std::io::Error> {
         self.inner.len()
     }
@@ -75,12 +102,16 @@ impl redb::StorageBackend for FailingSync {
         self.inner.set_len(len)
     }
     fn sync_data(&self) -> Result<(), std::io::Error> {
-        if self.fail.load(Ordering::SeqCst) {
+        if self.injects(InjectedFault::FailSync) {
             return Err(std::io::Error::other("injected fsync failure"));
         }
         self.inner.sync_data()
     }
     fn write(&self, offset: u64, data: &[u8]) -> Result<(), std::io::Error> {
+        assert!(
+            !self.injects(InjectedFault::PanicOnWrite),
+            "injected panic in a backend write"
+        );
         self.inner.write(offset, data)
     }
 }
