@@ -26,6 +26,18 @@ fn receipt(attempt: u32) -> Receipt {
     }
 }
 
+/// The attempt after one that stored `checkpoint` and did not finish: it is attempt 2 and
+/// gets that checkpoint, and then succeeds.
+fn resumed(
+    attempt: u32,
+    previous: Option<&[u8]>,
+    checkpoint: &[u8],
+) -> Result<Receipt, JobError<String>> {
+    assert_eq!(attempt, 2);
+    assert_eq!(previous, Some(checkpoint));
+    Ok(receipt(attempt))
+}
+
 #[test]
 fn a_job_runs_once_and_every_call_gets_its_typed_result() -> TestResult {
     let clock = clock();
@@ -55,9 +67,7 @@ fn a_retryable_failure_is_released_and_the_next_call_resumes_from_its_checkpoint
     assert!(matches!(first, Err(OnceError::Retry(ref e)) if e == "gateway timeout"));
     let second: Result<Receipt, OnceError<String>> =
         once::run(&store, "q", "msg-1", b"fp", &opts(1_000), |job| {
-            assert_eq!(job.attempt(), 2);
-            assert_eq!(job.previous_checkpoint(), Some(&b"step 1 done"[..]));
-            Ok(receipt(job.attempt()))
+            resumed(job.attempt(), job.previous_checkpoint(), b"step 1 done")
         });
     assert_eq!(second.map_err(|e| e.to_string())?, receipt(2));
     Ok(())
@@ -238,9 +248,7 @@ fn a_panicking_job_releases_its_claim_and_the_panic_goes_on() -> TestResult {
     assert_eq!(message.downcast_ref::<&str>(), Some(&"the job panicked"));
     let again: Result<Receipt, OnceError<String>> =
         once::run(&store, "q", "msg-1", b"fp", &opts(60_000), |job| {
-            assert_eq!(job.attempt(), 2);
-            assert_eq!(job.previous_checkpoint(), Some(&b"charged"[..]));
-            Ok(receipt(job.attempt()))
+            resumed(job.attempt(), job.previous_checkpoint(), b"charged")
         });
     assert_eq!(again.map_err(|e| e.to_string())?, receipt(2));
 
@@ -267,11 +275,7 @@ fn a_panicking_job_releases_its_claim_and_the_panic_goes_on() -> TestResult {
         "msg-2",
         b"fp",
         &options,
-        async |job| {
-            assert_eq!(job.attempt(), 2);
-            assert_eq!(job.previous_checkpoint(), Some(&b"charged"[..]));
-            Ok(receipt(job.attempt()))
-        },
+        async |job| resumed(job.attempt(), job.previous_checkpoint(), b"charged"),
     ));
     assert_eq!(again.map_err(|e| e.to_string())?, receipt(2));
     Ok(())
@@ -308,9 +312,7 @@ fn a_cancelled_async_job_keeps_its_claim_until_the_lease_ends() -> TestResult {
     clock.advance(Duration::from_secs(11));
     let after: Result<Receipt, OnceError<String>> =
         once::run(&store, "q", "msg-1", b"fp", &options, |job| {
-            assert_eq!(job.attempt(), 2);
-            assert_eq!(job.previous_checkpoint(), Some(&b"charged"[..]));
-            Ok(receipt(job.attempt()))
+            resumed(job.attempt(), job.previous_checkpoint(), b"charged")
         });
     assert_eq!(after.map_err(|e| e.to_string())?, receipt(2));
     Ok(())
