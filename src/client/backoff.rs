@@ -28,6 +28,11 @@ pub(super) fn retry_after(headers: &HeaderMap, now: SystemTime) -> Option<Durati
     if let Ok(seconds) = value.parse::<u64>() {
         return Some(Duration::from_secs(seconds));
     }
+    // A delay-seconds too long for a `u64` is still a delay (RFC 9110 allows any number of
+    // digits): the longest one, not none.
+    if !value.is_empty() && value.bytes().all(|b| b.is_ascii_digit()) {
+        return Some(Duration::MAX);
+    }
     let date = httpdate::parse_http_date(value).ok()?;
     Some(date.duration_since(now).unwrap_or(Duration::ZERO))
 }
@@ -83,6 +88,10 @@ mod tests {
         assert_eq!(
             retry_after(&headers("Wed, 21 Oct 2015 07:00:00 GMT"), now),
             Some(Duration::ZERO)
+        );
+        assert_eq!(
+            retry_after(&headers("99999999999999999999999"), now),
+            Some(Duration::MAX)
         );
         assert_eq!(retry_after(&headers("soon"), now), None);
         assert_eq!(retry_after(&headers("-5"), now), None);
