@@ -74,7 +74,8 @@ enum Command {
         #[arg(value_parser = show::parse_ident)]
         key: Ident,
     },
-    /// Live records in key order, optionally of one scope or state.
+    /// Live records in stored order (by scope length, then scope, then key), optionally of
+    /// one scope or state.
     List {
         path: PathBuf,
         /// Only records of this scope.
@@ -477,7 +478,7 @@ fn orphans(out: &mut impl Write, path: &Path, limit: Option<usize>, as_json: boo
     }
     let mut text = format!(
         "{:>7} {:<24} {:<11} {:<16} {}\n",
-        "ATTEMPT", "LEASE ENDED", "CHECKPOINT", "SCOPE", "KEY"
+        "ATTEMPT", "LEASE UNTIL", "CHECKPOINT", "SCOPE", "KEY"
     );
     for orphan in &orphans {
         let RecordState::InFlight {
@@ -693,9 +694,16 @@ fn verify(out: &mut impl Write, path: &Path, as_json: bool) -> Outcome {
         Err(Error::Corrupt { location, reason }) => {
             if as_json {
                 let damage = json!([{ "location": location, "reason": reason }]);
+                // The pages were checked only if the damage is theirs; a damaged log stops
+                // the open before they are read.
+                let pages = if location == "database file" {
+                    "damaged"
+                } else {
+                    "not checked"
+                };
                 write_line(
                     out,
-                    &json!({ "clean": false, "pages": "damaged", "damage": damage }),
+                    &json!({ "clean": false, "pages": pages, "damage": damage }),
                 )?;
             } else {
                 let text = format!("{}: DAMAGED\n  {location}: {reason}\n", path.display());

@@ -36,7 +36,7 @@ pub fn time(ms: u64) -> String {
 pub fn ident(bytes: &[u8]) -> String {
     match std::str::from_utf8(bytes) {
         Ok(text)
-            if !text.chars().any(char::is_control)
+            if !text.chars().any(hides_or_reorders)
                 && !text.starts_with("hex:")
                 && !text.starts_with("b64:") =>
         {
@@ -50,6 +50,22 @@ pub fn ident(bytes: &[u8]) -> String {
             out
         }
     }
+}
+
+/// Whether `c` would not show as itself on a terminal: a control character, or an invisible
+/// formatting one (zero-width characters, bidirectional overrides and isolates, the byte-order
+/// mark, the soft hyphen) that could hide or reorder what is printed around it.
+fn hides_or_reorders(c: char) -> bool {
+    c.is_control()
+        || matches!(
+            c,
+            '\u{00AD}'
+                | '\u{061C}'
+                | '\u{200B}'..='\u{200F}'
+                | '\u{202A}'..='\u{202E}'
+                | '\u{2060}'..='\u{2069}'
+                | '\u{FEFF}'
+        )
 }
 
 /// The bytes a scope or key argument names: `hex:` followed by hex digits, `b64:` followed by
@@ -202,6 +218,7 @@ mod tests {
             assert_eq!(parse_ident(&ident(bytes)), Ok(bytes.to_vec()), "{bytes:?}");
         }
         assert_eq!(ident(&[0xca, 0x3e]), "hex:ca3e");
+        assert_eq!(ident("a\u{202e}b".as_bytes()), "hex:61e280ae62");
         assert_eq!(parse_ident("b64:yj4="), Ok(vec![0xca, 0x3e]));
         assert!(parse_ident("hex:zz").is_err());
     }
