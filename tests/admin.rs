@@ -254,3 +254,36 @@ fn import_takes_records_up_to_the_hard_caps_not_the_defaults() -> TestResult {
     assert_eq!(stored, Some(RecordState::Completed { outcome }));
     Ok(())
 }
+
+#[test]
+fn import_refuses_an_expiry_beyond_the_retention_cap_and_adds_nothing() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let path = dir.path().join("to.redb");
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)?
+        .as_millis() as u64;
+    let record = |expires_at_ms: u64| {
+        let state = RecordState::Completed {
+            outcome: b"done".to_vec(),
+        };
+        Record::from_parts(b"fp".to_vec(), now_ms, now_ms, expires_at_ms, 1, state)
+    };
+    let input = [
+        Ok::<_, Error>((b"s".to_vec(), b"ok".to_vec(), record(now_ms + 60_000))),
+        Ok((b"s".to_vec(), b"far".to_vec(), record(u64::MAX))),
+    ];
+    let refused = Store::import(&path, input);
+    assert!(
+        matches!(
+            refused,
+            Err(Error::TooLarge {
+                what: idemstore::Input::Retention,
+                limit: idemstore::RETENTION_MS_MAX,
+                ..
+            })
+        ),
+        "{refused:?}"
+    );
+    assert_eq!(ReadOnlyStore::open(&path)?.summary()?.records, 0);
+    Ok(())
+}

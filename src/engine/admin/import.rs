@@ -9,8 +9,8 @@ use crate::engine::apply::scope_of;
 use crate::engine::storage::redb::{RedbStorage, open};
 use crate::engine::storage::{Batch, Storage};
 use crate::engine::store::Store;
-use crate::error::{Error, Result};
-use crate::limits::{CHECKPOINT_LEN_MAX, Limits, OUTCOME_LEN_MAX};
+use crate::error::{Error, Input, Result};
+use crate::limits::{CHECKPOINT_LEN_MAX, Limits, OUTCOME_LEN_MAX, RETENTION_MS_MAX};
 
 /// What [`Store::import`] did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -116,7 +116,8 @@ impl Store {
     /// # Errors
     /// As [`StoreBuilder::open`](crate::StoreBuilder::open) for the file; a record over the
     /// hard caps ([`KEY_LEN_MAX`](crate::KEY_LEN_MAX), [`OUTCOME_LEN_MAX`](crate::OUTCOME_LEN_MAX)
-    /// and the others; nothing added); storage errors. The error of `records` itself is
+    /// and the others, an expiry further away than
+    /// [`RETENTION_MS_MAX`](crate::RETENTION_MS_MAX) included; nothing added); storage errors. The error of `records` itself is
     /// the inner `Err`.
     pub fn import<E>(
         path: impl AsRef<Path>,
@@ -199,6 +200,15 @@ impl Importer {
         if record.is_expired(self.now_ms) {
             self.report.expired += 1;
             return Ok(());
+        }
+        // No store accepts a retention past the hard cap: such an expiry is not an export's.
+        let retention_ms = record.expires_at_ms.saturating_sub(self.now_ms);
+        if retention_ms > RETENTION_MS_MAX {
+            return Err(Error::TooLarge {
+                what: Input::Retention,
+                actual: retention_ms,
+                limit: RETENTION_MS_MAX,
+            });
         }
         let sk = scoped_key(scope, key);
         let replaced = match batch.get(&sk)? {
