@@ -2,7 +2,7 @@
 
 use std::fmt;
 use std::io;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 /// A specialised `Result` whose error is [`Error`].
@@ -141,9 +141,15 @@ pub enum Error {
     },
     /// Another `Store` (in this or another process) holds the file.
     AlreadyOpen,
-    /// The disk is full. The failed batch was not acknowledged; reads keep working.
+    /// The disk is full. Returned as it is when nothing was written: an open, an import, or a
+    /// batch that failed while the database file grew before its commit. A commit that meets
+    /// a full disk fails as [`Error::CommitOutcomeUnknown`] with this as its source.
+    /// [`Error::is_storage_full`] recognises both. A store whose batch failed either way
+    /// refuses writes until it is reopened (with space freed); reads keep working, and nothing
+    /// acknowledged is lost.
     StorageFull(Arc<io::Error>),
-    /// An I/O error from the operating system.
+    /// An I/O error from the operating system. Where it concerns one file (opening a store,
+    /// its log), the message names it; the error's kind is the operating system's.
     Io(Arc<io::Error>),
     /// The backend could not be reached (connection refused or lost before the request was
     /// sent, pool exhausted): the operation did not take effect. Retryable; not fatal.
@@ -287,6 +293,52 @@ impl Error {
         )
     }
 
+    /// Whether the disk was full: [`Error::StorageFull`] itself, or a commit that failed
+    /// because of it ([`Error::CommitOutcomeUnknown`] with it as its source).
+    ///
+    /// ```
+    /// use idemstore::Error;
+    /// use std::io;
+    ///
+    /// let full = io::Error::from(io::ErrorKind::StorageFull);
+    /// let error = Error::CommitOutcomeUnknown {
+    ///     source: Box::new(Error::from(full)),
+    /// };
+    /// assert!(error.is_storage_full());
+    /// assert!(!Error::from(io::Error::from(io::ErrorKind::NotFound)).is_storage_full());
+    /// ```
+    #[must_use]
+    pub fn is_storage_full(&self) -> bool {
+        match self {
+            Error::StorageFull(_) => true,
+            Error::CommitOutcomeUnknown { source } => source.is_storage_full(),
+            _ => false,
+        }
+    }
+
+    /// The I/O error `e` met on the file at `path`, naming it (its kind stays `e`'s).
+    pub(crate) fn io_at(e: io::Error, path: &Path) -> Error {
+        Error::from_io(io::Error::new(
+            e.kind(),
+            AtPath {
+                path: path.to_path_buf(),
+                source: e,
+            },
+        ))
+    }
+
+    /// This error, naming `path` if it is an I/O error that does not name a file yet.
+    pub(crate) fn at_path(self, path: &Path) -> Error {
+        match self {
+            Error::Io(e) | Error::StorageFull(e) if !names_a_file(&e) => {
+                let e = Arc::try_unwrap(e)
+                    .unwrap_or_else(|shared| io::Error::new(shared.kind(), shared.to_string()));
+                Error::io_at(e, path)
+            }
+            other => other,
+        }
+    }
+
     pub(crate) fn corrupt(location: impl Into<String>, reason: impl Into<String>) -> Error {
         Error::Corrupt {
             location: location.into(),
@@ -313,6 +365,30 @@ impl Error {
             Error::Io(Arc::new(e))
         }
     }
+}
+
+/// An I/O error on a named file: the payload [`Error::io_at`] gives the `io::Error` it makes.
+#[derive(Debug)]
+struct AtPath {
+    path: PathBuf,
+    source: io::Error,
+}
+
+impl fmt::Display for AtPath {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.path.display(), self.source)
+    }
+}
+
+impl std::error::Error for AtPath {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        Some(&self.source)
+    }
+}
+
+/// Whether `e` already names its file.
+fn names_a_file(e: &io::Error) -> bool {
+    e.get_ref().is_some_and(|inner| inner.is::<AtPath>())
 }
 
 impl From<io::Error> for Error {

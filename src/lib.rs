@@ -73,7 +73,7 @@
 //! | `idemstore_checkpoint_seconds` | histogram | `store` | time to write the record map into the database file, per checkpoint |
 //! | `idemstore_checkpoint_failures_total` | counter | `store` | failed checkpoints (the store is then poisoned) |
 //! | `idemstore_checkpoint_lag_bytes` | gauge | `store` | log bytes appended since what the last checkpoint covers |
-//! | `idemstore_checkpoint_lag_seconds` | gauge | `store` | time since the last checkpoint |
+//! | `idemstore_checkpoint_lag_seconds` | gauge | `store` | [`WalStats::checkpoint_lag_ms`] in seconds: how long the oldest change not yet checkpointed has waited; set by the checkpointer after each turn, so a stuck checkpoint shows as a gauge that stops moving beside a flat `idemstore_checkpoints_total` |
 //! | `idemstore_wal_map_bytes` | gauge | `store` | memory held by the record map ([`StoreBuilder::map_budget`]) |
 //! | `idemstore_wal_read_cache_bytes` | gauge | `store` | memory held by the read cache |
 //! | `idemstore_wal_log_bytes` | gauge | `store` | log segments holding batches no checkpoint covers |

@@ -150,6 +150,17 @@ impl Limits {
         self.max_outcome_len
     }
 
+    /// The longest scoped key (scope, key and the scope's length byte) these limits accept.
+    pub(crate) fn scoped_key_len(&self) -> usize {
+        self.max_scope_len + self.max_key_len + 1
+    }
+
+    /// The most bytes a record's stored fields other than its outcome can take: fingerprint
+    /// and checkpoint.
+    pub(crate) fn record_fields_len(&self) -> usize {
+        self.max_fingerprint_len + self.max_checkpoint_len
+    }
+
     /// Checks the configured limits against the hard caps. Every backend calls it once when it
     /// is built, so a bad configuration is refused before anything is opened or sent.
     ///

@@ -543,6 +543,7 @@ fn full_disk_scenario(extra: u64, tally: &mut FullTally) {
         error.is_fatal() || matches!(error, Error::StorageFull(_)),
         "{label}"
     );
+    assert!(error.is_storage_full(), "{label}");
     assert!(
         store.stats().expect("stats").poisoned,
         "{label}: writes must stop"

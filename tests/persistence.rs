@@ -154,6 +154,22 @@ fn opening_a_foreign_redb_database_is_refused_and_leaves_it_untouched() -> TestR
 }
 
 #[test]
+fn an_open_that_fails_on_the_file_names_it_and_keeps_the_error_kind() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let path = dir.path().join("no-such-dir").join("idem.redb");
+    let Err(e) = Store::open(&path) else {
+        panic!("a store cannot be created in a missing directory");
+    };
+    let Error::Io(io) = &e else {
+        panic!("an I/O error, not {e:?}");
+    };
+    assert_eq!(io.kind(), std::io::ErrorKind::NotFound);
+    assert!(e.to_string().contains(&*path.to_string_lossy()), "{e}");
+    assert!(!path.exists());
+    Ok(())
+}
+
+#[test]
 fn opening_a_database_of_an_unknown_format_version_is_refused() -> TestResult {
     let dir = tempfile::tempdir()?;
     let path = dir.path().join("idem.redb");

@@ -705,6 +705,131 @@ fn drop_without_checkpoint(
 }
 
 #[test]
+fn a_log_with_batches_is_never_replaced_nor_read_over_a_new_database_file() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let path = dir.path().join("idem.redb");
+    let log = dir.path().join("idem.redb.wal");
+    let clock = clock();
+    {
+        let store = wal_builder(&clock).wal_segments(2).open(&path)?;
+        complete_keys(&store, 0, 20, 10)?;
+        store.close()?;
+    }
+    let batches = std::fs::read(&log)?;
+    // The database file lost (or emptied): both formats refuse rather than start an empty
+    // store (the log's batches lie on top of the records the file held).
+    std::fs::remove_file(&path)?;
+    for with_log in [true, false] {
+        let opened = wal_builder(&clock).write_ahead_log(with_log).open(&path);
+        assert!(matches!(opened, Err(Error::Corrupt { .. })), "{opened:?}");
+        assert!(!path.exists());
+    }
+    std::fs::write(&path, b"")?;
+    let opened = wal_builder(&clock).open(&path);
+    assert!(matches!(opened, Err(Error::Corrupt { .. })), "{opened:?}");
+    assert_eq!(std::fs::read(&log)?, batches, "the log is left as it was");
+    // A format-1 store with that log beside it: upgrading would replace the log; refused.
+    std::fs::remove_file(&path)?;
+    std::fs::rename(&log, dir.path().join("kept.wal"))?;
+    file_store(&path, &clock).close()?;
+    std::fs::rename(dir.path().join("kept.wal"), &log)?;
+    let Err(e) = wal_builder(&clock).wal_segments(2).open(&path) else {
+        panic!("a log with batches is in the way of the upgrade");
+    };
+    let Error::Io(io) = &e else {
+        panic!("an I/O error, not {e:?}");
+    };
+    assert_eq!(io.kind(), std::io::ErrorKind::AlreadyExists);
+    assert!(
+        e.to_string().contains("idem.redb.wal"),
+        "names the log: {e}"
+    );
+    assert_eq!(std::fs::read(&log)?, batches, "the log is left as it was");
+    Ok(())
+}
+
+#[test]
+fn a_log_creation_cut_short_is_cleaned_up_by_the_next_open() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let path = dir.path().join("idem.redb");
+    let log = dir.path().join("idem.redb.wal");
+    let clock = clock();
+    file_store(&path, &clock).close()?;
+    // What a process killed while creating the log leaves: its temporary file, or (killed
+    // after the rename, before the upgrade was committed) a log of zeros under its name.
+    let left = dir.path().join("idem.redb.wal.creating-4242");
+    std::fs::write(&left, vec![0u8; 4096])?;
+    std::fs::write(&log, vec![0u8; 1 << 20])?;
+    let store = wal_builder(&clock).wal_segments(2).open(&path)?;
+    complete_keys(&store, 0, 3, 10)?;
+    store.close()?;
+    assert!(!left.exists());
+    let store = file_store(&path, &clock);
+    assert!(store.stats()?.wal.is_some());
+    assert_replays(&store, 0, 3, 10)?;
+    Ok(())
+}
+
+#[test]
+fn commits_stay_within_what_a_small_log_holds_and_larger_outcomes_are_refused() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let path = dir.path().join("idem.redb");
+    let clock = clock();
+    // Two segments of 1 MiB: a batch of four 600 kB completions would not fit the log.
+    let store = wal_builder(&clock).wal_segments(2).open(&path)?;
+    let outcome = |i: u8| vec![i; 600_000];
+    std::thread::scope(|s| -> TestResult {
+        let handles: Vec<_> = (0..4u8)
+            .map(|i| {
+                let store = &store;
+                s.spawn(move || -> Result<(), Error> {
+                    for round in 0..3u8 {
+                        let key = format!("big{i}-{round}");
+                        let lease = acquired(store.claim("s", &key, "fp", &opts(60_000))?);
+                        store.complete(&lease, &outcome(i), DAY)?;
+                    }
+                    Ok(())
+                })
+            })
+            .collect();
+        for handle in handles {
+            handle.join().map_err(|_| "a caller panicked")??;
+        }
+        Ok(())
+    })?;
+    assert!(!store.stats()?.poisoned);
+    // An outcome within the limits but beyond what the log can hold is refused up front,
+    // and the lease stays usable.
+    let lease = acquired(store.claim("s", "huge", "fp", &opts(60_000))?);
+    let refused = store.complete(&lease, &vec![1u8; 1_000_000], DAY);
+    assert!(
+        matches!(
+            refused,
+            Err(Error::TooLarge {
+                what: idemstore::Input::Outcome,
+                actual: 1_000_000,
+                ..
+            })
+        ),
+        "{refused:?}"
+    );
+    store.complete(&lease, b"small", DAY)?;
+    store.close()?;
+    let store = file_store(&path, &clock);
+    for i in 0..4u8 {
+        for round in 0..3u8 {
+            let r = replay(store.claim("s", format!("big{i}-{round}"), "fp", &opts(60_000))?);
+            assert_eq!(r.outcome, outcome(i));
+        }
+    }
+    assert_eq!(
+        replay(store.claim("s", "huge", "fp", &opts(60_000))?).outcome,
+        b"small"
+    );
+    Ok(())
+}
+
+#[test]
 fn a_format_1_store_upgrades_to_format_2() -> TestResult {
     let dir = tempfile::tempdir()?;
     let path = dir.path().join("v1.redb");

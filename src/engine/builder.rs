@@ -7,7 +7,7 @@ use std::time::Duration;
 use crate::clock::{Clock, SystemClock};
 use crate::engine::durability::Durability;
 use crate::engine::read_pool::ReadPool;
-use crate::engine::shared::Shared;
+use crate::engine::shared::{LogRoom, Shared};
 use crate::engine::storage::Storage;
 use crate::engine::storage::redb::{RedbStorage, WalMeta, open, tables};
 use crate::engine::storage::wal::log::{self as wal_log, Geometry};
@@ -135,7 +135,8 @@ impl StoreBuilder {
     }
 
     /// How often the background sweeper looks for expired records; `None` runs no sweeper
-    /// (call [`Store::sweep`] yourself). Default: every second.
+    /// (call [`Store::sweep`] yourself). Default: every second. Zero is refused at open
+    /// ([`Error::TooSmall`]): the sweeper would spin on an idle store.
     pub fn sweep_interval(mut self, interval: Option<Duration>) -> Self {
         self.sweep_interval = interval;
         self
@@ -316,6 +317,14 @@ impl StoreBuilder {
     /// With a write-ahead log: the number of log segments, used when the log is created.
     /// Segments are recycled once a checkpoint covers them; when none is free, commits wait
     /// for a checkpoint. Between 2 and [`WAL_SEGMENTS_MAX`]. Default: 4.
+    ///
+    /// One commit never holds more than all segments but one can take, so the log's size
+    /// also bounds a single record: an outcome or checkpoint longer than
+    /// `(wal_segments - 1) × wal_segment_bytes`, less room for the rest of the record (about
+    /// four scoped keys, the fingerprint and checkpoint limits and 1 KiB), is refused with
+    /// [`Error::TooLarge`] before anything is written. With the default 4 × 32 MiB that is
+    /// beyond every limit [`Limits`] allows; two segments of 1 MiB hold outcomes up to about
+    /// 950 KiB under the default limits.
     pub fn wal_segments(mut self, segments: u64) -> Self {
         self.wal_segments = segments;
         self
@@ -354,8 +363,21 @@ impl StoreBuilder {
         let path = path.as_ref();
         let _span = tracing::info_span!("idemstore.open", path = %path.display()).entered();
         let log = log_path(path);
+        let db_is_new = std::fs::metadata(path).map_or(true, |m| m.is_file() && m.len() == 0);
+        if db_is_new && may_hold_batches(&log).map_err(|e| e.at_path(&log))? {
+            return Err(Error::corrupt(
+                "database file",
+                format!(
+                    "{} is missing or empty while its write-ahead log {} holds batches: the \
+                     store's checkpointed records would be lost. Restore the database file, or \
+                     move the log away to start an empty store",
+                    path.display(),
+                    log.display()
+                ),
+            ));
+        }
         let has_log = self.write_ahead_log || looks_like_a_log(&log);
-        let db = open::file(path, &self.redb_options(has_log))?;
+        let db = open::file(path, &self.redb_options(has_log)).map_err(|e| e.at_path(path))?;
         self.start(db, path, LogSource::File(log))
     }
 
@@ -478,6 +500,14 @@ impl StoreBuilder {
                 });
             }
         }
+        if self.sweep_interval == Some(Duration::ZERO) {
+            // A sweeper that never waits spins on an idle store.
+            return Err(Error::TooSmall {
+                what: Input::Config("sweep_interval (ms)"),
+                actual: 0,
+                limit: 1,
+            });
+        }
         Ok(())
     }
 
@@ -494,9 +524,7 @@ impl StoreBuilder {
         }
     }
 
-    /// redb's settings; `has_log`: the store has (or gets) a write-ahead log, which turns
-    /// the page check on open off unless asked for.
-    /// `has_log`: the store has (or gets) a write-ahead log, which decides the default of
+    /// redb's settings. `has_log`: the store has (or gets) a write-ahead log, which decides the default of
     /// [`verify_on_open`](Self::verify_on_open) before the file's format is read.
     fn redb_options(&self, has_log: bool) -> open::Options {
         open::Options {
@@ -511,6 +539,9 @@ impl StoreBuilder {
     fn start(self, db: redb::Database, path: &Path, log: LogSource) -> Result<Store> {
         let telemetry = Telemetry::new(&self.label_for(path));
         let (storage, epoch, next_token) = self.storage(db, path, log, &telemetry)?;
+        let log_room = storage
+            .batch_bytes_max()
+            .map(|bytes| LogRoom::new(bytes, &self.limits));
         let shared = Arc::new(Shared::new(
             storage,
             self.clock,
@@ -521,6 +552,7 @@ impl StoreBuilder {
             self.queue_capacity_bytes,
             self.limits.records_per_scope(),
             self.max_batch_ops,
+            log_room,
             telemetry,
         ));
         // Threads that can fail to start come before the writer, which must not be left
@@ -556,7 +588,19 @@ impl StoreBuilder {
         telemetry: &Telemetry,
     ) -> Result<(Box<dyn Storage>, u64, u64)> {
         let options = self.redb_options(self.write_ahead_log);
-        let existing = tables::existing(&db, path)?;
+        // I/O errors of the files name them; a store in memory or on a backend has no name.
+        let log_file = match &log {
+            LogSource::File(log) => Some(log.clone()),
+            _ => None,
+        };
+        let on_file = |file: &Path| {
+            let named = log_file.is_some().then(|| file.to_path_buf());
+            move |e: Error| match &named {
+                Some(file) => e.at_path(file),
+                None => e,
+            }
+        };
+        let existing = tables::existing(&db, path).map_err(on_file(path))?;
         let has_log = existing.and_then(|a| a.wal);
         if !self.write_ahead_log && has_log.is_none() || matches!(log, LogSource::None) {
             if has_log.is_some() {
@@ -566,7 +610,8 @@ impl StoreBuilder {
                     supported: tables::FORMAT_REDB_ONLY,
                 });
             }
-            let (storage, adopted) = RedbStorage::adopt(db, path, &options, None)?;
+            let (storage, adopted) =
+                RedbStorage::adopt(db, path, &options, None).map_err(on_file(path))?;
             return Ok((Box::new(storage), adopted.epoch, adopted.next_token));
         }
         let (file, upgrade): (Box<dyn redb::StorageBackend>, Option<WalMeta>) = match has_log {
@@ -581,7 +626,8 @@ impl StoreBuilder {
                 (create_log(log, Geometry::of(&meta))?, Some(meta))
             }
         };
-        let (base, adopted) = RedbStorage::adopt(db, path, &options, upgrade)?;
+        let (base, adopted) =
+            RedbStorage::adopt(db, path, &options, upgrade).map_err(on_file(path))?;
         let meta = adopted
             .wal
             .ok_or_else(|| Error::Internal("a format-2 store without log settings".into()))?;
@@ -600,7 +646,8 @@ impl StoreBuilder {
             meta.checkpoint_lsn,
             adopted.next_token,
             config,
-        )?;
+        )
+        .map_err(on_file(log_file.as_deref().unwrap_or(path)))?;
         Ok((Box::new(storage), adopted.epoch, next_token))
     }
 }
@@ -618,7 +665,7 @@ fn open_log(log: LogSource) -> Result<Box<dyn redb::StorageBackend>> {
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                     return Err(missing_log(&path));
                 }
-                Err(e) => return Err(Error::from_io(e)),
+                Err(e) => return Err(Error::io_at(e, &path)),
             };
             Ok(Box::new(
                 redb::backends::FileBackend::new(file).map_err(Error::storage)?,
@@ -631,22 +678,45 @@ fn open_log(log: LogSource) -> Result<Box<dyn redb::StorageBackend>> {
 
 /// A new, preallocated log. A file is prepared under a temporary name and renamed into place
 /// (the directory synced), so a crash leaves no half-initialised log under the real name; the
-/// store is upgraded to format 2 only after this returns.
+/// store is upgraded to format 2 only after this returns. A failed preparation removes its
+/// file, and one left by an earlier process (killed while preparing it) is removed first: the
+/// database file is locked by this store, so no other open can be preparing one.
 fn create_log(log: LogSource, geometry: Geometry) -> Result<Box<dyn redb::StorageBackend>> {
     match log {
         LogSource::File(path) => {
+            if may_hold_batches(&path).map_err(|e| e.at_path(&path))? {
+                // The log of another state of this store (a database file restored from a
+                // copy made before its upgrade, say), or something else: never replaced.
+                return Err(Error::io_at(
+                    std::io::Error::new(
+                        std::io::ErrorKind::AlreadyExists,
+                        "a file that is not an empty log is in the way of the new write-ahead \
+                         log (it may hold batches of this store); move it away",
+                    ),
+                    &path,
+                ));
+            }
+            remove_unfinished_logs(&path);
             let mut tmp = path.as_os_str().to_owned();
             tmp.push(format!(".creating-{}", std::process::id()));
             let tmp = PathBuf::from(tmp);
-            let file = std::fs::OpenOptions::new()
-                .read(true)
-                .write(true)
-                .create(true)
-                .truncate(true)
-                .open(&tmp)?;
-            let backend = redb::backends::FileBackend::new(file).map_err(Error::storage)?;
-            wal_log::preallocate(&backend, geometry)?;
-            std::fs::rename(&tmp, &path)?;
+            let prepare = || -> Result<Box<dyn redb::StorageBackend>> {
+                let file = std::fs::OpenOptions::new()
+                    .read(true)
+                    .write(true)
+                    .create(true)
+                    .truncate(true)
+                    .open(&tmp)
+                    .map_err(|e| Error::io_at(e, &path))?;
+                let backend = redb::backends::FileBackend::new(file).map_err(Error::storage)?;
+                wal_log::preallocate(&backend, geometry).map_err(|e| e.at_path(&path))?;
+                std::fs::rename(&tmp, &path).map_err(|e| Error::io_at(e, &path))?;
+                Ok(Box::new(backend))
+            };
+            let backend = prepare().inspect_err(|_| {
+                // Best effort: what cannot be removed now goes at the next creation.
+                let _ = std::fs::remove_file(&tmp);
+            })?;
             #[cfg(unix)]
             if let Some(dir) = path.parent() {
                 let dir = if dir.as_os_str().is_empty() {
@@ -654,15 +724,73 @@ fn create_log(log: LogSource, geometry: Geometry) -> Result<Box<dyn redb::Storag
                 } else {
                     dir
                 };
-                std::fs::File::open(dir).and_then(|d| d.sync_all())?;
+                std::fs::File::open(dir)
+                    .and_then(|d| d.sync_all())
+                    .map_err(|e| Error::io_at(e, dir))?;
             }
-            Ok(Box::new(backend))
+            Ok(backend)
         }
         LogSource::Backend(backend) => {
             wal_log::preallocate(&*backend, geometry)?;
             Ok(backend)
         }
         LogSource::None => Err(Error::Internal("no log to create".into())),
+    }
+}
+
+/// Whether something at `log` may hold a log's batches: anything there but a regular file of
+/// zeros (what a creation killed after putting the preallocated log in place, before the
+/// database file recorded it, leaves).
+fn may_hold_batches(log: &Path) -> Result<bool> {
+    use std::io::Read;
+    let meta = match std::fs::symlink_metadata(log) {
+        Ok(meta) => meta,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(false),
+        Err(e) => return Err(Error::from_io(e)),
+    };
+    if !meta.is_file() {
+        return Ok(true);
+    }
+    let mut file = std::fs::File::open(log)?;
+    let mut chunk = vec![0u8; 1 << 20];
+    loop {
+        let n = file.read(&mut chunk)?;
+        if n == 0 {
+            return Ok(false);
+        }
+        if chunk.iter().take(n).any(|b| *b != 0) {
+            return Ok(true);
+        }
+    }
+}
+
+/// Removes the files `<log>.creating-<pid>` that creations of this store's log left behind
+/// (a process killed while preallocating one). Best effort: a file that cannot be listed or
+/// removed is left, and costs only its space.
+fn remove_unfinished_logs(log: &Path) {
+    let (Some(dir), Some(name)) = (log.parent(), log.file_name()) else {
+        return;
+    };
+    let dir = if dir.as_os_str().is_empty() {
+        Path::new(".")
+    } else {
+        dir
+    };
+    let mut prefix = name.to_owned();
+    prefix.push(".creating-");
+    let prefix = prefix.as_encoded_bytes();
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let file_name = entry.file_name();
+        let unfinished = file_name
+            .as_encoded_bytes()
+            .strip_prefix(prefix)
+            .is_some_and(|pid| !pid.is_empty() && pid.iter().all(u8::is_ascii_digit));
+        if unfinished {
+            let _ = std::fs::remove_file(entry.path());
+        }
     }
 }
 

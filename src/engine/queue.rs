@@ -13,6 +13,7 @@ use parking_lot::{Condvar, Mutex};
 
 use crate::core::admin::Swept;
 use crate::core::transition::{Op, Reply};
+use crate::engine::shared::LogRoom;
 use crate::error::{Error, Result};
 
 /// The most bytes of commands one drain takes (one commit), unless a single command is larger:
@@ -179,7 +180,7 @@ pub(crate) struct Job {
 }
 
 /// The fixed cost counted for each queued command besides its byte fields.
-const JOB_OVERHEAD_BYTES: usize = 128;
+pub(crate) const JOB_OVERHEAD_BYTES: usize = 128;
 
 impl Command {
     /// The bytes the command holds: its key and the byte fields of its operation, plus a fixed
@@ -384,20 +385,27 @@ impl Queue {
     }
 
     /// Takes up to `max` queued jobs and [`BATCH_BYTES_MAX`] bytes (at least one job, if any
-    /// is queued), without waiting.
-    pub(crate) fn take(&self, max: usize) -> Vec<Job> {
+    /// is queued), without waiting; with `room`, only as many as its batch holds.
+    pub(crate) fn take(&self, max: usize, room: Option<LogRoom>) -> Vec<Job> {
         let mut s = self.state.lock();
         if s.jobs.is_empty() {
             return Vec::new();
         }
         // At most `max` commands and BATCH_BYTES_MAX bytes (but always the first command).
+        let (cap, extra) = match room {
+            Some(room) => (room.batch_bytes.min(BATCH_BYTES_MAX), room.op_extra),
+            None => (BATCH_BYTES_MAX, 0),
+        };
         let mut n = 0;
         let mut drained = 0usize;
+        let mut encoded = 0usize;
         for job in s.jobs.iter().take(max) {
-            if n > 0 && drained.saturating_add(job.weight) > BATCH_BYTES_MAX {
+            let bound = encoded.saturating_add(job.weight).saturating_add(extra);
+            if n > 0 && bound > cap {
                 break;
             }
             drained = drained.saturating_add(job.weight);
+            encoded = bound;
             n += 1;
         }
         let jobs: Vec<Job> = s.jobs.drain(..n).collect();
@@ -542,7 +550,7 @@ mod tests {
         assert!(poll_push(&queue, &mut second).is_pending());
         assert!(queue.bytes() > 9_000);
         assert!(matches!(queue.wait_for_work(None), Work::Jobs));
-        let jobs = queue.take(10);
+        let jobs = queue.take(10, None);
         assert_eq!((jobs.len(), queue.bytes()), (1, 0));
         assert!(matches!(poll_push(&queue, &mut second), Poll::Ready(Ok(_))));
         drop(jobs);

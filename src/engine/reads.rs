@@ -28,9 +28,12 @@ pub struct Stats {
     pub epoch: u64,
     /// The fencing token the next acquisition receives.
     pub next_token: u64,
-    /// Write transactions committed since open.
+    /// Commits since open that wrote something (an operation answered without a change, such
+    /// as a rejected stale lease, commits nothing).
     pub commits: u64,
-    /// Operations applied since open (always at least `commits` under load: group commit).
+    /// Write operations the writer answered since open, those that changed nothing included
+    /// (a `LeaseLost`, say): under load several share a commit (group commit), so this
+    /// grows faster than `commits`.
     pub operations: u64,
     /// The most operations one commit carried.
     pub largest_batch: u64,

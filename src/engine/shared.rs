@@ -9,12 +9,13 @@ use parking_lot::Mutex;
 use crate::clock::Clock;
 use crate::core::transition::Ctx;
 use crate::engine::durability::Durability;
-use crate::engine::queue::Queue;
+use crate::engine::queue::{JOB_OVERHEAD_BYTES, Queue};
 use crate::engine::storage::Storage;
 use crate::engine::telemetry::Telemetry;
 use crate::engine::waits::Waiters;
 use crate::engine::writer::WriterState;
-use crate::error::{Error, Result};
+use crate::error::{Error, Input, Result};
+use crate::limits::Limits;
 use std::sync::Arc;
 
 /// Counters kept by the writer, read by `stats`.
@@ -47,6 +48,41 @@ pub(crate) struct Shared {
     poison_cause: Mutex<Option<String>>,
     /// Where the store's metrics go.
     pub telemetry: Telemetry,
+    /// The bound on a batch of a storage that has one ([`LogRoom`]).
+    pub log_room: Option<LogRoom>,
+}
+
+/// How much one commit may hold where the storage bounds a batch (the write-ahead log, whose
+/// file has a fixed size): the writer fills a batch only as far as the log always takes it.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct LogRoom {
+    /// The largest batch payload the log always takes.
+    pub batch_bytes: usize,
+    /// The most bytes one queued command's payload can take beyond its queue weight once
+    /// encoded: the scoped key again in the record and in two expiry-index entries, its
+    /// scope's count, the stored fingerprint and checkpoint, framing.
+    pub op_extra: usize,
+    /// The most bytes one removal of a sweep adds to a batch.
+    pub removal: usize,
+}
+
+impl LogRoom {
+    /// The room of a storage whose batches hold at most `batch_bytes`, under `limits`.
+    pub(crate) fn new(batch_bytes: u64, limits: &Limits) -> LogRoom {
+        let key = limits.scoped_key_len();
+        LogRoom {
+            batch_bytes: usize::try_from(batch_bytes).unwrap_or(usize::MAX),
+            op_extra: 4 * key + limits.record_fields_len() + 512,
+            removal: 2 * key + 32,
+        }
+    }
+
+    /// The longest `what` (an outcome or a checkpoint) one command can carry, for a scoped
+    /// key of `key_len` bytes, and still fit a batch.
+    pub(crate) fn field_max(&self, key_len: usize) -> usize {
+        self.batch_bytes
+            .saturating_sub(self.op_extra + key_len + JOB_OVERHEAD_BYTES)
+    }
 }
 
 impl Shared {
@@ -61,6 +97,7 @@ impl Shared {
         queue_capacity_bytes: usize,
         quota: Option<u64>,
         max_batch: usize,
+        log_room: Option<LogRoom>,
         telemetry: Telemetry,
     ) -> Shared {
         let counters = Counters::default();
@@ -78,7 +115,33 @@ impl Shared {
             counters,
             poisoned: AtomicBool::new(false),
             poison_cause: Mutex::new(None),
+            log_room,
             telemetry,
+        }
+    }
+
+    /// Refuses a command carrying `len` bytes of `what` for the scoped key `key` that no
+    /// batch of the storage could hold ([`Error::TooLarge`], nothing queued).
+    pub(crate) fn check_fits(&self, what: Input, len: usize, key: &[u8]) -> Result<()> {
+        let Some(room) = self.log_room else {
+            return Ok(());
+        };
+        let limit = room.field_max(key.len());
+        if len > limit {
+            return Err(Error::TooLarge {
+                what,
+                actual: len as u64,
+                limit: limit as u64,
+            });
+        }
+        Ok(())
+    }
+
+    /// `limit`, lowered so that one sweep's removals fit a batch of the storage.
+    pub(crate) fn sweep_limit(&self, limit: usize) -> usize {
+        match self.log_room {
+            Some(room) => limit.min((room.batch_bytes / room.removal).max(1)),
+            None => limit,
         }
     }
 

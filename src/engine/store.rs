@@ -19,7 +19,7 @@ use crate::engine::shared::Shared;
 use crate::engine::sweeper::Sweeper;
 use crate::engine::waits::{Signal, Timer, Waiters};
 use crate::engine::writer;
-use crate::error::{Error, Result};
+use crate::error::{Error, Input, Result};
 use crate::limits::Limits;
 
 /// An embedded idempotency store.
@@ -299,6 +299,8 @@ impl Store {
 
     fn complete_op(&self, outcome: &[u8], retention: Duration, lease: &Lease) -> Result<Op> {
         self.limits.check_outcome(outcome)?;
+        self.shared
+            .check_fits(Input::Outcome, outcome.len(), &lease.scoped_key)?;
         let retention_ms = duration_ms(retention);
         self.limits.check_retention(retention_ms)?;
         Ok(Op::Complete {
@@ -314,7 +316,8 @@ impl Store {
     ///
     /// # Errors
     /// [`Error::LeaseLost`] if the lease no longer owns the record (nothing changed);
-    /// [`Error::TooLarge`] for an outcome over the limit or a retention over its cap;
+    /// [`Error::TooLarge`] for an outcome over the limit (or over what the store's
+    /// write-ahead log holds, see [`StoreBuilder::wal_segments`]) or a retention over its cap;
     /// [`Error::CommitOutcomeUnknown`], [`Error::Poisoned`], [`Error::Corrupt`],
     /// [`Error::Io`], [`Error::StorageFull`], [`Error::Closed`].
     pub fn complete(&self, lease: &Lease, outcome: &[u8], retention: Duration) -> Result<()> {
@@ -397,6 +400,8 @@ impl Store {
 
     fn checkpoint_op(&self, lease: &Lease, checkpoint: &[u8]) -> Result<Op> {
         self.limits.check_checkpoint(checkpoint)?;
+        self.shared
+            .check_fits(Input::Checkpoint, checkpoint.len(), &lease.scoped_key)?;
         Ok(Op::Checkpoint {
             token: lease.token,
             checkpoint: checkpoint.to_vec(),

@@ -46,7 +46,7 @@ fn sweep_detached(shared: &Shared, limit: usize) -> Result<Option<Swept>> {
             next_token: 0,
             quota: shared.quota,
         };
-        let result = apply.sweep(now_ms, limit)?;
+        let result = apply.sweep(now_ms, shared.sweep_limit(limit))?;
         let Apply { batch, scopes, .. } = apply;
         scopes.flush(batch)?;
         swept = Some(result);

@@ -137,7 +137,10 @@ struct Writer<'a> {
 impl Writer<'_> {
     /// Takes up to a batch of what is queued and commits it, if anything is queued.
     fn process_queued(&mut self) {
-        let jobs = self.shared.queue.take(self.state.max_batch);
+        let jobs = self
+            .shared
+            .queue
+            .take(self.state.max_batch, self.shared.log_room);
         if !jobs.is_empty() {
             self.shared.telemetry.queue(&self.shared.queue);
             self.process_guarded(jobs);
@@ -287,6 +290,7 @@ impl Writer<'_> {
                         } else {
                             limit
                         };
+                        let limit = shared.sweep_limit(limit);
                         Ok(Answer::Swept(apply.sweep(shared.now_ms(), limit)?))
                     }
                     Command::Flush => Ok(Answer::Flushed),

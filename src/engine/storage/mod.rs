@@ -88,6 +88,12 @@ pub(crate) trait Storage: Send + Sync {
         None
     }
 
+    /// The largest batch payload (as the write-ahead log encodes it) the storage can always
+    /// commit; `None`: no bound beyond the writer's own.
+    fn batch_bytes_max(&self) -> Option<u64> {
+        None
+    }
+
     /// Verifies the checksum of every page of the database file while the store stays open
     /// (commits wait meanwhile). Returns the bytes verified and the time taken; `None` for a
     /// store without a file. A damaged file is [`Error::Corrupt`](crate::Error::Corrupt).

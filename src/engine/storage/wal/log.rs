@@ -41,6 +41,8 @@ const SEGMENT_MAGIC: &[u8; 8] = b"IDEMWAL\x01";
 const SEGMENT_HEADER_LEN: usize = 44;
 const CHUNK_MAGIC: u32 = 0x4257_4449; // "IDWB"
 const CHUNK_HEADER_LEN: u64 = 48;
+/// The bytes a segment header takes: one sector.
+const SEGMENT_HEADER_SPAN: u64 = SECTOR;
 const FLAG_LAST: u32 = 1;
 
 /// The shape of a log file.
@@ -59,6 +61,16 @@ impl Geometry {
             segment_bytes: meta.segment_bytes,
             segments: meta.segments,
         }
+    }
+
+    /// The largest batch payload an append always finds room for once a checkpoint has
+    /// covered the whole log: every segment but the one being written, each less its header,
+    /// a chunk header and the sector rounding of the chunks at either end.
+    pub(crate) fn batch_bytes_max(&self) -> u64 {
+        let per_segment = self
+            .segment_bytes
+            .saturating_sub(SEGMENT_HEADER_SPAN + CHUNK_HEADER_LEN + 2 * SECTOR);
+        self.segments.saturating_sub(1) * per_segment
     }
 
     /// The file's length.

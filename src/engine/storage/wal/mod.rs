@@ -68,7 +68,9 @@ pub(crate) struct WalConfig {
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct WalStats {
-    /// Bytes of records and index entries held in memory until a checkpoint writes them.
+    /// Bytes of records and index entries held in memory until a checkpoint writes them,
+    /// and the room the next layer keeps reserved for as many records as the last one held
+    /// (so it stays above zero on an idle store that has written anything).
     pub map_bytes: u64,
     /// Bytes held by the read cache of records checkpointed or read recently
     /// ([`StoreBuilder::read_cache`](crate::StoreBuilder::read_cache)).
@@ -879,6 +881,10 @@ impl Storage for WalStorage {
 
     fn release_reads(&self) {
         self.inner.base.release_reads();
+    }
+
+    fn batch_bytes_max(&self) -> Option<u64> {
+        Some(self.inner.geometry.batch_bytes_max())
     }
 
     fn wal_figures(&self) -> Option<WalStats> {
