@@ -391,20 +391,19 @@ impl Queue {
         if s.jobs.is_empty() {
             return Vec::new();
         }
-        // At most `max` commands and BATCH_BYTES_MAX bytes (but always the first command).
-        let (cap, extra) = match room {
-            Some(room) => (room.batch_bytes.min(BATCH_BYTES_MAX), room.op_extra),
-            None => (BATCH_BYTES_MAX, 0),
-        };
+        // At most `max` commands and BATCH_BYTES_MAX bytes, and what the log always takes
+        // with each command at its largest encoding (but always the first command).
+        let (log_cap, extra) = room.map_or((usize::MAX, 0), |r| (r.batch_bytes, r.op_extra));
         let mut n = 0;
         let mut drained = 0usize;
         let mut encoded = 0usize;
         for job in s.jobs.iter().take(max) {
+            let weight = drained.saturating_add(job.weight);
             let bound = encoded.saturating_add(job.weight).saturating_add(extra);
-            if n > 0 && bound > cap {
+            if n > 0 && (weight > BATCH_BYTES_MAX || bound > log_cap) {
                 break;
             }
-            drained = drained.saturating_add(job.weight);
+            drained = weight;
             encoded = bound;
             n += 1;
         }
@@ -574,5 +573,27 @@ mod tests {
         }
         let mut third = Some(complete(b"c", 1));
         assert!(poll_push(&queue, &mut third).is_pending());
+    }
+
+    #[test]
+    fn a_drain_takes_only_what_the_log_holds_but_always_one_command() {
+        let queue = Queue::new(100, usize::MAX);
+        for key in [b"a", b"b", b"c", b"d"] {
+            let mut c = Some(complete(key, 1_000));
+            assert!(matches!(poll_push(&queue, &mut c), Poll::Ready(Ok(_))));
+        }
+        let weight = 1 + 1_000 + JOB_OVERHEAD_BYTES;
+        let room = LogRoom {
+            batch_bytes: 2 * (weight + 500) + 10,
+            op_extra: 500,
+            removal: 100,
+        };
+        assert_eq!(queue.take(10, Some(room)).len(), 2);
+        let tiny = LogRoom {
+            batch_bytes: 10,
+            ..room
+        };
+        assert_eq!(queue.take(10, Some(tiny)).len(), 1);
+        assert_eq!(queue.take(10, None).len(), 1);
     }
 }
