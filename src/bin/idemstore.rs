@@ -557,11 +557,12 @@ fn compact(out: &mut impl Write, path: &Path, as_json: bool) -> Outcome {
             )
         } else {
             format!(
-                "left {} as it is ({}): compacted, it would grow back to that length or beyond \
-                 at the store's next write (the file grows by doubling below 4 GiB); compaction \
-                 pays once more than half of it is free (`idemstore stats` shows how much)\n",
+                "did not compact {} ({} now): compacted, it would grow back to its length or \
+                 beyond at the store's next write (the file grows by doubling below 4 GiB); \
+                 compaction pays once more than half of it is free (`idemstore stats` shows how \
+                 much)\n",
                 path.display(),
-                show::size(done.bytes_before),
+                show::size(done.bytes_after),
             )
         };
         out.write_all(text.as_bytes()).map_err(|e| io_failure(&e))?;

@@ -21,8 +21,10 @@ pub struct Compaction {
     /// The database file's length after, in bytes.
     pub bytes_after: u64,
     /// Whether the file was compacted: `false` if the compacted file would grow back to its
-    /// length or beyond at the store's next write (see [`Store::compact`]), which left it as
-    /// it was.
+    /// length or beyond at the store's next write (see [`Store::compact`]). Its length can
+    /// change either way: the store's own open and close (a new epoch, the log's checkpoint)
+    /// come first, and the storage engine trims free pages at the end of the file when it
+    /// commits and when it closes it.
     pub compacted: bool,
     /// Time taken, the store's open and close included.
     pub elapsed: Duration,
