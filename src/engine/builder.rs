@@ -524,8 +524,9 @@ impl StoreBuilder {
         }
     }
 
-    /// redb's settings. `has_log`: the store has (or gets) a write-ahead log, which decides the default of
-    /// [`verify_on_open`](Self::verify_on_open) before the file's format is read.
+    /// redb's settings. `has_log`: the store has (or gets) a write-ahead log, which decides
+    /// the default of [`verify_on_open`](Self::verify_on_open) before the file's format is
+    /// read.
     fn redb_options(&self, has_log: bool) -> open::Options {
         open::Options {
             cache_size_bytes: self.cache_size_bytes,
