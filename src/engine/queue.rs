@@ -393,12 +393,13 @@ impl Queue {
         }
         // At most `max` commands and BATCH_BYTES_MAX bytes, and what the log always takes
         // with each command at its largest encoding (but always the first command).
-        let (log_cap, extra) = room.map_or((usize::MAX, 0), |r| (r.batch_bytes, r.op_extra));
+        let log_cap = room.map_or(usize::MAX, |r| r.batch_bytes);
         let mut n = 0;
         let mut drained = 0usize;
         let mut encoded = 0usize;
         for job in s.jobs.iter().take(max) {
             let weight = drained.saturating_add(job.weight);
+            let extra = room.map_or(0, |r| r.extra(&job.command));
             let bound = encoded.saturating_add(job.weight).saturating_add(extra);
             if n > 0 && (weight > BATCH_BYTES_MAX || bound > log_cap) {
                 break;
@@ -589,6 +590,23 @@ mod tests {
             removal: 100,
         };
         assert_eq!(queue.take(10, Some(room)).len(), 2);
+        assert_eq!(queue.take(10, Some(room)).len(), 2);
+        // A sweep counts its removals: 20 of them do not fit beside a command, alone they do.
+        let mut e = Some(complete(b"e", 1_000));
+        assert!(matches!(poll_push(&queue, &mut e), Poll::Ready(Ok(_))));
+        let mut sweep = Some(Command::Sweep { limit: 20 });
+        assert!(matches!(poll_push(&queue, &mut sweep), Poll::Ready(Ok(_))));
+        assert_eq!(queue.take(10, Some(room)).len(), 1);
+        let jobs = queue.take(10, Some(room));
+        assert_eq!(jobs.len(), 1);
+        assert!(matches!(
+            jobs.first().map(|j| &j.command),
+            Some(Command::Sweep { .. })
+        ));
+        for key in [b"f", b"g"] {
+            let mut c = Some(complete(key, 1_000));
+            assert!(matches!(poll_push(&queue, &mut c), Poll::Ready(Ok(_))));
+        }
         let tiny = LogRoom {
             batch_bytes: 10,
             ..room

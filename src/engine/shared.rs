@@ -9,7 +9,7 @@ use parking_lot::Mutex;
 use crate::clock::Clock;
 use crate::core::transition::Ctx;
 use crate::engine::durability::Durability;
-use crate::engine::queue::{JOB_OVERHEAD_BYTES, Queue};
+use crate::engine::queue::{Command, JOB_OVERHEAD_BYTES, Queue};
 use crate::engine::storage::Storage;
 use crate::engine::telemetry::Telemetry;
 use crate::engine::waits::Waiters;
@@ -74,6 +74,15 @@ impl LogRoom {
             batch_bytes: usize::try_from(batch_bytes).unwrap_or(usize::MAX),
             op_extra: 4 * key + limits.record_fields_len() + 512,
             removal: 2 * key + 32,
+        }
+    }
+
+    /// The most bytes `command`'s encoding can take in a batch beyond its queue weight: a
+    /// sweep its removals, any other command [`LogRoom::op_extra`].
+    pub(crate) fn extra(&self, command: &Command) -> usize {
+        match command {
+            Command::Sweep { limit } => self.op_extra.max(limit.saturating_mul(self.removal)),
+            _ => self.op_extra,
         }
     }
 
