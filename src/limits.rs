@@ -155,10 +155,14 @@ impl Limits {
         self.max_scope_len + self.max_key_len + 1
     }
 
-    /// The most bytes a record's stored fields other than its outcome can take: fingerprint
-    /// and checkpoint.
-    pub(crate) fn record_fields_len(&self) -> usize {
-        self.max_fingerprint_len + self.max_checkpoint_len
+    /// The longest fingerprint these limits accept.
+    pub(crate) fn fingerprint_len(&self) -> usize {
+        self.max_fingerprint_len
+    }
+
+    /// The longest checkpoint these limits accept.
+    pub(crate) fn checkpoint_len(&self) -> usize {
+        self.max_checkpoint_len
     }
 
     /// Checks the configured limits against the hard caps. Every backend calls it once when it

@@ -801,18 +801,21 @@ fn commits_stay_within_what_a_small_log_holds_and_larger_outcomes_are_refused() 
     // An outcome within the limits but beyond what the log can hold is refused up front,
     // and the lease stays usable.
     let lease = acquired(store.claim("s", "huge", "fp", &opts(60_000))?);
-    let refused = store.complete(&lease, &vec![1u8; 1_000_000], DAY);
+    let refused = store.complete(&lease, &vec![1u8; 1 << 20], DAY);
     assert!(
         matches!(
             refused,
             Err(Error::TooLarge {
                 what: idemstore::Input::Outcome,
-                actual: 1_000_000,
+                actual: 1_048_576,
                 ..
             })
         ),
         "{refused:?}"
     );
+    // One just below what a batch holds fits.
+    let most = acquired(store.claim("s", "most", "fp", &opts(60_000))?);
+    store.complete(&most, &vec![2u8; 1_040_000], DAY)?;
     store.complete(&lease, b"small", DAY)?;
     store.close()?;
     let store = file_store(&path, &clock);
@@ -825,6 +828,12 @@ fn commits_stay_within_what_a_small_log_holds_and_larger_outcomes_are_refused() 
     assert_eq!(
         replay(store.claim("s", "huge", "fp", &opts(60_000))?).outcome,
         b"small"
+    );
+    assert_eq!(
+        replay(store.claim("s", "most", "fp", &opts(60_000))?)
+            .outcome
+            .len(),
+        1_040_000
     );
     Ok(())
 }

@@ -321,10 +321,10 @@ impl StoreBuilder {
     /// One commit never holds more than all segments but one can take, so the log's size
     /// also bounds a single record: an outcome or checkpoint longer than
     /// `(wal_segments - 1) × wal_segment_bytes`, less room for the rest of the record (about
-    /// four scoped keys, the fingerprint and checkpoint limits and 1 KiB), is refused with
+    /// four scoped keys, the fingerprint limit and 3 KiB), is refused with
     /// [`Error::TooLarge`] before anything is written. With the default 4 × 32 MiB that is
     /// beyond every limit [`Limits`] allows; two segments of 1 MiB hold outcomes up to about
-    /// 950 KiB under the default limits.
+    /// 1,040,000 bytes under the default limits (whose outcome limit is 1 MiB).
     pub fn wal_segments(mut self, segments: u64) -> Self {
         self.wal_segments = segments;
         self

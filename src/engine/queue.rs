@@ -587,6 +587,7 @@ mod tests {
         let room = LogRoom {
             batch_bytes: 2 * (weight + 500) + 10,
             op_extra: 500,
+            kept_checkpoint: 0,
             removal: 100,
         };
         assert_eq!(queue.take(10, Some(room)).len(), 2);

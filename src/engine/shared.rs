@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use parking_lot::Mutex;
 
 use crate::clock::Clock;
-use crate::core::transition::Ctx;
+use crate::core::transition::{Ctx, Op};
 use crate::engine::durability::Durability;
 use crate::engine::queue::{Command, JOB_OVERHEAD_BYTES, Queue};
 use crate::engine::storage::Storage;
@@ -60,8 +60,11 @@ pub(crate) struct LogRoom {
     pub batch_bytes: usize,
     /// The most bytes one queued command's payload can take beyond its queue weight once
     /// encoded: the scoped key again in the record and in two expiry-index entries, its
-    /// scope's count, the stored fingerprint and checkpoint, framing.
+    /// scope's count, the stored fingerprint, the envelope and framing.
     pub op_extra: usize,
+    /// What a command that keeps a record's stored checkpoint (a claim taking a record over,
+    /// `fail`, `extend`) can add beyond that: the longest checkpoint.
+    pub kept_checkpoint: usize,
     /// The most bytes one removal of a sweep adds to a batch.
     pub removal: usize,
 }
@@ -72,22 +75,30 @@ impl LogRoom {
         let key = limits.scoped_key_len();
         LogRoom {
             batch_bytes: usize::try_from(batch_bytes).unwrap_or(usize::MAX),
-            op_extra: 4 * key + limits.record_fields_len() + 512,
+            op_extra: 4 * key + limits.fingerprint_len() + 512,
+            kept_checkpoint: limits.checkpoint_len(),
             removal: 2 * key + 32,
         }
     }
 
-    /// The most bytes `command`'s encoding can take in a batch beyond its queue weight: a
-    /// sweep its removals, any other command [`LogRoom::op_extra`].
+    /// The most bytes `command`'s encoding can take in a batch beyond its queue weight.
     pub(crate) fn extra(&self, command: &Command) -> usize {
         match command {
+            Command::Record { op, .. } => match op {
+                // The record written holds what the command carries (an outcome replaces
+                // the checkpoint, a checkpoint the previous one), or nothing.
+                Op::Complete { .. } | Op::Checkpoint { .. } | Op::Forget => self.op_extra,
+                Op::Claim { .. } | Op::Fail { .. } | Op::Extend { .. } => {
+                    self.op_extra + self.kept_checkpoint
+                }
+            },
             Command::Sweep { limit } => self.op_extra.max(limit.saturating_mul(self.removal)),
-            _ => self.op_extra,
+            Command::Flush => self.op_extra,
         }
     }
 
-    /// The longest `what` (an outcome or a checkpoint) one command can carry, for a scoped
-    /// key of `key_len` bytes, and still fit a batch.
+    /// The longest outcome or checkpoint one command can carry, for a scoped key of
+    /// `key_len` bytes, and still fit a batch.
     pub(crate) fn field_max(&self, key_len: usize) -> usize {
         self.batch_bytes
             .saturating_sub(self.op_extra + key_len + JOB_OVERHEAD_BYTES)
