@@ -662,7 +662,13 @@ impl Log {
             if advance {
                 seq += 1;
                 let slot = g.slot(seq);
-                if self.slot_max(seq) > checkpoint_lsn || new_slots.contains(&slot) {
+                // The slot must hold nothing a checkpoint has not covered, and no earlier
+                // chunk of this batch: one that started in the current segment, with the
+                // rest of the log free, would otherwise come round onto its own start.
+                if self.slot_max(seq) > checkpoint_lsn
+                    || new_slots.contains(&slot)
+                    || touched.iter().any(|t| g.slot(*t) == slot)
+                {
                     return Err(AppendError::Full);
                 }
                 new_slots.push(slot);
@@ -1005,6 +1011,29 @@ mod tests {
         assert!(full, "the log never filled up");
         let (_, found) = recover(&file, 1).expect("the log opens");
         assert_eq!(found.batches.first(), Some(&(2, big)));
+    }
+
+    #[test]
+    fn a_batch_that_would_come_round_onto_its_own_start_is_refused_and_nothing_is_lost() {
+        let file = File(Arc::new(InMemoryBackend::new()));
+        preallocate(&file, G).expect("preallocate");
+        let (mut log, _) = recover(&file, 0).expect("empty");
+        assert_eq!(log.append(b"small", 1, true, 0).expect("append"), 1);
+        // A checkpoint covers everything; the batch begins in segment 1 after "small" and
+        // needs more than the rest of it and the other two segments hold.
+        let room = |first: bool| {
+            G.segment_bytes - SECTOR * u64::from(first) - SEGMENT_HEADER_SPAN - CHUNK_HEADER_LEN
+        };
+        let more = room(true) + 2 * room(false) + 1_000;
+        let big = vec![7u8; usize::try_from(more).expect("small")];
+        assert!(matches!(
+            log.append(&big, 2, true, 1),
+            Err(AppendError::Full)
+        ));
+        // What fits goes on, and everything acknowledged is found again.
+        assert_eq!(log.append(b"after", 2, true, 1).expect("append"), 2);
+        let (_, found) = recover(&file, 1).expect("the log opens");
+        assert_eq!(found.batches, vec![(2, b"after".to_vec())]);
     }
 
     #[test]
