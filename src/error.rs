@@ -33,6 +33,11 @@ pub enum Input {
     Wait,
     /// A configuration value given to the store builder.
     Config(&'static str),
+    /// A record as the write-ahead log stores it (keys, fingerprint, and the outcome or
+    /// checkpoint it holds, which may be one stored earlier under other limits or by
+    /// `Store::import`): more than one batch of a log of
+    /// [`StoreBuilder::wal_segments`](crate::StoreBuilder::wal_segments) segments can hold.
+    Record,
 }
 
 impl fmt::Display for Input {
@@ -46,6 +51,7 @@ impl fmt::Display for Input {
             Input::Lease => f.write_str("lease (ms)"),
             Input::Retention => f.write_str("retention (ms)"),
             Input::Wait => f.write_str("wait (ms)"),
+            Input::Record => f.write_str("record (bytes in the write-ahead log)"),
             Input::Config(name) => write!(f, "configuration value `{name}`"),
         }
     }

@@ -155,16 +155,6 @@ impl Limits {
         self.max_scope_len + self.max_key_len + 1
     }
 
-    /// The longest fingerprint these limits accept.
-    pub(crate) fn fingerprint_len(&self) -> usize {
-        self.max_fingerprint_len
-    }
-
-    /// The longest checkpoint these limits accept.
-    pub(crate) fn checkpoint_len(&self) -> usize {
-        self.max_checkpoint_len
-    }
-
     /// Checks the configured limits against the hard caps. Every backend calls it once when it
     /// is built, so a bad configuration is refused before anything is opened or sent.
     ///

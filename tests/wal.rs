@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use common::*;
 use idemstore::testkit::{Call, Fault, SimDisk, Target};
-use idemstore::{Claim, Error, ReadOnlyStore, RecordState, Store, StoreBuilder};
+use idemstore::{Claim, ClaimOptions, Error, ReadOnlyStore, RecordState, Store, StoreBuilder};
 
 fn wal_builder(clock: &idemstore::ManualClock) -> StoreBuilder {
     Store::builder()
@@ -834,6 +834,178 @@ fn commits_stay_within_what_a_small_log_holds_and_larger_outcomes_are_refused() 
             .outcome
             .len(),
         1_040_000
+    );
+    Ok(())
+}
+
+/// Two segments of 1 MiB, nothing checkpointed by time: batches must fit what is left.
+fn small_log(clock: &idemstore::ManualClock) -> StoreBuilder {
+    wal_builder(clock)
+        .wal_segments(2)
+        .checkpoint_interval(Duration::from_secs(3600))
+}
+
+/// A sweep of records whose scopes and keys are as long as the limits allow, each in a scope
+/// of its own, into a log with little room left: every removal also writes its scope's count,
+/// and the sweep is bounded by all of it, so what was acknowledged after it survives a power
+/// cut.
+#[test]
+fn a_sweep_of_long_keys_in_many_scopes_fits_the_log_and_loses_nothing() -> TestResult {
+    let clock = clock();
+    let (disk, log) = (SimDisk::new(), SimDisk::new());
+    let store = small_log(&clock).open_with_backends(disk.clone(), log.clone())?;
+    let key = "k".repeat(255);
+    let short = ClaimOptions::default()
+        .lease(Duration::from_millis(500))
+        .retention(Duration::from_secs(1));
+    for i in 0..1_000u32 {
+        let lease = acquired(store.claim(format!("{i:0>255}"), &key, "fp", &short)?);
+        store.complete(&lease, b"x", Duration::from_secs(1))?;
+    }
+    clock.advance(Duration::from_secs(10));
+    let (disk, log) = power_cut(&disk, &log);
+    drop(store);
+    let store = small_log(&clock).open_with_backends(disk.clone(), log.clone())?;
+    // Most of the fresh segment taken by one completion.
+    let pad = acquired(store.claim("p", "pad", "fp", &opts(60_000))?);
+    store.complete(&pad, &vec![7u8; 900_000], DAY)?;
+    let mut removed = 0;
+    loop {
+        let swept = store.sweep(1_000)?;
+        removed += swept.removed;
+        if !swept.more {
+            break;
+        }
+    }
+    assert_eq!(removed, 1_000);
+    let after = acquired(store.claim("p", "after", "fp", &opts(60_000))?);
+    store.complete(&after, b"acknowledged", DAY)?;
+    assert!(!store.stats()?.poisoned);
+    let (disk, log) = power_cut(&disk, &log);
+    drop(store);
+    let store = small_log(&clock).open_with_backends(disk, log)?;
+    assert_eq!(
+        replay(store.claim("p", "after", "fp", &opts(60_000))?).outcome,
+        b"acknowledged"
+    );
+    assert_eq!(store.stats()?.records, 2);
+    Ok(())
+}
+
+/// Records keep checkpoints stored under larger limits than today's: the commands that keep
+/// them (`extend` here) are batched as if each kept the longest checkpoint there is, so
+/// concurrent ones never make a batch the log cannot hold.
+#[test]
+fn checkpoints_stored_under_larger_limits_are_kept_within_the_log() -> TestResult {
+    let clock = clock();
+    let (disk, log) = (SimDisk::new(), SimDisk::new());
+    let larger = idemstore::Limits::default().max_checkpoint_len(1 << 20);
+    let store = small_log(&clock)
+        .limits(larger)
+        .open_with_backends(disk.clone(), log.clone())?;
+    for i in 0..6u8 {
+        let lease = acquired(store.claim("s", format!("k{i}"), "fp", &opts(600_000))?);
+        store.checkpoint(&lease, &vec![i; 400_000])?;
+    }
+    let (disk, log) = power_cut(&disk, &log);
+    drop(store);
+    // Reopened under the default limits (checkpoints up to 64 KiB).
+    let store = small_log(&clock).open_with_backends(disk.clone(), log.clone())?;
+    let leases = (0..6u8)
+        .map(|i| {
+            Ok(acquired(store.claim(
+                "s",
+                format!("k{i}"),
+                "fp",
+                &opts(600_000),
+            )?))
+        })
+        .collect::<Result<Vec<_>, Error>>()?;
+    std::thread::scope(|s| -> TestResult {
+        let handles: Vec<_> = leases
+            .into_iter()
+            .map(|mut lease| {
+                let store = &store;
+                s.spawn(move || -> Result<(), Error> {
+                    for _ in 0..30 {
+                        store.extend(&mut lease, Duration::from_secs(60))?;
+                    }
+                    Ok(())
+                })
+            })
+            .collect();
+        for handle in handles {
+            handle.join().map_err(|_| "a caller panicked")??;
+        }
+        Ok(())
+    })?;
+    assert!(!store.stats()?.poisoned);
+    let (disk, log) = power_cut(&disk, &log);
+    drop(store);
+    let store = small_log(&clock).open_with_backends(disk, log)?;
+    for i in 0..6u8 {
+        let record = store
+            .get("s", format!("k{i}"))?
+            .ok_or("a record is missing")?;
+        match record.state {
+            RecordState::InFlight { checkpoint, .. } => {
+                assert_eq!(checkpoint, Some(vec![i; 400_000]));
+            }
+            other => panic!("k{i}: {other:?}"),
+        }
+    }
+    Ok(())
+}
+
+/// A record no batch of the log can hold (its checkpoint was stored before the store had
+/// this small a log) cannot be taken over: the claim is refused with `TooLarge` for the
+/// record, nothing changes, and the store goes on.
+#[test]
+fn a_record_too_large_for_the_log_is_refused_and_the_store_goes_on() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let path = dir.path().join("idem.redb");
+    let clock = clock();
+    let larger = idemstore::Limits::default().max_checkpoint_len(1 << 20);
+    {
+        // Format 1 (no log) under larger limits: a checkpoint of 1 MiB.
+        let store = Store::builder()
+            .clock(clock.clone())
+            .sweep_interval(None)
+            .limits(larger.clone())
+            .open(&path)?;
+        let lease = acquired(store.claim("s", "big", "fp", &opts(1_000))?);
+        store.checkpoint(&lease, &vec![5u8; 1 << 20])?;
+        store.close()?;
+    }
+    clock.advance(Duration::from_secs(2));
+    // Upgraded to format 2 with a log whose batches hold about 1,040,000 bytes.
+    let store = small_log(&clock).limits(larger).open(&path)?;
+    let refused = store.claim("s", "big", "fp", &opts(60_000));
+    assert!(
+        matches!(
+            refused,
+            Err(Error::TooLarge {
+                what: idemstore::Input::Record,
+                ..
+            })
+        ),
+        "{refused:?}"
+    );
+    let stats = store.stats()?;
+    assert!(!stats.poisoned);
+    let lease = acquired(store.claim("s", "other", "fp", &opts(60_000))?);
+    store.complete(&lease, b"fine", DAY)?;
+    store.close()?;
+    let store = file_store(&path, &clock);
+    match store.get("s", "big")?.ok_or("the record is gone")?.state {
+        RecordState::InFlight { checkpoint, .. } => {
+            assert_eq!(checkpoint.map(|c| c.len()), Some(1 << 20));
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(
+        replay(store.claim("s", "other", "fp", &opts(60_000))?).outcome,
+        b"fine"
     );
     Ok(())
 }

@@ -320,11 +320,20 @@ impl StoreBuilder {
     ///
     /// One commit never holds more than all segments but one can take, so the log's size
     /// also bounds a single record: an outcome or checkpoint longer than
-    /// `(wal_segments - 1) × wal_segment_bytes`, less room for the rest of the record (about
-    /// four scoped keys, the fingerprint limit and 3 KiB), is refused with
-    /// [`Error::TooLarge`] before anything is written. With the default 4 × 32 MiB that is
-    /// beyond every limit [`Limits`] allows; two segments of 1 MiB hold outcomes up to about
-    /// 1,040,000 bytes under the default limits (whose outcome limit is 1 MiB).
+    /// `(wal_segments - 1) × wal_segment_bytes`, less the log's framing (about 1.5 KiB per
+    /// segment) and room for the rest of the record (four scoped keys and about 600 bytes),
+    /// is refused with [`Error::TooLarge`] before anything is written. With the default
+    /// 4 × 32 MiB that is beyond every limit [`Limits`] allows; two segments of 1 MiB hold
+    /// outcomes up to about 1,040,000 bytes under the default limits (whose outcome limit is
+    /// 1 MiB).
+    ///
+    /// A claim taking a record over, `fail` and `extend` keep the record's stored checkpoint,
+    /// which may be longer than today's limit (stored under larger limits, or by
+    /// [`Store::import`](crate::Store::import)): the writer counts each as if it kept the
+    /// longest checkpoint there is ([`CHECKPOINT_LEN_MAX`](crate::CHECKPOINT_LEN_MAX)), so a
+    /// small log commits few of them at a time, and one whose record no batch can hold is
+    /// refused with [`Error::TooLarge`] for [`Input::Record`](crate::Input::Record), the
+    /// store going on.
     pub fn wal_segments(mut self, segments: u64) -> Self {
         self.wal_segments = segments;
         self
@@ -363,7 +372,12 @@ impl StoreBuilder {
         let path = path.as_ref();
         let _span = tracing::info_span!("idemstore.open", path = %path.display()).entered();
         let log = log_path(path);
-        let db_is_new = std::fs::metadata(path).map_or(true, |m| m.is_file() && m.len() == 0);
+        let db_is_new = match std::fs::metadata(path) {
+            Ok(m) => m.is_file() && m.len() == 0,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => true,
+            // Unreadable (permissions, say): the open below reports it, naming the file.
+            Err(_) => false,
+        };
         if db_is_new && may_hold_batches(&log).map_err(|e| e.at_path(&log))? {
             return Err(Error::corrupt(
                 "database file",

@@ -54,6 +54,10 @@ pub(crate) struct Shared {
 
 /// How much one commit may hold where the storage bounds a batch (the write-ahead log, whose
 /// file has a fixed size): the writer fills a batch only as far as the log always takes it.
+///
+/// What a command carries is bounded by the limits of this open; what a record keeps from
+/// earlier (its fingerprint and checkpoint) and what a sweep removes are bounded by the hard
+/// caps only, since they may have been stored under larger limits or by `Store::import`.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct LogRoom {
     /// The largest batch payload the log always takes.
@@ -63,21 +67,24 @@ pub(crate) struct LogRoom {
     /// scope's count, the stored fingerprint, the envelope and framing.
     pub op_extra: usize,
     /// What a command that keeps a record's stored checkpoint (a claim taking a record over,
-    /// `fail`, `extend`) can add beyond that: the longest checkpoint.
+    /// `fail`, `extend`) can add beyond that: the longest checkpoint any record can hold.
     pub kept_checkpoint: usize,
-    /// The most bytes one removal of a sweep adds to a batch.
+    /// The most bytes one removal of a sweep adds to a batch: the record's removal, its
+    /// expiry-index entry's and its scope's count, for the longest scoped key.
     pub removal: usize,
 }
 
 impl LogRoom {
     /// The room of a storage whose batches hold at most `batch_bytes`, under `limits`.
     pub(crate) fn new(batch_bytes: u64, limits: &Limits) -> LogRoom {
+        use crate::limits::{CHECKPOINT_LEN_MAX, FINGERPRINT_LEN_MAX, KEY_LEN_MAX, SCOPE_LEN_MAX};
         let key = limits.scoped_key_len();
+        let any_key = SCOPE_LEN_MAX + KEY_LEN_MAX + 1;
         LogRoom {
             batch_bytes: usize::try_from(batch_bytes).unwrap_or(usize::MAX),
-            op_extra: 4 * key + limits.fingerprint_len() + 512,
-            kept_checkpoint: limits.checkpoint_len(),
-            removal: 2 * key + 32,
+            op_extra: 4 * key + FINGERPRINT_LEN_MAX + 512,
+            kept_checkpoint: CHECKPOINT_LEN_MAX,
+            removal: 3 * any_key + 64,
         }
     }
 

@@ -235,6 +235,14 @@ impl Writer<'_> {
                     }
                 }
             }
+            Err(e @ Error::TooLarge { .. }) => {
+                // Refused before anything was written (a batch the storage cannot hold):
+                // nothing changed, and the store goes on.
+                self.state.next_token = token_before;
+                for job in &jobs {
+                    job.slot.set(Err(e.clone()));
+                }
+            }
             Err(e) => {
                 self.shared.telemetry.commit_failed();
                 self.state.next_token = token_before;

@@ -39,7 +39,7 @@ use crate::engine::codec;
 use crate::engine::storage::redb::RedbStorage;
 use crate::engine::storage::{Batch, Counts, Storage, Stored};
 use crate::engine::telemetry::Telemetry;
-use crate::error::{Error, Result};
+use crate::error::{Error, Input, Result};
 use cache::ReadCache;
 use layer::{Layer, Lookup};
 use log::{AppendError, Geometry, Log, Recovered};
@@ -463,6 +463,17 @@ impl Inner {
             return Ok(());
         }
         let payload = layer.encode();
+        // More than the log always takes: refused before anything is written, so the store
+        // goes on (the writer fills batches within this bound, so only a lone command can
+        // get here: one keeping a record stored earlier under larger limits, say).
+        let max = self.geometry.batch_bytes_max();
+        if payload.len() as u64 > max {
+            return Err(Error::TooLarge {
+                what: Input::Record,
+                actual: payload.len() as u64,
+                limit: max,
+            });
+        }
         let token = layer
             .next_token
             .unwrap_or_else(|| self.next_token.load(Ordering::SeqCst));
