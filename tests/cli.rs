@@ -491,6 +491,41 @@ fn verify_fails_a_damaged_page() -> TestResult {
     Ok(())
 }
 
+/// A log damaged before batches synced after it: `verify` reports the damage, and its JSON
+/// says the pages were checked and passed (the open checks them before it reads the log).
+#[test]
+fn verify_reports_a_damaged_log_with_the_pages_checked() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let live = dir.path().join("live.redb");
+    let store = Store::builder()
+        .sweep_interval(None)
+        .write_ahead_log(true)
+        .checkpoint_interval(Duration::from_secs(3600))
+        .open(&live)?;
+    for i in 0..10u8 {
+        let lease = acquired(store.claim("s", format!("k{i}"), "fp", &ClaimOptions::default())?);
+        store.complete(&lease, OUTCOME, DAY)?;
+    }
+    let path = dir.path().join("idem.redb");
+    std::fs::copy(&live, &path)?;
+    let mut log = std::fs::read(dir.path().join("live.redb.wal"))?;
+    drop(store);
+    // The first batch's payload: after the segment's header sector and its chunk's header.
+    let segment = log.iter().position(|b| *b != 0).ok_or("an empty log")?;
+    let byte = log.get_mut(segment + 512 + 100).ok_or("a short log")?;
+    *byte ^= 0x40;
+    std::fs::write(dir.path().join("idem.redb.wal"), &log)?;
+    let p = path.to_str().ok_or("path")?;
+    let damaged = run(&["verify", p, "--json"])?;
+    assert_eq!(code(&damaged), Some(3), "{}", stderr(&damaged));
+    let report = json(&damaged)?;
+    assert_eq!(report["clean"], false, "{report}");
+    assert_eq!(report["pages"], "ok", "{report}");
+    let location = report["damage"][0]["location"].as_str().unwrap_or_default();
+    assert!(location.contains("log"), "{report}");
+    Ok(())
+}
+
 #[test]
 fn a_foreign_file_is_refused_by_every_command_and_left_unchanged() -> TestResult {
     const THEIRS: redb::TableDefinition<u64, u64> = redb::TableDefinition::new("theirs");

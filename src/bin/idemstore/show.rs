@@ -53,8 +53,9 @@ pub fn ident(bytes: &[u8]) -> String {
 }
 
 /// Whether `c` would not show as itself on a terminal: a control character, or an invisible
-/// formatting one (zero-width characters, bidirectional overrides and isolates, the byte-order
-/// mark, the soft hyphen) that could hide or reorder what is printed around it.
+/// formatting one (zero-width characters, bidirectional overrides and isolates, line and
+/// paragraph separators, variation selectors, tag characters, the byte-order mark, the soft
+/// hyphen) that could hide or reorder what is printed around it.
 fn hides_or_reorders(c: char) -> bool {
     c.is_control()
         || matches!(
@@ -63,8 +64,12 @@ fn hides_or_reorders(c: char) -> bool {
                 | '\u{061C}'
                 | '\u{200B}'..='\u{200F}'
                 | '\u{202A}'..='\u{202E}'
+                | '\u{2028}'..='\u{2029}'
                 | '\u{2060}'..='\u{2069}'
+                | '\u{FE00}'..='\u{FE0F}'
                 | '\u{FEFF}'
+                | '\u{E0000}'..='\u{E007F}'
+                | '\u{E0100}'..='\u{E01EF}'
         )
 }
 
@@ -219,6 +224,10 @@ mod tests {
         }
         assert_eq!(ident(&[0xca, 0x3e]), "hex:ca3e");
         assert_eq!(ident("a\u{202e}b".as_bytes()), "hex:61e280ae62");
+        // Line separators, variation selectors and tag characters hide or reorder too.
+        for hidden in ["a\u{2028}b", "a\u{fe0f}", "a\u{e0041}", "a\u{e0100}"] {
+            assert!(ident(hidden.as_bytes()).starts_with("hex:"), "{hidden:?}");
+        }
         assert_eq!(parse_ident("b64:yj4="), Ok(vec![0xca, 0x3e]));
         assert!(parse_ident("hex:zz").is_err());
     }
