@@ -287,3 +287,53 @@ fn import_refuses_an_expiry_beyond_the_retention_cap_and_adds_nothing() -> TestR
     assert_eq!(ReadOnlyStore::open(&path)?.summary()?.records, 0);
     Ok(())
 }
+
+/// A store whose log holds batches its database file does not (copied while it ran, as after
+/// a crash): an import sees the log's records as stored, issues tokens above the log's, and
+/// leaves the counts exact.
+#[test]
+fn import_into_a_store_whose_log_holds_batches_sees_them_and_issues_later_tokens() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let live = dir.path().join("live.redb");
+    let store = Store::builder()
+        .sweep_interval(None)
+        .write_ahead_log(true)
+        .checkpoint_interval(Duration::from_secs(3600))
+        .open(&live)?;
+    for i in 0..5 {
+        let lease = acquired(store.claim("s", format!("done{i}"), "fp", &options())?);
+        store.complete(&lease, b"answer", DAY)?;
+    }
+    let running = acquired(store.claim("s", "running", "fp", &options())?);
+    let path = dir.path().join("idem.redb");
+    std::fs::copy(&live, &path)?;
+    std::fs::copy(
+        dir.path().join("live.redb.wal"),
+        dir.path().join("idem.redb.wal"),
+    )?;
+    drop(store);
+    let own = exported(&path)?;
+    assert_eq!(own.len(), 6);
+
+    // Its own export adds nothing: every record is already stored.
+    let report = Store::import(&path, own.into_iter().map(Ok::<_, Error>))??;
+    assert_eq!((report.added, report.existing), (0, 6), "{report:?}");
+    // An in-flight record of another store gets a token above every token this one issued.
+    let other = dir.path().join("other.redb");
+    {
+        let store = Store::open(&other)?;
+        acquired(store.claim("s", "elsewhere", "fp", &options())?);
+        store.close()?;
+    }
+    let report = Store::import(&path, exported(&other)?.into_iter().map(Ok::<_, Error>))??;
+    assert_eq!(report.added, 1, "{report:?}");
+    let view = ReadOnlyStore::open(&path)?;
+    match view.get("s", "elsewhere")?.ok_or("imported")?.state {
+        RecordState::InFlight { token, .. } => assert!(token > running.token(), "{token}"),
+        other => panic!("{other:?}"),
+    }
+    let verification = view.verify()?;
+    assert!(verification.is_clean(), "{verification:?}");
+    assert_eq!(view.summary()?.records, 7);
+    Ok(())
+}

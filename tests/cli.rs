@@ -600,6 +600,15 @@ fn a_missing_path_is_reported_and_not_created() -> TestResult {
         0,
         "nothing was created"
     );
+    // `import` creates stores: it names the directory that is missing.
+    let nowhere = dir.path().join("no-such-dir").join("x.redb");
+    let output = run_with(&["import", nowhere.to_str().ok_or("path")?], b"")?;
+    assert_eq!(code(&output), Some(5));
+    assert!(
+        stderr(&output).contains("there is no directory"),
+        "{}",
+        stderr(&output)
+    );
     Ok(())
 }
 

@@ -233,10 +233,18 @@ fn failure(path: &Path, e: Error) -> Failure {
                  was left untouched"
             ),
         ),
-        Error::Io(io) if io.kind() == io::ErrorKind::NotFound => (
-            status::NOT_A_STORE,
-            format!("there is no store at {shown} (nothing was created)"),
-        ),
+        Error::Io(io) if io.kind() == io::ErrorKind::NotFound => {
+            let parent = path.parent().filter(|p| !p.as_os_str().is_empty());
+            let message = match parent {
+                // (`import`, which creates stores, meets this when the directory is missing.)
+                Some(dir) if !dir.is_dir() => format!(
+                    "there is no directory {} for the store {shown} (nothing was created)",
+                    dir.display()
+                ),
+                _ => format!("there is no store at {shown} (nothing was created)"),
+            };
+            (status::NOT_A_STORE, message)
+        }
         Error::Corrupt { location, reason } => (
             status::DAMAGE,
             format!("{shown} is damaged: {location}: {reason}"),

@@ -812,7 +812,7 @@ fn remove_unfinished_logs(log: &Path) {
 /// Whether the file at `log` can be a store's write-ahead log (preallocated: at least one
 /// segment, whole sectors). A stray file beside a format-1 store (an empty one, say) does not
 /// turn off that store's page verification on open.
-fn looks_like_a_log(log: &Path) -> bool {
+pub(crate) fn looks_like_a_log(log: &Path) -> bool {
     std::fs::metadata(log).is_ok_and(|m| {
         m.is_file()
             && m.len() >= WAL_SEGMENT_BYTES_MIN

@@ -6,7 +6,9 @@ use std::path::Path;
 use crate::clock::{Clock, SystemClock};
 use crate::core::record::{Record, RecordState, scoped_key};
 use crate::engine::apply::scope_of;
+use crate::engine::builder::looks_like_a_log;
 use crate::engine::storage::redb::{RedbStorage, open};
+use crate::engine::storage::wal::log_path;
 use crate::engine::storage::{Batch, Storage};
 use crate::engine::store::Store;
 use crate::error::{Error, Input, Result};
@@ -80,7 +82,9 @@ impl Store {
     ///   can write to it.
     ///
     /// Opening the file starts a new process epoch, as every open does; the file must not be
-    /// open elsewhere.
+    /// open elsewhere. A store with a write-ahead log (format 2) is first opened and closed as
+    /// a [`Store`] would be: its log is replayed and checkpointed into the database file, so
+    /// that records and tokens only the log held (after a crash, say) count as stored.
     ///
     /// `records` may fail: the first `Err` it yields ends the import with nothing added, and
     /// is returned as `Ok(Err(..))`.
@@ -124,6 +128,12 @@ impl Store {
         records: impl IntoIterator<Item = std::result::Result<(Vec<u8>, Vec<u8>, Record), E>>,
     ) -> Result<std::result::Result<ImportReport, E>> {
         let path = path.as_ref();
+        // A store with a write-ahead log may hold batches its database file does not have yet:
+        // an open replays them and a clean close checkpoints them, so that the import sees
+        // every record and issues tokens above every token the log issued.
+        if looks_like_a_log(&log_path(path)) {
+            Store::builder().sweep_interval(None).open(path)?.close()?;
+        }
         let options = open::Options {
             cache_size_bytes: None,
             verify_on_open: true,
