@@ -464,12 +464,16 @@ impl Store {
     /// entries remain. To drain a backlog, sweep while it is true (the background sweeper
     /// does).
     ///
-    /// With the [write-ahead log](crate::StoreBuilder::write_ahead_log), the sweep reads the
-    /// index and the records on the calling thread, without holding up the writer, and then
-    /// commits its removals between two of the writer's batches (up to `limit` entries even
-    /// under load), and returns once a sync of the log covers them (the writer's next one,
-    /// shared with the commits it runs meanwhile); if a record it read changed meanwhile, it
-    /// goes through the writer as above.
+    /// With the [write-ahead log](crate::StoreBuilder::write_ahead_log), the sweep removes the
+    /// due records the database file holds from the file itself, on the calling thread, in a
+    /// transaction of its own (up to `limit` entries even under load): the index's due entries
+    /// are cleared in one pass and each record with one tree walk, and the writer waits only
+    /// while the sweep logs the removed keys and marks them removed in the record map. It
+    /// returns once a sync of the log covers them (the writer's next one, shared with the
+    /// commits it runs meanwhile), so a crash replays them; the database file's own commit is
+    /// made durable by the next checkpoint. Where a due record is still in the map (written
+    /// since the last checkpoint), or a checkpoint needs the writer meanwhile, the sweep goes
+    /// through the writer as above.
     ///
     /// ```
     /// use std::time::Duration;

@@ -2,12 +2,13 @@
 //! the expiry index from the oldest entry. Expiry itself is logical (a record past
 //! `expires_at_ms` is absent to every operation); sweeping only reclaims space.
 //!
-//! A sweep reads a record per index entry and writes little. With the write-ahead log, it
-//! runs on the sweeping thread, without the writer's lock ([`Storage::write_detached`]): the
-//! writer waits only for its commit, not for its reads. Where that cannot commit (a record it
-//! read changed meanwhile, or another storage), the sweep goes through the commit queue.
+//! With the write-ahead log, a sweep removes the due records only the database file holds
+//! from the file itself, in a transaction of its own beside the writer
+//! ([`Storage::sweep_base`]): the log carries nothing of it, and the writer waits only while
+//! the sweep marks its keys removed in the map. Where that cannot be (a due record still in
+//! the map, or another storage), the sweep goes through the commit queue.
 //!
-//! [`Storage::write_detached`]: crate::engine::storage::Storage::write_detached
+//! [`Storage::sweep_base`]: crate::engine::storage::Storage::sweep_base
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -17,7 +18,6 @@ use std::time::{Duration, Instant};
 use parking_lot::{Condvar, Mutex};
 
 use crate::core::admin::Swept;
-use crate::engine::apply::{Apply, ScopeCounts};
 use crate::engine::durability::Durability;
 use crate::engine::queue::Command;
 use crate::engine::shared::Shared;
@@ -25,59 +25,40 @@ use crate::engine::writer;
 use crate::error::{Error, Result};
 
 /// Removes up to `limit` due expiry-index entries and their records (see `Store::sweep`):
-/// away from the writer where the storage allows it, else through the commit queue.
+/// beside the writer where the storage allows it, else through the commit queue.
 pub(crate) fn sweep(shared: &Shared, limit: usize) -> Result<Swept> {
     shared.check_writable()?;
-    if let Some(swept) = sweep_detached(shared, limit)? {
-        return Ok(swept);
-    }
-    writer::submit_and_wait(shared, Command::Sweep { limit })?.into_swept()
-}
-
-/// The sweep as a detached batch; `None` if it could not commit that way.
-fn sweep_detached(shared: &Shared, limit: usize) -> Result<Option<Swept>> {
-    let now_ms = shared.now_ms();
     let started = Instant::now();
-    let mut swept = None;
-    let committed = shared.storage.write_detached(&mut |batch| {
-        let mut apply = Apply {
-            batch,
-            scopes: ScopeCounts::default(),
-            next_token: 0,
-            quota: shared.quota,
-        };
-        let result = apply.sweep(now_ms, shared.sweep_limit(limit))?;
-        let Apply { batch, scopes, .. } = apply;
-        scopes.flush(batch)?;
-        swept = Some(result);
-        Ok(())
-    });
-    match committed {
-        Ok(true) => {
-            let swept = swept.ok_or_else(|| Error::Internal("a sweep committed nothing".into()))?;
-            if swept.visited == 0 {
-                // Nothing was due: nothing written, nothing to sync.
-                return Ok(Some(swept));
+    match shared
+        .storage
+        .sweep_base(shared.now_ms(), shared.sweep_limit(limit))
+    {
+        Ok(Some(swept)) => {
+            if swept.removed > 0 {
+                // Its removals are logged but not synced. At `Immediate`, the sweep is
+                // acknowledged only once a sync of the writer's (shared with the callers'
+                // commits it runs meanwhile) covers them, so that a crash cannot bring back
+                // what it removed (visible again if the clock were set back); at `Relaxed`,
+                // that sync follows at once, well within the window.
+                if shared.durability == Durability::Immediate {
+                    writer::submit_and_wait(shared, Command::Flush)?;
+                } else {
+                    shared.queue.submit_quietly(Command::Flush, false)?;
+                    shared.queue.wake_writer();
+                }
             }
-            // The commit is logged but not synced. At `Immediate`, it is acknowledged only
-            // once a sync of the writer's (shared with the callers' commits it runs meanwhile)
-            // covers it; at `Relaxed`, that sync follows at once, well within the window.
-            if shared.durability == Durability::Immediate {
-                writer::submit_and_wait(shared, Command::Flush)?;
-            } else {
-                shared.queue.submit_quietly(Command::Flush, false)?;
-                shared.queue.wake_writer();
+            if swept.visited > 0 {
+                let c = &shared.counters;
+                c.commits.fetch_add(1, Ordering::Relaxed);
+                c.operations.fetch_add(1, Ordering::Relaxed);
+                c.largest_batch.fetch_max(1, Ordering::Relaxed);
+                c.swept.fetch_add(swept.removed as u64, Ordering::Relaxed);
+                shared.telemetry.committed(1, false, started.elapsed());
+                shared.telemetry.swept(swept.removed);
             }
-            let c = &shared.counters;
-            c.commits.fetch_add(1, Ordering::Relaxed);
-            c.operations.fetch_add(1, Ordering::Relaxed);
-            c.largest_batch.fetch_max(1, Ordering::Relaxed);
-            c.swept.fetch_add(swept.removed as u64, Ordering::Relaxed);
-            shared.telemetry.committed(1, false, started.elapsed());
-            shared.telemetry.swept(swept.removed);
-            Ok(Some(swept))
+            Ok(swept)
         }
-        Ok(false) => Ok(None),
+        Ok(None) => writer::submit_and_wait(shared, Command::Sweep { limit })?.into_swept(),
         Err(e) => {
             if matches!(e, Error::CommitOutcomeUnknown { .. }) {
                 shared.telemetry.commit_failed();

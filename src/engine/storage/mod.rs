@@ -66,17 +66,11 @@ pub(crate) trait Storage: Send + Sync {
         apply: &mut dyn FnMut(&mut dyn Batch) -> Result<()>,
     ) -> Result<bool>;
 
-    /// Runs `apply` on a batch without the writer's lock, for work that reads much and
-    /// writes little (the sweep), so that callers' batches need not wait while it reads.
-    /// The batch reads committed state; under the writer's lock, its writes are committed if
-    /// nothing it read has changed since, with its scope counts applied as changes to the
-    /// counts of that moment. The commit is not durable: a later durable batch or flush syncs
-    /// it, which the caller waits for before it acknowledges anything. Returns `Ok(false)`,
-    /// having committed nothing, when something changed, when the batch sets the next token,
-    /// or when the storage has no such path (the default): the caller then runs the work
-    /// through the writer. A batch that fails commits nothing either.
-    fn write_detached(&self, _apply: &mut dyn FnMut(&mut dyn Batch) -> Result<()>) -> Result<bool> {
-        Ok(false)
+    /// Sweeps up to `limit` records due at `now_ms` beside the writer, where the storage can
+    /// (see `Store::sweep`); `None` (the default): the caller sweeps through the writer. A
+    /// failed commit is [`Error::CommitOutcomeUnknown`](crate::Error::CommitOutcomeUnknown).
+    fn sweep_base(&self, _now_ms: u64, _limit: usize) -> Result<Option<crate::core::admin::Swept>> {
+        Ok(None)
     }
 
     /// Stops serving reads from cached state: the writer calls it when it stops, and after a

@@ -10,9 +10,11 @@
 mod batch;
 pub(crate) mod open;
 mod overlay;
+mod sweep;
 pub(crate) mod tables;
 pub(crate) mod view;
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -21,12 +23,14 @@ use std::time::{Duration, Instant};
 use parking_lot::RwLock;
 use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata};
 
+use crate::engine::apply::scope_of;
 use crate::engine::codec;
 use crate::engine::storage::{Batch, Counts, Storage, Stored};
 use crate::error::{Error, Result};
 
 pub(crate) use open::Options;
 use overlay::Overlay;
+pub(crate) use sweep::SweepStart;
 pub(crate) use tables::{Adopted, WalMeta};
 use tables::{EXPIRY, META, META_NEXT_TOKEN, META_WAL_CHECKPOINT_LSN, RECORDS, SCOPES};
 
@@ -114,7 +118,37 @@ impl RedbStorage {
                 source: Box::new(Error::storage(e)),
             });
         }
+        // Durable: so is every sweep committed before it.
+        self.unsynced.store(false, Ordering::SeqCst);
         self.refresh_snapshot();
+        Ok(())
+    }
+
+    /// Makes the sweeps committed since the last checkpoint durable, if there are any, in a
+    /// durable commit that records `lsn` as the write-ahead log's checkpoint: when the store
+    /// closes with nothing left to checkpoint, `lsn` is the last batch logged (the sweeps'
+    /// own, whose removals redb holds), so that the next open replays nothing.
+    pub(crate) fn sync_sweeps(&self, lsn: u64) -> Result<()> {
+        if !self.unsynced.load(Ordering::SeqCst) {
+            return Ok(());
+        }
+        let _quiet = self.quiesce.read();
+        let mut txn = self.db.begin_write().map_err(Error::storage)?;
+        txn.set_durability(redb::Durability::Immediate)
+            .map_err(Error::storage)?;
+        {
+            let mut meta = txn.open_table(META).map_err(Error::storage)?;
+            if lsn > tables::meta_u64(&meta, META_WAL_CHECKPOINT_LSN)? {
+                tables::put_u64(&mut meta, META_WAL_CHECKPOINT_LSN, lsn)?;
+            }
+        }
+        if let Err(e) = txn.commit() {
+            self.release_reads();
+            return Err(Error::CommitOutcomeUnknown {
+                source: Box::new(Error::storage(e)),
+            });
+        }
+        self.unsynced.store(false, Ordering::SeqCst);
         Ok(())
     }
 
@@ -206,6 +240,13 @@ impl RedbStorage {
         let table = read.open_table(RECORDS).map_err(Error::storage)?;
         let value = table.get(key).map_err(Error::storage)?;
         Ok(value.map(|guard| with(guard.value())))
+    }
+
+    /// Whether the latest commit's expiry index holds `(at, key)`.
+    pub(crate) fn has_expiry_entry(&self, at: u64, key: &[u8]) -> Result<bool> {
+        let read = self.read_txn()?;
+        let expiry = read.open_table(EXPIRY).map_err(Error::storage)?;
+        Ok(expiry.get((at, key)).map_err(Error::storage)?.is_some())
     }
 
     /// From one committed state: the write-ahead log's checkpoint LSN, the record count of
@@ -321,18 +362,39 @@ impl Storage for RedbStorage {
 /// Writes `layer` into the tables of `txn` and records `lsn` as the write-ahead log's
 /// checkpoint (and the layer's next token): a checkpoint's changes, or, in a read-only view
 /// of a format-2 store, the log's batches replayed over the view's in-memory copy.
+///
+/// Scope counts change by what each write finds: one more for a record stored where none was,
+/// one less for a removal that found one. The layer's own counts are what the writer saw,
+/// which a sweep committed into the file since (see [`sweep::BaseSweep`]) may have changed under it;
+/// counted here, the file's counts always match its records.
 pub(crate) fn write_layer(txn: &redb::WriteTransaction, layer: &Layer, lsn: u64) -> Result<()> {
     let mut records = txn.open_table(RECORDS).map_err(Error::storage)?;
     // In key order: consecutive changes then mostly touch pages the previous one
     // already brought into the transaction.
     let mut changes: Vec<_> = layer.records.iter().collect();
     changes.sort_unstable_by(|a, b| a.0.cmp(b.0));
+    let mut counted: HashMap<&[u8], i64> = HashMap::new();
     for (key, value) in changes {
-        match value {
-            Some(bytes) => records.insert(key.as_slice(), &**bytes).map(|_| ()),
-            None => records.remove(key.as_slice()).map(|_| ()),
+        let (found, change) = match value {
+            Some(bytes) => (
+                records
+                    .insert(key.as_slice(), &**bytes)
+                    .map_err(Error::storage)?
+                    .is_some(),
+                1,
+            ),
+            None => (
+                records
+                    .remove(key.as_slice())
+                    .map_err(Error::storage)?
+                    .is_some(),
+                -1,
+            ),
+        };
+        // Stored where none was (+1), or removed where one was (-1).
+        if found != (change > 0) {
+            *counted.entry(scope_of(key)).or_default() += change;
         }
-        .map_err(Error::storage)?;
     }
     let mut expiry = txn.open_table(EXPIRY).map_err(Error::storage)?;
     let bulk = layer.swept_upto.as_ref();
@@ -366,18 +428,35 @@ pub(crate) fn write_layer(txn: &redb::WriteTransaction, layer: &Layer, lsn: u64)
         .map_err(Error::storage)?;
     }
     let mut scopes = txn.open_table(SCOPES).map_err(Error::storage)?;
-    for (scope, count) in &layer.scopes {
-        if *count == 0 {
-            scopes.remove(scope.as_slice()).map(|_| ())
-        } else {
-            scopes.insert(scope.as_slice(), *count).map(|_| ())
-        }
-        .map_err(Error::storage)?;
+    for (scope, change) in counted {
+        count_records(&mut scopes, scope, change)?;
     }
     let mut meta = txn.open_table(META).map_err(Error::storage)?;
     if let Some(token) = layer.next_token {
         tables::put_u64(&mut meta, META_NEXT_TOKEN, token)?;
     }
     tables::put_u64(&mut meta, META_WAL_CHECKPOINT_LSN, lsn)?;
+    Ok(())
+}
+
+/// Adds `change` to the record count of `scope` (a count of 0 is not stored).
+fn count_records(
+    scopes: &mut redb::Table<&'static [u8], u64>,
+    scope: &[u8],
+    change: i64,
+) -> Result<()> {
+    if change == 0 {
+        return Ok(());
+    }
+    let count = scopes
+        .get(scope)
+        .map_err(Error::storage)?
+        .map_or(0, |g| g.value())
+        .saturating_add_signed(change);
+    if count == 0 {
+        scopes.remove(scope).map_err(Error::storage)?;
+    } else {
+        scopes.insert(scope, count).map_err(Error::storage)?;
+    }
     Ok(())
 }

@@ -254,6 +254,23 @@ impl ReadCache {
         }
     }
 
+    /// Drops the cached envelopes of `keys`, which a sweep removed from redb, once redb
+    /// serves that: a read that began before caches nothing (the generation).
+    pub(crate) fn forget<'k>(&self, keys: impl IntoIterator<Item = &'k Vec<u8>>) {
+        self.generation.fetch_add(1, Ordering::SeqCst);
+        if self.shard_budget == 0 {
+            return;
+        }
+        for key in keys {
+            let Some((hash, slot)) = self.shard(key) else {
+                continue;
+            };
+            let mut shard = slot.shard.write();
+            shard.remove(hash, key);
+            self.note_room(slot, &shard);
+        }
+    }
+
     /// Bytes held (keys, envelopes and overhead).
     pub(crate) fn bytes(&self) -> usize {
         self.shards.iter().map(|s| s.shard.read().bytes).sum()

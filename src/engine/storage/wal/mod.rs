@@ -14,6 +14,9 @@
 //!   budget, plus one batch.
 //! - **Recovery**: open redb, replay the log's batches after the checkpoint LSN into the active
 //!   layer ([`log::Log::recover`]), resume tokens above both.
+//! - **Sweep**: due records only redb holds are removed from it directly, in a transaction of
+//!   the sweep's own ([`Inner::sweep_base`]); the log carries nothing of it. Due records the map
+//!   holds (not yet checkpointed) are swept by the writer like any change.
 //!
 //! A failed log write or sync fails its batch as outcome unknown and the store stops writing
 //! (no retried fsync); a failed checkpoint loses nothing (the log still holds every batch, and
@@ -34,9 +37,11 @@ use std::time::{Duration, Instant};
 
 use parking_lot::{Condvar, Mutex, MutexGuard, RwLock};
 
+use crate::core::admin::Swept;
 use crate::core::record::Record;
+use crate::engine::apply::scope_of;
 use crate::engine::codec;
-use crate::engine::storage::redb::RedbStorage;
+use crate::engine::storage::redb::{RedbStorage, SweepStart};
 use crate::engine::storage::{Batch, Counts, Storage, Stored};
 use crate::engine::telemetry::Telemetry;
 use crate::error::{Error, Input, Result};
@@ -108,9 +113,10 @@ pub struct WalStats {
     pub log_sync_p99_us: u64,
     /// The longest sync of the log since open, in microseconds.
     pub log_sync_max_us: u64,
-    /// Sweeps committed beside the writer since open ([`Store::sweep`](crate::Store::sweep)
-    /// and the background sweeper read on their own thread); the others found a record they
-    /// read changed meanwhile, or a due record still in the map, and went through the writer.
+    /// Sweeps committed beside the writer since open: [`Store::sweep`](crate::Store::sweep)
+    /// calls and rounds of the background sweeper that removed records from the database
+    /// file directly, in a transaction of their own. The others found a due record still in
+    /// the map (written since the last checkpoint) and went through the writer.
     pub detached_sweeps: u64,
 }
 
@@ -118,6 +124,9 @@ pub struct WalStats {
 struct Layers {
     active: Layer,
     frozen: Option<Arc<Layer>>,
+    /// The keys of records a sweep of redb removes, by sweep, from just before its commit
+    /// until redb and the read cache show them removed: read as removed, below the layers.
+    swept: Vec<(u64, Arc<HashSet<Vec<u8>>>)>,
 }
 
 #[derive(Default)]
@@ -141,7 +150,7 @@ struct Inner {
     /// Records checkpointed or read recently, below the map's layers.
     cache: ReadCache,
     /// The log and the writer's lock: held for a whole batch, and to freeze the active layer.
-    /// Released fairly (to the longest waiter) by the writer and by detached batches.
+    /// Released fairly (to the longest waiter) by the writer and by sweeps of redb.
     log: Mutex<Log>,
     layers: RwLock<Layers>,
     /// Held (write) by a checkpoint from its redb commit until it drops the frozen layer, and
@@ -160,8 +169,10 @@ struct Inner {
     failed: Mutex<Option<Error>>,
     /// How long the log's syncs took (shared with the log).
     sync_times: Arc<SyncTimes>,
-    /// Detached batches committed since open.
-    detached_commits: AtomicU64,
+    /// Sweeps of redb committed since open ([`Inner::sweep_base`]).
+    base_sweeps: AtomicU64,
+    /// Names each sweep's keys in [`Layers::swept`].
+    sweep_ids: AtomicU64,
     /// The sweep's floor: every expiry-index entry at or below it is removed, in the map or in
     /// redb, so the next sweep starts its walk of the index after it instead of stepping over
     /// everything earlier sweeps removed since the last checkpoint. `None`: from the start.
@@ -192,11 +203,29 @@ pub(crate) fn missing_log(log: &Path) -> Error {
 /// The batches a recovery found, laid over each other in LSN order into one layer (whose
 /// `last_lsn` is the last batch's), and the next fencing token: the larger of `next_token`
 /// (the database file's) and the highest one a batch carried.
-pub(crate) fn replay(recovered: &Recovered, next_token: u64) -> Result<(Layer, u64)> {
+pub(crate) fn replay(
+    recovered: &Recovered,
+    next_token: u64,
+    in_base: &dyn Fn(u64, &[u8]) -> Result<bool>,
+) -> Result<(Layer, u64)> {
     let mut active = Layer::default();
     for (lsn, payload) in &recovered.batches {
         let mut batch = Layer::decode(payload)?;
         batch.last_lsn = *lsn;
+        // A batch that only removes (a sweep of redb's, or forgets) may have been made in
+        // redb already by a sweep's commit that a later checkpoint made durable: an index
+        // entry it removes that is neither in redb nor added by an earlier batch is not
+        // counted as removed again.
+        if batch.records.values().all(Option::is_none) {
+            for ((at, key), present) in &batch.expiry {
+                if !*present
+                    && active.expiry.get(&(*at, key.clone())) != Some(&true)
+                    && !in_base(*at, key)?
+                {
+                    batch.expiry_delta += 1;
+                }
+            }
+        }
         active.absorb(batch);
     }
     let next_token = next_token.max(recovered.next_token.unwrap_or(0));
@@ -229,7 +258,9 @@ impl WalStorage {
     ) -> Result<(WalStorage, u64)> {
         let (mut log, recovered) = Log::recover(log_file, geometry, store_id, checkpoint_lsn)?;
         log.report_to(config.telemetry.clone());
-        let (active, next_token) = replay(&recovered, next_token)?;
+        let (active, next_token) = replay(&recovered, next_token, &|at, key| {
+            base.has_expiry_entry(at, key)
+        })?;
         if !recovered.batches.is_empty() {
             tracing::info!(
                 batches = recovered.batches.len(),
@@ -246,6 +277,7 @@ impl WalStorage {
             layers: RwLock::new(Layers {
                 active,
                 frozen: None,
+                swept: Vec::new(),
             }),
             gate: RwLock::new(()),
             control: Mutex::new(Control::default()),
@@ -257,7 +289,8 @@ impl WalStorage {
             log_figures: Mutex::new(log_figures),
             failed: Mutex::new(None),
             sync_times,
-            detached_commits: AtomicU64::new(0),
+            base_sweeps: AtomicU64::new(0),
+            sweep_ids: AtomicU64::new(0),
             sweep_floor: Mutex::new(None),
             config,
             geometry,
@@ -327,7 +360,29 @@ impl Inner {
                 found => return found,
             }
         }
+        if layers.swept.iter().any(|(_, keys)| keys.contains(key)) {
+            return Lookup::Removed;
+        }
         Lookup::Unknown
+    }
+
+    /// Whether a layer of the map (active or frozen) changed the record under `key`.
+    fn map_holds(&self, key: &[u8]) -> bool {
+        let layers = self.layers.read();
+        let frozen = layers.frozen.as_deref();
+        std::iter::once(&layers.active)
+            .chain(frozen)
+            .any(|l| l.holds(key))
+    }
+
+    /// Whether a layer of the map holds an expiry-index entry due at `now_ms`.
+    fn map_has_due(&self, now_ms: u64) -> bool {
+        let upto = (now_ms.saturating_add(1), Vec::new());
+        let layers = self.layers.read();
+        let frozen = layers.frozen.as_deref();
+        std::iter::once(&layers.active)
+            .chain(frozen)
+            .any(|l| l.expiry.range(..&upto).any(|(_, present)| *present))
     }
 
     /// The record under `key` in the read cache or redb, for a key the map does not hold.
@@ -429,16 +484,16 @@ impl Inner {
             return Err(e);
         }
         let floor = self.sweep_floor.lock().clone();
-        let mut batch = WalBatch::new(self, floor, None);
+        let mut batch = WalBatch::new(self, floor);
         apply(&mut batch)?;
         let new_floor = batch.floor_after();
         let wrote = !batch.layer.is_empty();
         let committed = self
             .commit_locked(&mut log, batch.layer, durable, new_floor)
             .map(|()| wrote);
-        // Handed straight to a detached batch waiting to commit, if there is one: the writer
-        // takes the lock back for its next batch so fast that a plain unlock lets it win
-        // again and again, and a sweep would wait out several of its syncs per commit.
+        // Handed straight to a sweep of redb waiting to mark its keys, if there is one: the
+        // writer takes the lock back for its next batch so fast that a plain unlock lets it
+        // win again and again, and the sweep would give up.
         MutexGuard::unlock_fair(log);
         committed
     }
@@ -523,106 +578,134 @@ impl Inner {
         Ok(())
     }
 
-    /// [`Storage::write_detached`]: runs `apply` without the writer's lock, then commits its
-    /// layer under it if nothing the batch read has changed meanwhile.
-    fn write_detached(&self, apply: &mut dyn FnMut(&mut dyn Batch) -> Result<()>) -> Result<bool> {
+    /// Removes up to `limit` records due at `now_ms` that only redb holds, from redb itself
+    /// (see `storage::redb::sweep`); `None` if the map holds a due record (or the writer's lock
+    /// could not be had at once): the writer sweeps then.
+    ///
+    /// A batch decides whether a record exists, and counts its scope, from what it reads:
+    /// the map, then the read cache, then redb. So that none sees a record the sweep removes
+    /// with its scope counted as of after the removal (one record short), the removed keys are
+    /// marked removed in the map under the writer's lock, between two batches, before the
+    /// commit; they leave the map only after redb shows them gone and the read cache dropped
+    /// them. A record a batch changed meanwhile (the map holds it) is put back first.
+    fn sweep_base(&self, now_ms: u64, limit: usize) -> Result<Option<Swept>> {
         if let Some(e) = self.failure() {
             return Err(e);
         }
-        // Redb changes only at a checkpoint, which also drops the layer it wrote: with the
-        // same checkpoint LSN at the commit, whatever the batch read from redb or the cache is
-        // still what they hold, unless a batch since then changed that key in the map.
-        let checkpoint_lsn = self.checkpoint_lsn.load(Ordering::SeqCst);
+        if self.map_has_due(now_ms) {
+            return Ok(None);
+        }
         let floor = self.sweep_floor.lock().clone();
-        let mut batch = WalBatch::new(self, floor.clone(), Some(Detached::default()));
-        match apply(&mut batch) {
-            Ok(()) => {}
-            Err(_) if batch.detached.as_ref().is_some_and(|d| d.conflict) => return Ok(false),
-            Err(e) => return Err(e),
-        }
-        let new_floor = batch.floor_after();
-        let WalBatch {
-            mut layer,
-            detached,
-            ..
-        } = batch;
-        let Some(detached) = detached else {
-            return Ok(false);
+        // As a checkpoint: no whole-store read combines the map with redb meanwhile, and no
+        // checkpoint commits between this one's start and its keys leaving the map.
+        let gate = self.gate.write();
+        let held = |key: &[u8]| self.map_holds(key);
+        let mut sweep = match self
+            .base
+            .sweep_begin(now_ms, floor.as_ref(), limit, &held)?
+        {
+            SweepStart::Nothing => {
+                return Ok(Some(Swept {
+                    visited: 0,
+                    removed: 0,
+                    more: false,
+                }));
+            }
+            SweepStart::Held => return Ok(None),
+            SweepStart::Open(sweep) => sweep,
         };
-        if layer.is_empty() {
-            // Nothing to commit (a sweep with nothing due).
-            return Ok(true);
-        }
-        if layer.next_token.is_some() {
-            // Token changes go through the writer, which owns the token sequence.
-            return Ok(false);
-        }
-        let mut log = self.log.lock();
+        // Never wait long for the writer's lock: the writer may hold it while it waits for a
+        // checkpoint, which waits for this transaction.
+        let Some(mut log) = self.log.try_lock_for(Duration::from_millis(5)) else {
+            sweep.abort()?;
+            return Ok(None);
+        };
         if let Some(e) = self.failure() {
+            drop(log);
+            sweep.abort()?;
             return Err(e);
         }
-        if self.checkpoint_lsn.load(Ordering::SeqCst) != checkpoint_lsn {
-            return Ok(false);
+        if let Err(e) = sweep.put_back(&held) {
+            drop(log);
+            sweep.abort()?;
+            return Err(e);
         }
-        {
-            // Every key the batch read or wrote must still be absent from the map (a key it
-            // read before writing it is checked once).
-            let layers = self.layers.read();
-            let frozen = layers.frozen.as_deref();
-            let in_map = |key: &Vec<u8>| {
-                std::iter::once(&layers.active)
-                    .chain(frozen)
-                    .any(|l| l.holds(key))
+        // The removals go into the log too (not into the map: the marks below stand for them
+        // until redb shows them). A batch logged after them was decided with them made, so
+        // a replay must see them made, whether or not the sweep's commit (not durable)
+        // survived a crash. So do the counts of their scopes, taken with the records present
+        // (from the map, or from redb, which no commit changes meanwhile): they lose them, in
+        // the log and in the active layer, as redb's will at the commit.
+        let mut logged = Layer::default();
+        let mut gone: HashMap<&[u8], u64> = HashMap::new();
+        for (key, at) in sweep.removals() {
+            logged.set_record(key, None);
+            logged.set_expiry(at, key, false);
+            *gone.entry(scope_of(key)).or_default() += 1;
+        }
+        for (scope, n) in gone {
+            let count = match self.scope_records(scope) {
+                Ok(count) => count,
+                Err(e) => {
+                    drop(log);
+                    sweep.abort()?;
+                    return Err(e);
+                }
             };
-            let unread = |key: &&Vec<u8>| !detached.read.contains(*key);
-            if detached.read.iter().any(in_map) || layer.records.keys().filter(unread).any(in_map) {
-                return Ok(false);
+            logged.set_scope(scope, count.saturating_sub(n));
+        }
+        let keys: Arc<HashSet<Vec<u8>>> =
+            Arc::new(sweep.removals().map(|(key, _)| key.to_vec()).collect());
+        if !keys.is_empty() {
+            let checkpoint_lsn = self.checkpoint_lsn.load(Ordering::SeqCst);
+            let token = self.next_token.load(Ordering::SeqCst);
+            // Not synced: the next durable batch's sync covers it, before anything decided
+            // with it is acknowledged.
+            match log.append(&logged.encode(), token, false, checkpoint_lsn) {
+                Ok(lsn) => {
+                    *self.log_figures.lock() = log.figures(checkpoint_lsn);
+                    logged.last_lsn = lsn;
+                }
+                Err(AppendError::Full) => {
+                    // Making room waits for a checkpoint, which waits for this sweep.
+                    drop(log);
+                    sweep.abort()?;
+                    return Ok(None);
+                }
+                Err(AppendError::Failed(e)) => {
+                    self.fail(&e);
+                    drop(log);
+                    sweep.abort()?;
+                    return Err(outcome_unknown(e));
+                }
             }
         }
-        // Scope counts: what the batch changed, applied to the counts as they are now (batches
-        // since may have added or removed records of the same scopes).
-        let changed: Vec<(Vec<u8>, u64)> =
-            layer.scopes.iter().map(|(s, c)| (s.clone(), *c)).collect();
-        for (scope, count) in changed {
-            let read = detached.scopes.get(&scope).copied().unwrap_or(0);
-            let now = self.scope_records(&scope)?;
-            let adjusted = if count >= read {
-                now.saturating_add(count - read)
-            } else {
-                now.saturating_sub(read - count)
-            };
-            layer.set_scope(&scope, adjusted);
-        }
-        // The floor moves only if no batch moved it since, and none indexed an entry below
-        // where it would go.
-        let new_floor = if *self.sweep_floor.lock() == floor
-            && !self.map_indexes_between(floor.as_ref(), new_floor.as_ref())
+        let id = self.sweep_ids.fetch_add(1, Ordering::Relaxed);
         {
-            new_floor
-        } else {
-            self.sweep_floor.lock().clone()
-        };
-        self.commit_locked(&mut log, layer, false, new_floor)?;
-        // Back to the writer if it is waiting, before anything else takes it.
+            let mut layers = self.layers.write();
+            if !logged.scopes.is_empty() {
+                // As a batch's counts: the checkpoint of the active layer then covers this
+                // batch too (its removals are in redb before that checkpoint commits).
+                let active = &mut layers.active;
+                for (scope, count) in &logged.scopes {
+                    active.set_scope(scope, *count);
+                }
+                active.last_lsn = active.last_lsn.max(logged.last_lsn);
+            }
+            layers.swept.push((id, Arc::clone(&keys)));
+        }
         MutexGuard::unlock_fair(log);
-        self.detached_commits.fetch_add(1, Ordering::Relaxed);
-        Ok(true)
-    }
-
-    /// Whether the map holds a present expiry entry above `from` (from the start for `None`)
-    /// and at or below `to`.
-    fn map_indexes_between(&self, from: Option<&ExpiryEntry>, to: Option<&ExpiryEntry>) -> bool {
-        use std::ops::Bound;
-        let Some(to) = to else {
-            return false;
-        };
-        let lower = from.map_or(Bound::Unbounded, |f| Bound::Excluded(f.clone()));
-        let range = (lower, Bound::Included(to.clone()));
-        let layers = self.layers.read();
-        let frozen = layers.frozen.as_deref();
-        std::iter::once(&layers.active)
-            .chain(frozen)
-            .any(|l| l.expiry.range(range.clone()).any(|(_, present)| *present))
+        let swept = sweep.commit();
+        if let Err(e) = &swept {
+            // The keys stay marked removed: their records are expired, whatever redb holds.
+            self.fail(e);
+        }
+        let swept = swept?;
+        self.cache.forget(keys.iter());
+        self.layers.write().swept.retain(|(i, _)| *i != id);
+        drop(gate);
+        self.base_sweeps.fetch_add(1, Ordering::Relaxed);
+        Ok(Some(swept))
     }
 
     fn run_checkpointer(&self) {
@@ -671,6 +754,16 @@ impl Inner {
             }
             self.config.telemetry.wal_figures(&self.figures());
             if stop && self.layers.read().frozen.is_none() && self.layers.read().active.is_empty() {
+                // Sweeps since the last checkpoint reach the disk before the store closes.
+                // (The writer has stopped: the log's lock is free.)
+                let synced = {
+                    let mut log = self.log.lock();
+                    log.sync().map(|()| log.next_lsn().saturating_sub(1))
+                };
+                if let Err(e) = synced.and_then(|lsn| self.base.sync_sweeps(lsn)) {
+                    tracing::error!(error = %e, "idemstore: the sweeps since the last checkpoint could not be made durable; they will be swept again");
+                    self.fail(&e);
+                }
                 return;
             }
             if !stop {
@@ -774,7 +867,7 @@ impl Inner {
             log_syncs,
             log_sync_p99_us,
             log_sync_max_us,
-            detached_sweeps: self.detached_commits.load(Ordering::Relaxed),
+            detached_sweeps: self.base_sweeps.load(Ordering::Relaxed),
         }
     }
 
@@ -906,8 +999,8 @@ impl Storage for WalStorage {
         self.inner.base.verify_pages()
     }
 
-    fn write_detached(&self, apply: &mut dyn FnMut(&mut dyn Batch) -> Result<()>) -> Result<bool> {
-        self.inner.write_detached(apply)
+    fn sweep_base(&self, now_ms: u64, limit: usize) -> Result<Option<Swept>> {
+        self.inner.sweep_base(now_ms, limit)
     }
 }
 
@@ -922,46 +1015,16 @@ struct WalBatch<'a> {
     floor: Option<ExpiryEntry>,
     /// What `due` returned in this batch, in order.
     due_returned: Vec<ExpiryEntry>,
-    /// For a batch applied without the writer's lock: what it read.
-    detached: Option<Detached>,
-}
-
-/// What a detached batch read, checked again under the writer's lock before it commits.
-#[derive(Default)]
-struct Detached {
-    /// Keys read from the read cache or redb (a key the map held is a conflict at once).
-    read: HashSet<Vec<u8>>,
-    /// Each scope's count as first read.
-    scopes: HashMap<Vec<u8>, u64>,
-    /// A read met a key the map holds: the batch gives way to the writer.
-    conflict: bool,
 }
 
 impl<'a> WalBatch<'a> {
-    fn new(inner: &'a Inner, floor: Option<ExpiryEntry>, detached: Option<Detached>) -> Self {
+    fn new(inner: &'a Inner, floor: Option<ExpiryEntry>) -> Self {
         WalBatch {
             inner,
             layer: Layer::default(),
             floor,
             due_returned: Vec::new(),
-            detached,
         }
-    }
-
-    /// A read of `key` by a detached batch, which did not change it itself: from below the
-    /// map only.
-    fn read_detached(&mut self, key: &[u8]) -> Result<Option<Stored>> {
-        let Some(detached) = self.detached.as_mut() else {
-            return self.inner.read(key, false);
-        };
-        if !matches!(self.inner.map_lookup(key), Lookup::Unknown) {
-            detached.conflict = true;
-            return Err(Error::Internal(
-                "a detached batch read a key the map holds".into(),
-            ));
-        }
-        detached.read.insert(key.to_vec());
-        self.inner.read_below_map(key, false)
     }
 
     /// The sweep floor once this batch commits: raised over the entries `due` returned that
@@ -1040,7 +1103,7 @@ impl Batch for WalBatch<'_> {
         match self.layer.lookup(key) {
             Lookup::Found(bytes) => Ok(Some(codec::decode(key, &bytes))),
             Lookup::Removed => Ok(None),
-            Lookup::Unknown => self.read_detached(key),
+            Lookup::Unknown => self.inner.read(key, false),
         }
     }
 
@@ -1096,11 +1159,7 @@ impl Batch for WalBatch<'_> {
         if let Some(count) = self.layer.scopes.get(scope) {
             return Ok(*count);
         }
-        let count = self.inner.scope_records(scope)?;
-        if let Some(detached) = self.detached.as_mut() {
-            detached.scopes.entry(scope.to_vec()).or_insert(count);
-        }
-        Ok(count)
+        self.inner.scope_records(scope)
     }
 
     fn set_scope_records(&mut self, scope: &[u8], count: u64) -> Result<()> {
