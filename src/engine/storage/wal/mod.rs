@@ -15,8 +15,9 @@
 //! - **Recovery**: open redb, replay the log's batches after the checkpoint LSN into the active
 //!   layer ([`log::Log::recover`]), resume tokens above both.
 //! - **Sweep**: due records only redb holds are removed from it directly, in a transaction of
-//!   the sweep's own ([`Inner::sweep_base`]); the log carries nothing of it. Due records the map
-//!   holds (not yet checkpointed) are swept by the writer like any change.
+//!   the sweep's own ([`Inner::sweep_base`]); the log carries the removed keys and their
+//!   scopes' counts, the map only marks the keys removed until redb shows them gone. Due
+//!   records the map holds (not yet checkpointed) are swept by the writer like any change.
 //!
 //! A failed log write or sync fails its batch as outcome unknown and the store stops writing
 //! (no retried fsync); a failed checkpoint loses nothing (the log still holds every batch, and
