@@ -183,7 +183,8 @@ fn close_async_releases_the_file_with_everything_acknowledged() -> TestResult {
     Ok(())
 }
 
-/// With a write-ahead log, a sweep reads the index and the records itself (beside the writer):
+/// With a write-ahead log, a sweep reads the index and removes the records itself (beside the
+/// writer, in the database file):
 /// `sweep_async` does that on the store's threads too. (Two disks of the test's own: the
 /// database file behind the gate, and the log.)
 #[cfg(feature = "__testkit")]

@@ -292,9 +292,10 @@ fn a_sweep_leaves_the_read_cache_to_what_callers_read() -> TestResult {
     Ok(())
 }
 
-/// A sweep reads on its own thread and commits beside the writer; here two sweepers race two
-/// callers that claim expired keys again (so a key the sweep read may be rewritten before it
-/// commits) and new keys, with checkpoints every few milliseconds. Afterwards every count is
+/// A sweep removes records from the database file on its own thread, beside the writer; here
+/// two sweepers race two callers that claim expired keys again (so a key the sweep removed may
+/// be rewritten before it commits, and must be put back) and new keys, with checkpoints every
+/// few milliseconds. Afterwards every count is
 /// exact: the records, the expiry entries, what replays, and the scope's quota, which admits
 /// exactly the records that are missing to fill it, before and after a reopen.
 #[test]

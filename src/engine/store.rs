@@ -506,8 +506,8 @@ impl Store {
         self.shared.check_writable()?;
         let limit = limit.min(BATCH_OPS_MAX);
         if self.shared.storage.wal_figures().is_some() {
-            // A sweep beside the writer reads records itself: on the read pool, never on the
-            // executor's thread.
+            // A sweep beside the writer reads and removes records in the database file itself:
+            // on the read pool, never on the executor's thread.
             let shared = Arc::clone(&self.shared);
             return self
                 .read_pool

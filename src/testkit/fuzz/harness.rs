@@ -70,7 +70,7 @@ impl Harness {
         match &self.log {
             None => builder.open_with_backend(self.disk.clone()),
             // A checkpoint after every commit, in the smallest map: checkpoints, evictions and
-            // detached sweeps race every operation; two small segments recycle often.
+            // sweeps of the database file race every operation; two small segments recycle often.
             Some(log) => builder
                 .write_ahead_log(true)
                 .checkpoint_interval(Duration::ZERO)
