@@ -36,8 +36,11 @@ struct Removed {
 
 /// What [`RedbStorage::sweep_begin`] found.
 pub(crate) enum SweepStart<'a> {
-    /// Nothing due after the floor.
-    Nothing,
+    /// Nothing removed: no entry due after the floor, or `limit` 0 (`more`: some are due).
+    Nothing {
+        /// Whether entries are due.
+        more: bool,
+    },
     /// A due record's key is one the map holds: the writer sweeps it.
     Held,
     /// The due records removed in a transaction not yet committed.
@@ -95,7 +98,7 @@ impl RedbStorage {
         };
         let (Some(first), Some(last)) = (due.first(), due.last()) else {
             txn.abort().map_err(Error::storage)?;
-            return Ok(SweepStart::Nothing);
+            return Ok(SweepStart::Nothing { more });
         };
         if due.iter().any(|(_, key)| held(key)) {
             txn.abort().map_err(Error::storage)?;

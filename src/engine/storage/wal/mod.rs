@@ -605,11 +605,11 @@ impl Inner {
             .base
             .sweep_begin(now_ms, floor.as_ref(), limit, &held)?
         {
-            SweepStart::Nothing => {
+            SweepStart::Nothing { more } => {
                 return Ok(Some(Swept {
                     visited: 0,
                     removed: 0,
-                    more: false,
+                    more,
                 }));
             }
             SweepStart::Held => return Ok(None),
