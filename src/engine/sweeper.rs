@@ -4,9 +4,9 @@
 //!
 //! With the write-ahead log, a sweep removes the due records only the database file holds
 //! from the file itself, in a transaction of its own beside the writer
-//! ([`Storage::sweep_base`]): the log carries nothing of it, and the writer waits only while
-//! the sweep marks its keys removed in the map. Where that cannot be (a due record still in
-//! the map, or another storage), the sweep goes through the commit queue.
+//! ([`Storage::sweep_base`]); the writer waits only while the sweep logs the removed keys and
+//! their scopes' counts and marks the keys removed in the map. Where that cannot be (a due
+//! record still in the map, or another storage), the sweep goes through the commit queue.
 //!
 //! [`Storage::sweep_base`]: crate::engine::storage::Storage::sweep_base
 
